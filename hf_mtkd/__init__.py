@@ -1,0 +1,28 @@
+"""hf_mtkd: multi-teacher knowledge distillation of language models, as a drop-in `transformers.Trainer`."""
+
+__version__ = "0.1.0"
+
+from .alignment import FeatureProjector
+from .config import MultiTeacherDistillationConfig
+from .losses import (
+    causal_lm_loss,
+    compute_teacher_weights,
+    feature_alignment_loss,
+    multi_teacher_kd,
+    multi_teacher_kd_loss,
+)
+from .trainer import MultiTeacherDistillationTrainer
+from .weighting import WEIGHTINGS
+
+__all__ = [
+    "WEIGHTINGS",
+    "FeatureProjector",
+    "MultiTeacherDistillationConfig",
+    "MultiTeacherDistillationTrainer",
+    "__version__",
+    "causal_lm_loss",
+    "compute_teacher_weights",
+    "feature_alignment_loss",
+    "multi_teacher_kd",
+    "multi_teacher_kd_loss",
+]

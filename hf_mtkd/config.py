@@ -1,0 +1,197 @@
+"""`MultiTeacherDistillationConfig`: every knob of multi-teacher distillation, as `TrainingArguments` fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import FEATURE_LOSSES, FUSIONS
+from .weighting import GRANULARITIES, WEIGHTINGS
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class MultiTeacherDistillationConfig(TrainingArguments):
+    r"""
+    Configuration for [`MultiTeacherDistillationTrainer`].
+
+    The training loss is `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat` (see `hf_mtkd.losses`). All fields
+    of `transformers.TrainingArguments` are available too, so `HfArgumentParser` turns this class into the usual
+    command-line flags plus the distillation ones below.
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature tau applied to student and teacher logits in the KD term (> 0)."},
+    )
+    alpha_ce: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the cross-entropy loss on the true next tokens (>= 0)."},
+    )
+    alpha_kd: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation loss tau^2 * KL(fused teachers || student) (>= 0)."},
+    )
+    alpha_feat: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the feature-alignment loss between projected student hidden states and teacher "
+            "hidden states (>= 0). 0 disables it: no projections are created and teachers return no hidden states."
+        },
+    )
+    teacher_weighting: str = field(
+        default="entropy",
+        metadata={
+            "help": "How teachers are weighted at each position: 'entropy' (a more certain teacher, with lower "
+            "tempered entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature)) or 'static' "
+            "(w_k = prior_k).",
+            "choices": list(WEIGHTINGS),
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Static prior over teachers, one non-negative number per teacher (normalised to sum to 1). "
+            "Default: uniform."
+        },
+    )
+    entropy_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "gamma in the entropy weighting exp(-H_k / gamma) (> 0). Small values route each position "
+            "to the most certain teacher; large values approach the static prior."
+        },
+    )
+    weighting_granularity: str = field(
+        default="token",
+        metadata={
+            "help": "Where teacher entropies are pooled before weighting: 'token' (each position), 'sequence' "
+            "(mean over a sequence's valid positions) or 'batch' (mean over the micro-batch on this device).",
+            "choices": list(GRANULARITIES),
+        },
+    )
+    fusion: str = field(
+        default="probability",
+        metadata={
+            "help": "How weighted teachers form one target: 'probability' (p = sum_k w_k softmax(z_k / tau)) or "
+            "'logit' (p = softmax(sum_k w_k z_k / tau)).",
+            "choices": list(FUSIONS),
+        },
+    )
+    feature_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Distance between projected student and teacher hidden states: 'mse' (mean squared error "
+            "over the hidden dimension) or 'cosine' (1 - cosine similarity).",
+            "choices": list(FEATURE_LOSSES),
+        },
+    )
+    feature_layers: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden-state pairs to align, one list per teacher of [student_layer, teacher_layer] pairs, "
+            "as a list or a JSON string, e.g. '[[[2, 6], [4, 12]], [[4, 8]]]'. Layer i is hidden_states[i] "
+            "(0 = embeddings, negative indices count from the end). Default: the student's middle and last "
+            "layers, each paired with the teacher layer at the same relative depth."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the teachers run in. 'auto' keeps a given model's dtype and loads a checkpoint in "
+            "its stored dtype; 'bfloat16'/'float16' halve teacher memory.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    teacher_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names used for the teachers in logs (teacher_weight/<name>) and model cards. Default: "
+            "derived from each teacher's path or model type."
+        },
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments (a dict or a JSON string) for `from_pretrained` when teachers are given as "
+            'names or paths, e.g. \'{"revision": "main", "attn_implementation": "sdpa"}\'.'
+        },
+    )
+    projector_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the feature-alignment projections (their own optimizer param group). "
+            "Default: learning_rate."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("alpha_ce", "alpha_kd", "alpha_feat"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.alpha_ce == self.alpha_kd == self.alpha_feat == 0:
+            raise ValueError("`alpha_ce`, `alpha_kd` and `alpha_feat` are all 0: there is nothing to train on.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"`entropy_temperature` must be > 0, got {self.entropy_temperature}.")
+        for name, choices in (
+            ("teacher_weighting", WEIGHTINGS),
+            ("weighting_granularity", GRANULARITIES),
+            ("fusion", FUSIONS),
+            ("feature_loss", FEATURE_LOSSES),
+            ("teacher_dtype", TEACHER_DTYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {list(choices)}.")
+        if self.teacher_weights is not None:
+            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+                raise ValueError(
+                    f"`teacher_weights` must be non-negative with a positive sum, got {self.teacher_weights}."
+                )
+        if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
+            raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
+        self.feature_layers = _parse_feature_layers(self.feature_layers)
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+
+    def check_num_teachers(self, num_teachers: int) -> None:
+        """Raise a clear error when a per-teacher field does not have one entry per teacher."""
+        for name in ("teacher_weights", "teacher_names", "feature_layers"):
+            value = getattr(self, name)
+            if value is not None and len(value) != num_teachers:
+                raise ValueError(
+                    f"`{name}` has {len(value)} entries but there are {num_teachers} teachers: give exactly one "
+                    "entry per teacher, in the order of `teachers=`."
+                )
+
+
+def _parse_feature_layers(value: Any) -> list[list[tuple[int, int]]] | None:
+    """Normalise `feature_layers` (a list or its JSON string) into one list of (student, teacher) pairs per teacher."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`feature_layers` is not valid JSON ({err}): {value!r}.") from None
+    example = "e.g. [[[2, 6], [4, 12]], [[4, 8]]] for two teachers"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`feature_layers` must be a list with one list of pairs per teacher, {example}.")
+    parsed = []
+    for teacher_pairs in value:
+        pairs = []
+        for pair in teacher_pairs:
+            if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+                raise ValueError(
+                    f"`feature_layers` entry {pair!r} is not a [student_layer, teacher_layer] pair of integers, "
+                    f"{example}."
+                )
+            pairs.append((pair[0], pair[1]))
+        parsed.append(pairs)
+    return parsed

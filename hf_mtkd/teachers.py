@@ -1,0 +1,154 @@
+"""Teachers: loading, freezing, checks at construction, and the no-grad forward pass."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+TEACHER_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_teachers(
+    teachers: Sequence[nn.Module | str],
+    *,
+    dtype: str = "auto",
+    init_kwargs: Mapping[str, Any] | None = None,
+) -> list[nn.Module]:
+    """
+    Teachers as frozen models in eval mode: names/paths are loaded with `AutoModelForCausalLM.from_pretrained`,
+    models are cast to `dtype` unless it is "auto".
+    """
+    if len(teachers) == 0:
+        raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+    loaded = []
+    for teacher in teachers:
+        if isinstance(teacher, (str, os.PathLike)):
+            kwargs = {"dtype": _DTYPES.get(dtype, "auto"), **(init_kwargs or {})}
+            teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
+        elif not isinstance(teacher, nn.Module):
+            raise TypeError(f"A teacher must be a model or a name/path, got {type(teacher).__name__}.")
+        elif dtype != "auto":
+            teacher = teacher.to(_DTYPES[dtype])
+        teacher.eval()
+        teacher.requires_grad_(False)
+        loaded.append(teacher)
+    return loaded
+
+
+def teacher_names(teachers: Sequence[nn.Module | str], names: Sequence[str] | None = None) -> list[str]:
+    """Unique display names: the given ones, else each path's last part or the model's `name_or_path`/type."""
+    if names is None:
+        names = [_default_name(teacher, k) for k, teacher in enumerate(teachers)]
+    counts = Counter(names)
+    return [f"{name}_{k}" if counts[name] > 1 else name for k, name in enumerate(names)]
+
+
+def _default_name(teacher: nn.Module | str, index: int) -> str:
+    if isinstance(teacher, (str, os.PathLike)):
+        return os.path.basename(os.path.normpath(str(teacher)))
+    config = getattr(teacher, "config", None)
+    name_or_path = getattr(config, "name_or_path", "") or ""
+    if name_or_path:
+        return os.path.basename(os.path.normpath(name_or_path))
+    return getattr(config, "model_type", None) or f"teacher_{index}"
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Width of the model's next-token logits, from its (text) config."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "vocab_size", None)
+
+
+def check_teachers(
+    teachers: Sequence[nn.Module],
+    names: Sequence[str],
+    student: nn.Module,
+    *,
+    need_hidden_states: bool,
+    specs: Sequence[nn.Module | str] = (),
+    tokenizer: Any = None,
+) -> None:
+    """Raise a clear error for a teacher on the meta device, with another vocabulary, or without hidden states."""
+    student_vocab = vocab_size(student)
+    for teacher, name, spec in zip(teachers, names, list(specs) or [None] * len(teachers), strict=True):
+        if any(p.device.type == "meta" for p in teacher.parameters()):
+            raise ValueError(
+                f"Teacher {name!r} has parameters on the meta device, so it has no weights to run. Load it with "
+                "real weights (e.g. `from_pretrained` without `device_map='meta'` or `init_empty_weights`)."
+            )
+        teacher_vocab = vocab_size(teacher)
+        if teacher_vocab != student_vocab:
+            raise ValueError(
+                f"Teacher {name!r} has a vocabulary of {teacher_vocab} tokens but the student has {student_vocab}. "
+                "Fused distillation compares next-token distributions token id by token id, so every teacher must "
+                "share the student's tokenizer and vocabulary size; teachers with other tokenizers need a "
+                "cross-tokenizer distillation mode."
+            )
+        if isinstance(spec, (str, os.PathLike)) and isinstance(tokenizer, PreTrainedTokenizerBase):
+            _check_tokenizer(spec, name, tokenizer)
+        if need_hidden_states and not _accepts_kwarg(teacher, "output_hidden_states"):
+            raise ValueError(
+                f"Teacher {name!r} ({type(teacher).__name__}) cannot return hidden states: its forward accepts "
+                "neither `output_hidden_states` nor `**kwargs`. Feature alignment (`alpha_feat > 0`) needs them: "
+                "use a transformers model or set `alpha_feat=0`."
+            )
+
+
+def _check_tokenizer(spec: str | os.PathLike, name: str, student_tokenizer: PreTrainedTokenizerBase) -> None:
+    """When the teacher ships a tokenizer, it must map tokens to the same ids as the student's."""
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        return
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = len(set(student_vocab.items()) ^ set(teacher_vocab.items()))
+        raise ValueError(
+            f"Teacher {name!r} uses a different tokenizer from the student ({len(teacher_vocab)} vs "
+            f"{len(student_vocab)} tokens, {differing} token/id entries differ). Fused distillation needs one "
+            "shared tokenizer; teachers with other tokenizers need a cross-tokenizer distillation mode."
+        )
+
+
+def _accepts_kwarg(model: nn.Module, name: str) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return name in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+@torch.no_grad()
+def teacher_forward(
+    teacher: nn.Module, name: str, inputs: Mapping[str, Tensor], output_hidden_states: bool
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Logits `[B, T, V]` (and hidden states when asked) of a frozen teacher on the student's batch."""
+    kwargs = {key: inputs[key] for key in TEACHER_INPUT_KEYS if key in inputs}
+    if output_hidden_states:
+        kwargs["output_hidden_states"] = True
+    if _accepts_kwarg(teacher, "use_cache"):
+        kwargs["use_cache"] = False
+    outputs = teacher(**kwargs)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    hidden_states = getattr(outputs, "hidden_states", None) if output_hidden_states else None
+    if output_hidden_states and hidden_states is None:
+        raise ValueError(f"Teacher {name!r} returned no hidden states, but feature alignment needs them.")
+    return logits, hidden_states
+
+
+def check_finite(logits: Tensor, mask: Tensor, name: str) -> None:
+    """Raise when a teacher's logits hold NaN or inf at the positions the loss uses."""
+    finite = torch.isfinite(logits[mask]).all(dim=-1)
+    if not bool(finite.all()):
+        raise FloatingPointError(
+            f"Teacher {name!r} produced NaN/inf logits at {int((~finite).sum())} of {finite.numel()} positions used "
+            "for distillation. Check the checkpoint and the inputs, and prefer teacher_dtype='bfloat16' or "
+            "'float32' over 'float16', which overflows easily."
+        )

@@ -1,0 +1,306 @@
+"""`MultiTeacherDistillationTrainer`: a `transformers.Trainer` whose loss distills several teachers into the model."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerBase,
+    Trainer,
+)
+from transformers.trainer_utils import EvalLoopOutput
+from transformers.utils import logging
+
+from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
+from .config import MultiTeacherDistillationConfig
+from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
+from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
+
+logger = logging.get_logger(__name__)
+
+PROJECTOR_NAME = "mtkd_projector"
+"""Attribute under which the feature projections are attached to the student (excluded from its saved weights)."""
+PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
+"""File holding the projections' weights, written beside the student in every save and checkpoint."""
+
+
+class MultiTeacherDistillationTrainer(Trainer):
+    """
+    A drop-in `Trainer` that distills one or more frozen teachers into `model` (the student).
+
+    The loss is `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat` (see `hf_mtkd.losses`), configured by a
+    [`MultiTeacherDistillationConfig`]. Teachers run frozen, without gradients, in `teacher_dtype`. Everything else is
+    `Trainer`: gradient accumulation, mixed precision, PEFT students, callbacks, checkpoints and `push_to_hub`.
+
+    The feature-alignment projections (when `alpha_feat > 0`) are attached to the student as `mtkd_projector`, so the
+    optimizer (in their own param group), gradient clipping, DDP and DeepSpeed treat them like the student's own
+    weights; they are left out of the student's `save_pretrained` and written beside it as
+    `mtkd_projector.safetensors`, which `resume_from_checkpoint` restores.
+
+    Args:
+        model: the student, a causal LM model or a name/path to load.
+        teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), all on the
+            student's vocabulary.
+        args: the configuration.
+        data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
+            `processing_class` is a tokenizer.
+        **kwargs: any other `Trainer` argument.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["hf-mtkd", "knowledge-distillation"]
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teachers: Sequence[nn.Module | str] | None = None,
+        args: MultiTeacherDistillationConfig | None = None,
+        data_collator: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("`model` (the student) is required.")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if args is None:
+            args = MultiTeacherDistillationConfig(output_dir="mtkd-student")
+        elif not isinstance(args, MultiTeacherDistillationConfig):
+            raise TypeError(
+                f"`args` must be a MultiTeacherDistillationConfig, got {type(args).__name__}; it holds the "
+                "distillation settings on top of every TrainingArguments field."
+            )
+        if not teachers:
+            raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+        args.check_num_teachers(len(teachers))
+        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+            data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+
+        self.teacher_names = teacher_names(teachers, args.teacher_names)
+        self.teachers = load_teachers(teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs)
+        check_teachers(
+            self.teachers,
+            self.teacher_names,
+            model,
+            need_hidden_states=args.alpha_feat > 0,
+            specs=teachers,
+            tokenizer=processing_class,
+        )
+
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+        )
+
+        # compute_loss normalises every term by `num_items_in_batch`, counted over the shifted labels: ask the
+        # Trainer to count it (and so not to divide the loss again by the accumulation steps).
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        for teacher in self.teachers:
+            if not getattr(teacher, "hf_device_map", None):
+                teacher.to(self.args.device)
+        logger.info(
+            "Distilling %d teacher(s) (%s) on %s, teacher_dtype=%s.",
+            len(self.teachers),
+            ", ".join(self.teacher_names),
+            self.args.device,
+            args.teacher_dtype,
+        )
+        self.projector = self._attach_projector() if args.alpha_feat > 0 else None
+        self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ---- feature projections ----
+
+    def _attach_projector(self) -> FeatureProjector:
+        student_depth, student_width = depth_and_width(self.model, "the student")
+        teacher_dims = [
+            depth_and_width(t, f"teacher {n!r}") for t, n in zip(self.teachers, self.teacher_names, strict=True)
+        ]
+        pairs = resolve_layer_pairs(
+            self.args.feature_layers, student_depth, [d for d, _ in teacher_dims], self.teacher_names
+        )
+        projector = FeatureProjector(pairs, student_width, [w for _, w in teacher_dims])
+        projector.to(next(self.model.parameters()).device)
+        self.model.add_module(PROJECTOR_NAME, projector)
+        ignored = getattr(self.model, "_keys_to_ignore_on_save", None)
+        if ignored is not None:
+            self.model._keys_to_ignore_on_save = set(ignored) | {
+                f"{PROJECTOR_NAME}.{key}" for key in projector.state_dict()
+            }
+        logger.info(
+            "Feature alignment on (teacher, student layer, teacher layer) pairs %s with %d projection parameters.",
+            [(self.teacher_names[k], s, t) for k, s, t in projector.pairs],
+            sum(p.numel() for p in projector.parameters()),
+        )
+        return projector
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the feature projections moved into a param group of their own."""
+        optimizer = super().create_optimizer(model)
+        if self.projector is None:
+            return optimizer
+        projector_params = list(self.projector.parameters())
+        projector_ids = {id(p) for p in projector_params}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in projector_ids]
+        learning_rate = self.args.projector_learning_rate
+        optimizer.add_param_group(
+            {
+                "params": projector_params,
+                "weight_decay": self.args.weight_decay,
+                "lr": self.args.learning_rate if learning_rate is None else learning_rate,
+            }
+        )
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.projector is None:
+            return
+        prefix = f"{PROJECTOR_NAME}."
+        tensors = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+        tensors = tensors or self.projector.state_dict()
+        path = os.path.join(output_dir or self.args.output_dir, PROJECTOR_WEIGHTS_NAME)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projector is None:
+            return
+        path = os.path.join(resume_from_checkpoint, PROJECTOR_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {PROJECTOR_WEIGHTS_NAME}, so the feature projections cannot be "
+                "restored. Resume from a checkpoint written with the same `alpha_feat > 0` setting."
+            )
+        self.projector.load_state_dict(load_file(path, device="cpu"))
+
+    # ---- the loss ----
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """`alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`, each averaged over `num_items_in_batch`."""
+        if "labels" not in inputs:
+            raise ValueError(
+                "The batch has no `labels`: distillation needs next-token targets. Use a collator that adds them, "
+                "e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
+            )
+        labels = inputs["labels"]
+        if labels.numel() == 0:
+            raise ValueError(f"Received an empty batch (labels of shape {tuple(labels.shape)}).")
+        args = self.args
+        align = self.projector is not None
+        student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
+
+        mask = next_token_mask(labels)
+        teacher_logits, teacher_hidden = [], []
+        for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
+            logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
+            check_finite(logits, mask, name)
+            teacher_logits.append(logits)
+            teacher_hidden.append(hidden)
+        kd = multi_teacher_kd(
+            outputs.logits,
+            teacher_logits,
+            labels,
+            temperature=args.temperature,
+            weighting=args.teacher_weighting,
+            entropy_temperature=args.entropy_temperature,
+            teacher_weights=args.teacher_weights,
+            fusion=args.fusion,
+            granularity=args.weighting_granularity,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
+        loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
+        components = {"loss_ce": loss_ce, "loss_kd": kd.loss}
+        if align:
+            pairs = self.projector.pairs
+            loss_feat = feature_alignment_loss(
+                self.projector([outputs.hidden_states[s][kd.mask] for _, s, _ in pairs]),
+                [teacher_hidden[k][t][kd.mask] for k, _, t in pairs],
+                [k for k, _, _ in pairs],
+                kd.weights[:, kd.mask],
+                kind=args.feature_loss,
+                num_items_in_batch=num_items_in_batch,
+            )
+            loss = loss + args.alpha_feat * loss_feat
+            components["loss_feat"] = loss_feat
+            outputs["hidden_states"] = None
+        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch)
+
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- metrics ----
+
+    def _record_metrics(
+        self,
+        mode: str,
+        kd: MultiTeacherKDOutput,
+        components: dict[str, Tensor],
+        num_items_in_batch: Tensor | int | None,
+    ) -> None:
+        """Accumulate token sums of the loss terms, teacher weights and entropies until the next log."""
+        count = kd.mask.sum()
+        normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
+        sums = {name: value.detach() * normalizer.clamp(min=1) for name, value in components.items()}
+        weights = kd.weights[:, kd.mask].sum(dim=1)
+        entropy = kd.entropy.sum(dim=1)
+        for k, name in enumerate(self.teacher_names):
+            sums[f"teacher_weight/{name}"] = weights[k]
+            sums[f"teacher_entropy/{name}"] = entropy[k]
+        store = self._metrics[mode]
+        for key, value in {"num_tokens": count, **sums}.items():
+            store[key] = store[key] + value.float() if key in store else value.float()
+
+    def _pop_metrics(self, mode: str) -> dict[str, float]:
+        """Token-weighted means of what `_record_metrics` accumulated, over all processes; then reset."""
+        store = self._metrics[mode]
+        if not store:
+            return {}
+        keys = list(store)
+        totals = self.accelerator.reduce(torch.stack([store[key] for key in keys]), reduction="sum")
+        store.clear()
+        values = dict(zip(keys, totals.tolist(), strict=True))
+        count = max(values.pop("num_tokens"), 1.0)
+        means = {key: value / count for key, value in values.items()}
+        if mode == "eval":
+            means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
+        return means
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the distillation metrics (loss terms, teacher weights and entropies) to each training log."""
+        if "loss" in logs:
+            logs = {**logs, **self._pop_metrics("train")}
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Evaluation, plus `<prefix>_loss_ce/_loss_kd/_loss_feat`, `<prefix>_perplexity` and teacher weights."""
+        self._metrics["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_metrics("eval").items()})
+        return output
