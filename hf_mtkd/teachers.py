@@ -86,6 +86,8 @@ def check_teachers(
                 f"Teacher {name!r} has parameters on the meta device, so it has no weights to run. Load it with "
                 "real weights (e.g. `from_pretrained` without `device_map='meta'` or `init_empty_weights`)."
             )
+        if isinstance(spec, (str, os.PathLike)) and isinstance(tokenizer, PreTrainedTokenizerBase):
+            _check_tokenizer(spec, name, tokenizer)
         teacher_vocab = vocab_size(teacher)
         if teacher_vocab != student_vocab:
             raise ValueError(
@@ -94,8 +96,6 @@ def check_teachers(
                 "share the student's tokenizer and vocabulary size; teachers with other tokenizers need a "
                 "cross-tokenizer distillation mode."
             )
-        if isinstance(spec, (str, os.PathLike)) and isinstance(tokenizer, PreTrainedTokenizerBase):
-            _check_tokenizer(spec, name, tokenizer)
         if need_hidden_states and not _accepts_kwarg(teacher, "output_hidden_states"):
             raise ValueError(
                 f"Teacher {name!r} ({type(teacher).__name__}) cannot return hidden states: its forward accepts "

@@ -36,10 +36,10 @@ WEIGHTINGS: dict[str, WeightingFn] = {"static": static_scores, "entropy": entrop
 
 
 def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teachers: int, device=None) -> Tensor:
-    """The static prior $\\pi$ as a float32 tensor `[K]` summing to 1 (uniform when `teacher_weights` is None)."""
+    """The static prior $\\pi$ as a float64 tensor `[K]` summing to 1 (uniform when `teacher_weights` is None)."""
     if teacher_weights is None:
-        return torch.full((num_teachers,), 1.0 / num_teachers, device=device)
-    prior = torch.as_tensor(teacher_weights, dtype=torch.float32, device=device)
+        return torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float64, device=device)
+    prior = torch.as_tensor(teacher_weights, dtype=torch.float64, device=device)
     if prior.shape != (num_teachers,):
         raise ValueError(f"`teacher_weights` has {prior.numel()} entries but there are {num_teachers} teachers.")
     if (prior < 0).any() or prior.sum() <= 0:
@@ -77,7 +77,7 @@ def weights_from_entropy(
         raise ValueError(f"Unknown weighting granularity {granularity!r}; choose one of {list(GRANULARITIES)}.")
     num_teachers = entropy.shape[0]
     batch_size, seq_len = mask.shape
-    scores = WEIGHTINGS[weighting](entropy.float(), entropy_temperature)
+    scores = WEIGHTINGS[weighting](entropy, entropy_temperature)
     if granularity == "token":
         pooled = scores.new_zeros(num_teachers, batch_size, seq_len)
         pooled[:, mask] = scores
@@ -89,4 +89,4 @@ def weights_from_entropy(
     else:
         means = scores.mean(dim=1) if scores.shape[1] > 0 else scores.new_zeros(num_teachers)
         pooled = means[:, None, None].expand(num_teachers, batch_size, seq_len)
-    return torch.softmax(prior.log()[:, None, None] + pooled, dim=0)
+    return torch.softmax(prior.to(scores.dtype).log()[:, None, None] + pooled, dim=0)

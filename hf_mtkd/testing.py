@@ -1,0 +1,117 @@
+"""Tiny, fully offline building blocks: a synthetic corpus, a locally trained tokenizer and small causal LMs.
+
+They let the examples, the tests and a new user try distillation end to end without downloading anything.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+_NAMES = ["ada", "bob", "cy", "dee", "eve", "finn", "gus", "hal", "ivy", "jo"]
+_ANIMALS = ["cat", "dog", "fox", "owl", "eel", "yak", "ram", "bee"]
+_PLACES = ["mill", "barn", "lake", "hill", "wood", "dock", "yard"]
+_VERBS = ["sees", "likes", "chases", "finds", "feeds", "meets"]
+_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _story(rng: random.Random) -> str:
+    name, animal, place = rng.choice(_NAMES), rng.choice(_ANIMALS), rng.choice(_PLACES)
+    return f"{name} {rng.choice(_VERBS)} the {animal} at the {place} . the {animal} {rng.choice(_VERBS)} {name} ."
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b = rng.randrange(5), rng.randrange(5)
+    x, y, total = _NUMBERS[a], _NUMBERS[b], _NUMBERS[a + b]
+    return f"{x} plus {y} is {total} . {y} plus {x} is {total} ."
+
+
+def _counting(rng: random.Random) -> str:
+    start = rng.randrange(5)
+    return "count : " + " ".join(_NUMBERS[start : start + 5]) + " ."
+
+
+DOMAINS = {"stories": _story, "arithmetic": _arithmetic, "counting": _counting}
+
+
+def synthetic_corpus(num_texts: int, seed: int = 0, domains: list[str] | None = None) -> list[str]:
+    """`num_texts` short texts drawn from small templated domains (stories, arithmetic, counting), reproducibly."""
+    rng = random.Random(seed)
+    generators = [DOMAINS[d] for d in (domains or list(DOMAINS))]
+    return [generators[i % len(generators)](rng) for i in range(num_texts)]
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with `<s>`, `</s>`, `<pad>` and `<unk>`."""
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def tiny_causal_lm(
+    model_type: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    max_positions: int = 128,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of `model_type` (e.g. gpt2, llama, gpt_neox, qwen2) on `tokenizer`'s vocab."""
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def fit_causal_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    *,
+    steps: int = 50,
+    batch_size: int = 16,
+    learning_rate: float = 1e-2,
+    max_length: int = 32,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Fit `model` on `texts` with a few plain AdamW steps of next-token cross-entropy (to make quick teachers)."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        batch = tokenizer(
+            rng.sample(texts, batch_size), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()

@@ -1,0 +1,56 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest
+from datasets import Dataset
+
+from hf_mtkd.testing import fit_causal_lm, synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
+
+TEACHER_SHAPES = [  # three heterogeneous teachers: different architectures, widths and depths
+    ("gpt2", {"hidden_size": 48, "num_layers": 4, "num_heads": 4}),
+    ("llama", {"hidden_size": 64, "num_layers": 3, "num_heads": 4}),
+    ("gpt_neox", {"hidden_size": 40, "num_layers": 5, "num_heads": 2}),
+]
+STUDENT_SHAPE = ("qwen2", {"hidden_size": 24, "num_layers": 2, "num_heads": 2})
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return synthetic_corpus(256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    return train_tiny_tokenizer(corpus)
+
+
+@pytest.fixture(scope="session")
+def dataset(corpus, tokenizer):
+    return Dataset.from_dict({"text": corpus}).map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
+    )
+
+
+@pytest.fixture
+def make_student(tokenizer):
+    def make():
+        model_type, kwargs = STUDENT_SHAPE
+        return tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory, corpus, tokenizer):
+    """Three heterogeneous teachers, each fitted briefly on the corpus and saved with the tokenizer."""
+    dirs = []
+    for k, (model_type, kwargs) in enumerate(TEACHER_SHAPES):
+        model = tiny_causal_lm(model_type, tokenizer, seed=10 + k, **kwargs)
+        fit_causal_lm(model, tokenizer, corpus, steps=30, seed=k)
+        path = tmp_path_factory.mktemp(f"teacher_{model_type}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(str(path))
+    return dirs

@@ -1,0 +1,289 @@
+"""Loss functions against an independent float64 reference written plainly, position by position."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_mtkd.losses import (
+    causal_lm_loss,
+    compute_teacher_weights,
+    feature_alignment_loss,
+    multi_teacher_kd,
+    multi_teacher_kd_loss,
+)
+
+B, T, V, K = 3, 6, 11, 3
+
+
+def softmax(x):
+    e = [math.exp(v - max(x)) for v in x]
+    return [v / sum(e) for v in e]
+
+
+def entropy(p):
+    return -sum(v * math.log(v) for v in p if v > 0)
+
+
+def valid_positions(labels):
+    return [(b, t) for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != -100]
+
+
+def reference_weights(teachers, labels, tau, weighting, gamma, prior, granularity):
+    """w[k][(b, t)] at the valid positions, from the DESIGN.md formulas."""
+    valid = valid_positions(labels)
+    prior = [p / sum(prior) for p in prior]
+    score = {}
+    for k, z in enumerate(teachers):
+        for b, t in valid:
+            h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
+            score[k, b, t] = -h / gamma if weighting == "entropy" else 0.0
+    pooled = {}
+    for k in range(len(teachers)):
+        for b, t in valid:
+            if granularity == "token":
+                group = [(b, t)]
+            elif granularity == "sequence":
+                group = [(bb, tt) for bb, tt in valid if bb == b]
+            else:
+                group = valid
+            pooled[k, b, t] = sum(score[k, bb, tt] for bb, tt in group) / len(group)
+    weights = {}
+    for b, t in valid:
+        unnorm = [prior[k] * math.exp(pooled[k, b, t]) for k in range(len(teachers))]
+        for k in range(len(teachers)):
+            weights[k, b, t] = unnorm[k] / sum(unnorm)
+    return weights
+
+
+def reference_kd(student, teachers, labels, tau, weighting, gamma, prior, fusion, granularity, n=None):
+    weights = reference_weights(teachers, labels, tau, weighting, gamma, prior, granularity)
+    valid = valid_positions(labels)
+    total = 0.0
+    for b, t in valid:
+        w = [weights[k, b, t] for k in range(len(teachers))]
+        if fusion == "probability":
+            ps = [softmax([v / tau for v in z[b, t].tolist()]) for z in teachers]
+            target = [sum(w[k] * ps[k][v] for k in range(len(teachers))) for v in range(student.shape[-1])]
+        else:
+            mixed = [sum(w[k] * teachers[k][b, t, v].item() for k in range(len(teachers))) for v in range(V)]
+            target = softmax([m / tau for m in mixed])
+        q = softmax([v / tau for v in student[b, t].tolist()])
+        total += sum(p * (math.log(p) - math.log(qq)) for p, qq in zip(target, q, strict=True) if p > 0)
+    return tau**2 * total / (n if n is not None else max(len(valid), 1))
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    teachers = [torch.randn(B, T, V, generator=g, dtype=torch.float64) * s for s in (0.5, 2.0, 4.0)]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 4:] = -100  # right padding
+    labels[1, :3] = -100  # an ignored prompt
+    return student, teachers, labels
+
+
+OPTIONS = [
+    (weighting, fusion, granularity)
+    for weighting in ("entropy", "static")
+    for fusion in ("probability", "logit")
+    for granularity in ("token", "sequence", "batch")
+]
+
+
+@pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
+def test_kd_loss_matches_reference(batch, weighting, fusion, granularity):
+    student, teachers, labels = batch
+    prior = [0.2, 0.3, 0.5]
+    kwargs = dict(temperature=1.7, weighting=weighting, entropy_temperature=0.6, teacher_weights=prior)
+    loss = multi_teacher_kd_loss(student, teachers, labels, fusion=fusion, granularity=granularity, **kwargs)
+    expected = reference_kd(student, teachers, labels, 1.7, weighting, 0.6, prior, fusion, granularity)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence", "batch"])
+def test_weights_match_reference(batch, granularity):
+    _, teachers, labels = batch
+    weights = compute_teacher_weights(
+        teachers, labels, temperature=1.3, entropy_temperature=0.5, teacher_weights=[1, 1, 2], granularity=granularity
+    )
+    assert weights.shape == (K, B, T)
+    torch.testing.assert_close(weights.sum(0), torch.ones(B, T, dtype=torch.float64))
+    expected = reference_weights(teachers, labels, 1.3, "entropy", 0.5, [1, 1, 2], granularity)
+    for (k, b, t), w in expected.items():
+        assert weights[k, b, t].item() == pytest.approx(w, rel=1e-5)
+
+
+def test_granularity_shapes_weights(batch):
+    _, teachers, labels = batch
+    seq = compute_teacher_weights(teachers, labels, granularity="sequence")
+    assert torch.allclose(seq, seq[:, :, :1].expand_as(seq))  # constant along each sequence
+    whole = compute_teacher_weights(teachers, labels, granularity="batch")
+    assert torch.allclose(whole, whole[:, :1, :1].expand_as(whole))
+    token = compute_teacher_weights(teachers, labels, granularity="token", teacher_weights=[0.2, 0.3, 0.5])
+    # positions without a next-token label get the prior
+    torch.testing.assert_close(token[:, 0, 5], torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+
+
+def test_num_items_in_batch_normalises(batch):
+    student, teachers, labels = batch
+    n = len(valid_positions(labels))
+    own = multi_teacher_kd_loss(student, teachers, labels)
+    assert multi_teacher_kd_loss(student, teachers, labels, num_items_in_batch=2 * n).item() == pytest.approx(
+        own.item() / 2
+    )
+    assert multi_teacher_kd_loss(student, teachers, labels, num_items_in_batch=torch.tensor(n)).item() == (
+        pytest.approx(own.item())
+    )
+
+
+@pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
+def test_gradcheck_student_path(batch, weighting, fusion, granularity):
+    student, teachers, labels = batch
+    student = student[:2, :4, :7].clone().requires_grad_(True)
+    teachers = [t[:2, :4, :7] for t in teachers]
+    labels = labels[:2, :4].clamp(max=6)
+
+    def fn(s):
+        return multi_teacher_kd_loss(
+            s, teachers, labels, temperature=1.5, weighting=weighting, fusion=fusion, granularity=granularity
+        )
+
+    assert torch.autograd.gradcheck(fn, (student,))
+
+
+def test_identical_teachers_get_uniform_weights(batch):
+    _, teachers, labels = batch
+    weights = compute_teacher_weights([teachers[1]] * 3, labels)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 3))
+
+
+def test_confident_teacher_gets_more_weight(batch):
+    _, teachers, labels = batch
+    sharp, flat = teachers[0] * 10, teachers[0] * 0.1
+    mask = labels[:, 1:] != -100
+    weights = compute_teacher_weights([flat, sharp], labels)[:, :, :-1]
+    assert (weights[1][mask] > weights[0][mask]).all()
+    routed = compute_teacher_weights([flat, sharp], labels, entropy_temperature=0.1)[:, :, :-1]
+    assert (routed[1][mask] > 0.99).all()  # a small gamma routes each position to the most certain teacher
+
+
+def test_static_single_teacher_is_classic_kd(batch):
+    student, teachers, labels = batch
+    tau = 2.0
+    loss = multi_teacher_kd_loss(student, teachers[:1], labels, temperature=tau, weighting="static")
+    mask = labels[:, 1:] != -100
+    s, t = student[:, :-1][mask], teachers[0][:, :-1][mask]
+    classic = F.kl_div(F.log_softmax(s / tau, -1), F.softmax(t / tau, -1), reduction="batchmean") * tau**2
+    torch.testing.assert_close(loss, classic)
+
+
+def test_probability_and_logit_fusion_differ_as_they_should():
+    # two teachers each sure of a different token: averaging probabilities keeps both modes, averaging logits
+    # gives the normalised geometric mean.
+    a = torch.tensor([[[4.0, 0.0, 0.0]]], dtype=torch.float64)
+    b = torch.tensor([[[0.0, 4.0, 0.0]]], dtype=torch.float64)
+    labels = torch.tensor([[0, 1]])
+    two = [torch.cat([a, a], 1), torch.cat([b, b], 1)]
+    student = torch.zeros(1, 2, 3, dtype=torch.float64)
+    pa, pb = F.softmax(a[0, 0], -1), F.softmax(b[0, 0], -1)
+    prob_target = (pa + pb) / 2
+    logit_target = F.softmax((a[0, 0] + b[0, 0]) / 2, -1)
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for fusion, target in (("probability", prob_target), ("logit", logit_target)):
+        loss = multi_teacher_kd_loss(student, two, labels, weighting="static", fusion=fusion)
+        expected = (target * (target.log() - uniform.log())).sum()
+        torch.testing.assert_close(loss, expected)
+    # the mixture keeps both modes sharp; the geometric mean of two disagreeing teachers is flatter
+    assert prob_target[2].item() == pytest.approx(1 / (math.e**4 + 2))
+    assert logit_target[2].item() == pytest.approx(1 / (2 * math.e**2 + 1))
+
+
+def test_masked_positions_are_ignored(batch):
+    student, teachers, labels = batch
+    loss = multi_teacher_kd_loss(student, teachers, labels)
+    mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    garbage = [t.masked_fill(~mask[..., None], float("nan")) for t in teachers]
+    student_garbage = student.masked_fill(~mask[..., None], 1e6)
+    torch.testing.assert_close(multi_teacher_kd_loss(student_garbage, garbage, labels), loss)
+
+
+def test_all_masked_batch_is_zero_with_a_graph(batch):
+    student, teachers, labels = batch
+    student = student.float().requires_grad_(True)
+    masked = torch.full_like(labels, -100)
+    out = multi_teacher_kd(student, [t.float() for t in teachers], masked)
+    ce = causal_lm_loss(student, masked)
+    for loss in (out.loss, ce):
+        assert loss.item() == 0.0 and loss.requires_grad
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_float32_is_stable_with_huge_logits(batch):
+    student, teachers, labels = batch
+    big = [t.float() * 1e4 for t in teachers]
+    loss = multi_teacher_kd_loss(student.float() * 1e4, big, labels, temperature=0.5)
+    assert torch.isfinite(loss)
+    half = multi_teacher_kd_loss(student.bfloat16(), [t.bfloat16() for t in teachers], labels)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, multi_teacher_kd_loss(student, teachers, labels).float(), rtol=0.05, atol=0.05)
+
+
+def test_mismatched_vocabularies_are_refused(batch):
+    student, teachers, labels = batch
+    with pytest.raises(ValueError, match=r"Teacher 1 logits have shape \(3, 6, 12\)"):
+        multi_teacher_kd_loss(student, [teachers[0], F.pad(teachers[1], (0, 1))], labels)
+    with pytest.raises(ValueError, match="at least one teacher"):
+        multi_teacher_kd_loss(student, [], labels)
+
+
+def test_causal_lm_loss_matches_reference(batch):
+    student, _, labels = batch
+    total = 0.0
+    valid = valid_positions(labels)
+    for b, t in valid:
+        total -= math.log(softmax(student[b, t].tolist())[labels[b, t + 1]])
+    assert causal_lm_loss(student, labels).item() == pytest.approx(total / len(valid), rel=1e-10)
+
+
+def reference_feature_loss(student_feats, teacher_feats, pair_teachers, weights, kind):
+    n = weights.shape[1]
+    total = 0.0
+    for i in range(n):
+        num = den = 0.0
+        for k in sorted(set(pair_teachers)):
+            ds = []
+            for s, t, kk in zip(student_feats, teacher_feats, pair_teachers, strict=True):
+                if kk != k:
+                    continue
+                a, b = s[i].tolist(), t[i].tolist()
+                if kind == "mse":
+                    ds.append(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a))
+                else:
+                    dot = sum(x * y for x, y in zip(a, b, strict=True))
+                    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+                    ds.append(1 - dot / norm)
+            num += weights[k, i].item() * sum(ds) / len(ds)
+            den += weights[k, i].item()
+        total += num / den
+    return total / n
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_feature_loss_matches_reference_and_gradcheck(kind):
+    g = torch.Generator().manual_seed(1)
+    n, widths, pair_teachers = 5, [4, 6, 6, 3], [0, 2, 2, 0]  # teacher 1 has no pair
+    student = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for d in widths]
+    teacher = [torch.randn(n, d, generator=g, dtype=torch.float64) for d in widths]
+    weights = torch.softmax(torch.randn(3, n, generator=g, dtype=torch.float64), 0)
+    loss = feature_alignment_loss(student, teacher, pair_teachers, weights, kind=kind)
+    expected = reference_feature_loss(student, teacher, pair_teachers, weights, kind)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda *s: feature_alignment_loss(list(s), teacher, pair_teachers, weights, kind=kind), tuple(student)
+    )
+    with pytest.raises(ValueError, match="no layer pairs"):
+        feature_alignment_loss([], [], [], weights)
