@@ -90,6 +90,14 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "choices": list(FEATURE_LOSSES),
         },
     )
+    normalize_feature_targets: bool = field(
+        default=True,
+        metadata={
+            "help": "Standardise each teacher hidden state over its hidden dimension (LayerNorm without affine) "
+            "before the feature loss. Raw hidden states of different models and layers differ in scale by orders "
+            "of magnitude, which would let the largest one dominate the loss; set False for the raw distance."
+        },
+    )
     feature_layers: list | str | None = field(
         default=None,
         metadata={

@@ -254,6 +254,7 @@ def feature_alignment_loss(
     weights: Tensor,
     *,
     kind: str = "mse",
+    normalize_targets: bool = False,
     num_items_in_batch: Tensor | int | None = None,
 ) -> Tensor:
     r"""
@@ -262,7 +263,9 @@ def feature_alignment_loss(
 
     $P_k$ are teacher k's layer pairs, A the teachers with at least one pair, $\hat h_p$ the projected student
     hidden state and $h_p$ the teacher's; $d$ is `mse`, $\frac{1}{D}\|\hat h - h\|^2$, or `cosine`,
-    $1 - \cos(\hat h, h)$.
+    $1 - \cos(\hat h, h)$. With `normalize_targets`, each teacher hidden state is first standardised over its
+    hidden dimension, $h \leftarrow (h - \mathrm{mean}(h)) / \sqrt{\mathrm{var}(h) + 10^{-5}}$ (a LayerNorm without
+    affine parameters), so teachers whose activations differ in scale by orders of magnitude count alike.
 
     Args:
         student_features: one `[N, D_p]` tensor per pair: projected student hidden states at the valid positions.
@@ -275,6 +278,8 @@ def feature_alignment_loss(
     distances: list[list[Tensor]] = [[] for _ in range(weights.shape[0])]
     for student, teacher, k in zip(student_features, teacher_features, pair_teachers, strict=True):
         student, teacher = _upcast(student), _upcast(teacher.detach())
+        if normalize_targets:
+            teacher = F.layer_norm(teacher, teacher.shape[-1:])
         if kind == "mse":
             distances[k].append((student - teacher).pow(2).mean(dim=-1))
         else:

@@ -236,6 +236,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 [k for k, _, _ in pairs],
                 kd.weights[:, kd.mask],
                 kind=args.feature_loss,
+                normalize_targets=args.normalize_feature_targets,
                 num_items_in_batch=num_items_in_batch,
             )
             loss = loss + args.alpha_feat * loss_feat

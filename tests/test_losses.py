@@ -249,7 +249,13 @@ def test_causal_lm_loss_matches_reference(batch):
     assert causal_lm_loss(student, labels).item() == pytest.approx(total / len(valid), rel=1e-10)
 
 
-def reference_feature_loss(student_feats, teacher_feats, pair_teachers, weights, kind):
+def standardise(v):
+    mean = sum(v) / len(v)
+    var = sum((x - mean) ** 2 for x in v) / len(v)
+    return [(x - mean) / math.sqrt(var + 1e-5) for x in v]
+
+
+def reference_feature_loss(student_feats, teacher_feats, pair_teachers, weights, kind, normalize):
     n = weights.shape[1]
     total = 0.0
     for i in range(n):
@@ -260,6 +266,7 @@ def reference_feature_loss(student_feats, teacher_feats, pair_teachers, weights,
                 if kk != k:
                     continue
                 a, b = s[i].tolist(), t[i].tolist()
+                b = standardise(b) if normalize else b
                 if kind == "mse":
                     ds.append(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a))
                 else:
@@ -272,18 +279,20 @@ def reference_feature_loss(student_feats, teacher_feats, pair_teachers, weights,
     return total / n
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
-def test_feature_loss_matches_reference_and_gradcheck(kind):
+def test_feature_loss_matches_reference_and_gradcheck(kind, normalize):
     g = torch.Generator().manual_seed(1)
     n, widths, pair_teachers = 5, [4, 6, 6, 3], [0, 2, 2, 0]  # teacher 1 has no pair
     student = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for d in widths]
-    teacher = [torch.randn(n, d, generator=g, dtype=torch.float64) for d in widths]
+    teacher = [torch.randn(n, d, generator=g, dtype=torch.float64) * 30 + 5 for d in widths]
     weights = torch.softmax(torch.randn(3, n, generator=g, dtype=torch.float64), 0)
-    loss = feature_alignment_loss(student, teacher, pair_teachers, weights, kind=kind)
-    expected = reference_feature_loss(student, teacher, pair_teachers, weights, kind)
+    options = dict(kind=kind, normalize_targets=normalize)
+    loss = feature_alignment_loss(student, teacher, pair_teachers, weights, **options)
+    expected = reference_feature_loss(student, teacher, pair_teachers, weights, kind, normalize)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     assert torch.autograd.gradcheck(
-        lambda *s: feature_alignment_loss(list(s), teacher, pair_teachers, weights, kind=kind), tuple(student)
+        lambda *s: feature_alignment_loss(list(s), teacher, pair_teachers, weights, **options), tuple(student)
     )
     with pytest.raises(ValueError, match="no layer pairs"):
         feature_alignment_loss([], [], [], weights)

@@ -46,7 +46,15 @@ def make_trainer(tmp_path, student, teachers, dataset, tokenizer, **config):
 
 def test_three_heterogeneous_teachers_end_to_end(tmp_path, make_student, teacher_dirs, dataset, tokenizer):
     trainer = make_trainer(
-        tmp_path, make_student(), teacher_dirs, dataset, tokenizer, max_steps=40, alpha_feat=0.1, logging_steps=10
+        tmp_path,
+        make_student(),
+        teacher_dirs,
+        dataset,
+        tokenizer,
+        max_steps=40,
+        alpha_feat=0.1,
+        logging_steps=10,
+        per_device_eval_batch_size=16,  # one eval batch: the Trainer's eval_loss is then the token mean too
     )
     assert [type(t).__name__ for t in trainer.teachers] == [
         "GPT2LMHeadModel",
