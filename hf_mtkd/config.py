@@ -162,6 +162,11 @@ class MultiTeacherDistillationConfig(TrainingArguments):
                 raise ValueError(
                     f"`teacher_weights` must be non-negative with a positive sum, got {self.teacher_weights}."
                 )
+        if self.label_smoothing_factor > 0:
+            raise ValueError(
+                "`label_smoothing_factor` is not supported by distillation: the teachers' soft targets already play "
+                "that role. Set it to 0 (and raise `alpha_kd` for softer targets)."
+            )
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)

@@ -79,6 +79,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
         if not teachers:
             raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
         args.check_num_teachers(len(teachers))
         if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
             data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)

@@ -28,6 +28,7 @@ def make(**kwargs):
         ({"feature_layers": "[[[1, 2]"}, "not valid JSON"),
         ({"feature_layers": [[[1, 2, 3]]]}, r"\[1, 2, 3\] is not a \[student_layer, teacher_layer\] pair"),
         ({"projector_learning_rate": -1.0}, "`projector_learning_rate` must be >= 0"),
+        ({"label_smoothing_factor": 0.1}, "`label_smoothing_factor` is not supported"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs, message):

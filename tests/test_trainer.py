@@ -294,6 +294,8 @@ def test_error_args_of_the_wrong_type(tmp_path, make_student, teacher, dataset, 
         MultiTeacherDistillationTrainer(
             model=make_student(), teachers=[teacher], args=TrainingArguments(output_dir=str(tmp_path))
         )
+    with pytest.raises(ValueError, match="`compute_loss_func` is not supported"):
+        MultiTeacherDistillationTrainer(model=make_student(), teachers=[teacher], compute_loss_func=lambda *a: 0)
 
 
 def test_teachers_are_not_modified_by_training(tmp_path, make_student, teacher, dataset, tokenizer):
