@@ -47,8 +47,11 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         default="entropy",
         metadata={
             "help": "How teachers are weighted at each position: 'entropy' (a more certain teacher, with lower "
-            "tempered entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature)) or 'static' "
-            "(w_k = prior_k).",
+            "tempered entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature)), 'static' "
+            "(w_k = prior_k), 'correctness' (w_k ~ prior_k * p_k(true next token)^(1/label_temperature)), "
+            "'posterior' (w_k ~ prior_k * exp(sum_{s<=t} posterior_decay^(t-s) log p_k(y_{s+1}) / "
+            "label_temperature): the teacher that has predicted this document best leads) or 'entropy+posterior' "
+            "(the product of both factors).",
             "choices": list(WEIGHTINGS),
         },
     )
@@ -64,6 +67,27 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         metadata={
             "help": "gamma in the entropy weighting exp(-H_k / gamma) (> 0). Small values route each position "
             "to the most certain teacher; large values approach the static prior."
+        },
+    )
+    label_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "gamma of the label-aware weightings ('correctness', 'posterior', 'entropy+posterior') (> 0): "
+            "smaller values follow the teacher that predicts the true tokens best more sharply."
+        },
+    )
+    posterior_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "lambda in (0, 1], the forgetting factor of the 'posterior' weighting: how much of a teacher's "
+            "track record on earlier tokens of the document carries to the next one (1 = never forget)."
+        },
+    )
+    min_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Floor on every teacher's weight, in [0, 1/K): w <- min_weight + (1 - K * min_weight) * w, so "
+            "no teacher is silenced entirely."
         },
     )
     weighting_granularity: str = field(
@@ -146,8 +170,13 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError("`alpha_ce`, `alpha_kd` and `alpha_feat` are all 0: there is nothing to train on.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
-        if self.entropy_temperature <= 0:
-            raise ValueError(f"`entropy_temperature` must be > 0, got {self.entropy_temperature}.")
+        for name in ("entropy_temperature", "label_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if not 0 < self.posterior_decay <= 1:
+            raise ValueError(f"`posterior_decay` must be in (0, 1], got {self.posterior_decay}.")
+        if not 0 <= self.min_weight < 1:
+            raise ValueError(f"`min_weight` must be in [0, 1/K), got {self.min_weight}.")
         for name, choices in (
             ("teacher_weighting", WEIGHTINGS),
             ("weighting_granularity", GRANULARITIES),
@@ -174,7 +203,12 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
 
     def check_num_teachers(self, num_teachers: int) -> None:
-        """Raise a clear error when a per-teacher field does not have one entry per teacher."""
+        """Raise a clear error when a per-teacher setting does not fit the number of teachers."""
+        if self.min_weight * num_teachers >= 1:
+            raise ValueError(
+                f"`min_weight` {self.min_weight} is too large for {num_teachers} teachers: it must be below "
+                f"1/{num_teachers} so the weights can still sum to 1."
+            )
         for name in ("teacher_weights", "teacher_names", "feature_layers"):
             value = getattr(self, name)
             if value is not None and len(value) != num_teachers:

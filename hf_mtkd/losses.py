@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weighting import normalize_prior, weights_from_entropy
+from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
 
 FUSIONS = ("probability", "logit")
 FEATURE_LOSSES = ("mse", "cosine")
@@ -90,10 +90,13 @@ class MultiTeacherKDOutput:
     """Scalar $\\tau^2 \\cdot \\frac{1}{N} \\sum_{valid} \\mathrm{KL}(\\bar p \\| q)$."""
     weights: Tensor
     """`[K, B, T]` teacher weights (constants for the gradient)."""
-    entropy: Tensor
-    """`[K, N]` tempered teacher entropies at the valid positions."""
-    mask: Tensor
-    """`[B, T]` bool, the valid positions."""
+    signals: TeacherSignals
+    """The teachers' entropies and true-token log-probabilities `[K, N]` at the valid positions, and the mask."""
+
+    @property
+    def mask(self) -> Tensor:
+        """`[B, T]` bool, the valid positions."""
+        return self.signals.mask
 
 
 def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Tensor]) -> None:
@@ -111,28 +114,40 @@ def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Tensor
 
 def _teacher_statistics(
     teacher_logits: Sequence[Tensor],
-    mask: Tensor,
+    labels: Tensor,
     *,
     temperature: float,
+    position_ids: Tensor | None,
     weighting: str,
-    entropy_temperature: float,
     teacher_weights: Sequence[float] | Tensor | None,
+    params: WeightingParameters,
     granularity: str,
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Teacher log-probs `K x [N, V]` at the valid positions, their entropies `[K, N]` and weights `[K, B, T]`."""
+    min_weight: float,
+) -> tuple[list[Tensor], TeacherSignals, Tensor]:
+    """Teacher log-probs `K x [N, V]` at the valid positions, their `TeacherSignals` and weights `[K, B, T]`."""
+    targets = shift_labels(labels)
+    mask = targets != -100
+    targets = targets[mask]
     with torch.no_grad():
-        log_probs = [tempered_log_probs(logits[mask].detach(), temperature) for logits in teacher_logits]
-        entropy = torch.stack([entropy_from_log_probs(lp) for lp in log_probs])
-        prior = normalize_prior(teacher_weights, len(teacher_logits), device=entropy.device)
-        weights = weights_from_entropy(
-            entropy,
-            mask,
-            weighting=weighting,
-            prior=prior,
-            entropy_temperature=entropy_temperature,
-            granularity=granularity,
+        valid_logits = [_upcast(logits[mask].detach()) for logits in teacher_logits]
+        log_probs = [tempered_log_probs(logits, temperature) for logits in valid_logits]
+        signals = TeacherSignals(
+            entropy=torch.stack([entropy_from_log_probs(lp) for lp in log_probs]),
+            target_log_prob=torch.stack(
+                [logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(dim=-1) for logits in valid_logits]
+            ),
+            mask=mask,
+            segment_starts=None if position_ids is None else position_ids == 0,
         )
-    return log_probs, entropy, weights
+        weights = weights_from_signals(
+            signals,
+            weighting=weighting,
+            prior=normalize_prior(teacher_weights, len(teacher_logits), device=mask.device),
+            params=params,
+            granularity=granularity,
+            min_weight=min_weight,
+        )
+    return log_probs, signals, weights
 
 
 def compute_teacher_weights(
@@ -144,24 +159,36 @@ def compute_teacher_weights(
     entropy_temperature: float = 1.0,
     teacher_weights: Sequence[float] | Tensor | None = None,
     granularity: str = "token",
+    label_temperature: float = 1.0,
+    posterior_decay: float = 0.9,
+    min_weight: float = 0.0,
+    position_ids: Tensor | None = None,
 ) -> Tensor:
     r"""
-    Teacher weights `[K, B, T]`, $w_k = \pi_k e^{s_k} / \sum_j \pi_j e^{s_j}$ with $s_k = -H_k/\gamma$ (`entropy`)
-    or $s_k = 0$ (`static`), $H_k$ the entropy of $\mathrm{softmax}(z_k/\tau)$ pooled at `granularity`.
+    Teacher weights `[K, B, T]`, $w_k = \pi_k e^{s_k} / \sum_j \pi_j e^{s_j}$ (floored at `min_weight`).
+
+    The score $s_k$ depends on `weighting` (see `hf_mtkd.weighting`): `static` 0; `entropy` $-H_k/\gamma_H$ with
+    $H_k$ the entropy of $\mathrm{softmax}(z_k/\tau)$; `correctness` $\log p_k(y_{t+1})/\gamma$; `posterior`
+    $\frac{1}{\gamma}\sum_{s \le t} \lambda^{t-s} \log p_k(y_{s+1})$; `entropy+posterior` the sum of the two. Scores
+    are pooled at `granularity`.
 
     Args:
         teacher_logits: K tensors `[B, T, V]` (unshifted, as returned by a causal LM).
         labels: `[B, T]`, -100 where ignored.
+        entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
+        position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
     """
     _check_logits(None, teacher_logits)
     return _teacher_statistics(
         teacher_logits,
-        next_token_mask(labels),
+        labels,
         temperature=temperature,
+        position_ids=position_ids,
         weighting=weighting,
-        entropy_temperature=entropy_temperature,
         teacher_weights=teacher_weights,
+        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
         granularity=granularity,
+        min_weight=min_weight,
     )[2]
 
 
@@ -177,26 +204,33 @@ def multi_teacher_kd(
     fusion: str = "probability",
     granularity: str = "token",
     num_items_in_batch: Tensor | int | None = None,
+    label_temperature: float = 1.0,
+    posterior_decay: float = 0.9,
+    min_weight: float = 0.0,
+    position_ids: Tensor | None = None,
 ) -> MultiTeacherKDOutput:
     r"""
-    Multi-teacher KD loss with its weights and entropies; see `multi_teacher_kd_loss` for the formula.
+    Multi-teacher KD loss with its weights and teacher signals; see `multi_teacher_kd_loss` for the formula and
+    `compute_teacher_weights` for the weighting arguments.
     """
     _check_logits(student_logits, teacher_logits)
-    mask = next_token_mask(labels)
-    teacher_log_probs, entropy, weights = _teacher_statistics(
+    teacher_log_probs, signals, weights = _teacher_statistics(
         teacher_logits,
-        mask,
+        labels,
         temperature=temperature,
+        position_ids=position_ids,
         weighting=weighting,
-        entropy_temperature=entropy_temperature,
         teacher_weights=teacher_weights,
+        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
         granularity=granularity,
+        min_weight=min_weight,
     )
+    mask = signals.mask
     fused = fuse_log_probs(teacher_log_probs, weights[:, mask], fusion)
     student_log_probs = tempered_log_probs(student_logits[mask], temperature)
     kl = kl_divergence(fused, student_log_probs).sum()
     loss = temperature**2 * kl / _normalizer(mask, num_items_in_batch)
-    return MultiTeacherKDOutput(loss=loss, weights=weights, entropy=entropy, mask=mask)
+    return MultiTeacherKDOutput(loss=loss, weights=weights, signals=signals)
 
 
 def multi_teacher_kd_loss(
@@ -211,6 +245,10 @@ def multi_teacher_kd_loss(
     fusion: str = "probability",
     granularity: str = "token",
     num_items_in_batch: Tensor | int | None = None,
+    label_temperature: float = 1.0,
+    posterior_decay: float = 0.9,
+    min_weight: float = 0.0,
+    position_ids: Tensor | None = None,
 ) -> Tensor:
     r"""
     $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \mathrm{KL}(\bar p_{b,t} \,\|\, q_{b,t})$.
@@ -224,6 +262,8 @@ def multi_teacher_kd_loss(
         teacher_logits: K tensors `[B, T, V]` on the same vocabulary.
         labels: `[B, T]`, -100 where ignored.
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
+        weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,
+            min_weight, position_ids: how teachers are weighted, see `compute_teacher_weights`.
     """
     return multi_teacher_kd(
         student_logits,
@@ -236,6 +276,10 @@ def multi_teacher_kd_loss(
         fusion=fusion,
         granularity=granularity,
         num_items_in_batch=num_items_in_batch,
+        label_temperature=label_temperature,
+        posterior_decay=posterior_decay,
+        min_weight=min_weight,
+        position_ids=position_ids,
     ).loss
 
 

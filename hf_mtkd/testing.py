@@ -6,9 +6,11 @@ They let the examples, the tests and a new user try distillation end to end with
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -115,3 +117,23 @@ def fit_causal_lm(
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
+
+
+class ConfidentlyWrongTeacher(nn.Module):
+    """
+    A broken but confident teacher: `model`'s logits with the vocabulary shuffled and sharpened by `sharpness`.
+
+    Its predictions are as certain as ever (lower entropy, even) and almost always wrong, the case that fools
+    entropy weighting. Hidden states and everything else pass through from `model`.
+    """
+
+    def __init__(self, model: PreTrainedModel, sharpness: float = 4.0, seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.config, self.sharpness = model, model.config, sharpness
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("permutation", torch.randperm(model.config.vocab_size, generator=generator))
+
+    def forward(self, **kwargs: Any) -> Any:
+        outputs = self.model(**kwargs)
+        outputs["logits"] = outputs.logits[..., self.permutation] * self.sharpness
+        return outputs

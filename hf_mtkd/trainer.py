@@ -226,6 +226,10 @@ class MultiTeacherDistillationTrainer(Trainer):
             fusion=args.fusion,
             granularity=args.weighting_granularity,
             num_items_in_batch=num_items_in_batch,
+            label_temperature=args.label_temperature,
+            posterior_decay=args.posterior_decay,
+            min_weight=args.min_weight,
+            position_ids=inputs.get("position_ids"),
         )
         loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
         loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
@@ -260,15 +264,17 @@ class MultiTeacherDistillationTrainer(Trainer):
         components: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
     ) -> None:
-        """Accumulate token sums of the loss terms, teacher weights and entropies until the next log."""
+        """Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log."""
         count = kd.mask.sum()
         normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
         sums = {name: value.detach() * normalizer.clamp(min=1) for name, value in components.items()}
         weights = kd.weights[:, kd.mask].sum(dim=1)
-        entropy = kd.entropy.sum(dim=1)
+        entropy = kd.signals.entropy.sum(dim=1)
+        nll = -kd.signals.target_log_prob.sum(dim=1)
         for k, name in enumerate(self.teacher_names):
             sums[f"teacher_weight/{name}"] = weights[k]
             sums[f"teacher_entropy/{name}"] = entropy[k]
+            sums[f"teacher_nll/{name}"] = nll[k]
         store = self._metrics[mode]
         for key, value in {"num_tokens": count, **sums}.items():
             store[key] = store[key] + value.float() if key in store else value.float()
@@ -289,7 +295,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         return means
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the distillation metrics (loss terms, teacher weights and entropies) to each training log."""
+        """Add the distillation metrics (loss terms, teacher weights, entropies and NLLs) to each training log."""
         if "loss" in logs:
             logs = {**logs, **self._pop_metrics("train")}
         super().log(logs, start_time)

@@ -1,8 +1,8 @@
 r"""Teacher weighting: how much each teacher counts at each position.
 
-A weighting strategy is a pure function that maps teacher statistics at the valid positions to a log-score
-per teacher and position. The scores are pooled at the requested granularity and combined with the static
-prior $\pi$:
+A weighting strategy is a pure function that maps teacher statistics at the valid positions (`TeacherSignals`:
+entropies, the log-probability of the true next token, the layout of the batch) to a log-score $s_k$ per teacher and
+position. The scores are pooled at the requested granularity and combined with the static prior $\pi$:
 
 $$w_k = \frac{\pi_k \exp(s_k)}{\sum_j \pi_j \exp(s_j)}$$
 
@@ -13,26 +13,93 @@ Strategies are registered by name in `WEIGHTINGS`; adding one touches this modul
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 GRANULARITIES = ("token", "sequence", "batch")
 
-WeightingFn = Callable[[Tensor, float], Tensor]
+
+@dataclass(frozen=True)
+class TeacherSignals:
+    """What a weighting may look at: statistics of K teachers at the N valid positions of a `[B, T]` batch."""
+
+    entropy: Tensor
+    """`[K, N]` entropy $H_k$ of each teacher's tempered distribution $\\mathrm{softmax}(z_k/\\tau)$."""
+    target_log_prob: Tensor
+    """`[K, N]` $\\log p_k(y_{t+1})$: the log-probability (at temperature 1) each teacher gave the true next token."""
+    mask: Tensor
+    """`[B, T]` bool, the valid positions (N of them, in row-major order)."""
+    segment_starts: Tensor | None = None
+    """`[B, T]` bool, True where a packed document begins (from `position_ids == 0`); None: one per row."""
 
 
-def static_scores(entropy: Tensor, entropy_temperature: float) -> Tensor:
-    r"""Static weighting, $s_k = 0$, so $w_k = \pi_k$ everywhere."""
-    return torch.zeros_like(entropy)
+@dataclass(frozen=True)
+class WeightingParameters:
+    """Hyperparameters of the weightings."""
+
+    entropy_temperature: float = 1.0
+    """$\\gamma_H$ in $-H_k / \\gamma_H$."""
+    label_temperature: float = 1.0
+    """$\\gamma$ in $\\log p_k(y) / \\gamma$, for the label-aware weightings."""
+    posterior_decay: float = 0.9
+    """$\\lambda$, the forgetting factor of `posterior`."""
 
 
-def entropy_scores(entropy: Tensor, entropy_temperature: float) -> Tensor:
-    r"""Entropy weighting, $s_k = -H_k / \gamma$: a more certain teacher (lower entropy) gets more weight."""
-    return -entropy / entropy_temperature
+WeightingFn = Callable[[TeacherSignals, WeightingParameters], Tensor]
 
 
-WEIGHTINGS: dict[str, WeightingFn] = {"static": static_scores, "entropy": entropy_scores}
+def static_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""`static`: $s_k = 0$, so $w_k = \pi_k$ everywhere."""
+    return torch.zeros_like(signals.entropy)
+
+
+def entropy_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""`entropy`: $s_k = -H_k / \gamma_H$, so a more certain teacher (lower entropy) gets more weight."""
+    return -signals.entropy / params.entropy_temperature
+
+
+def correctness_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""
+    `correctness`: $s_k = \log p_k(y_{t+1}) / \gamma$, i.e. $w_k \propto \pi_k\, p_k(y_{t+1})^{1/\gamma}$: a teacher
+    counts as much as it gave the true next token probability (confidence-aware multi-teacher KD, per token).
+    """
+    return signals.target_log_prob / params.label_temperature
+
+
+def posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""
+    `posterior`: $s_k(t) = \frac{1}{\gamma} \sum_{s \le t} \lambda^{t-s} \log p_k(y_{s+1})$, the log-posterior of a
+    Bayesian mixture of teachers with exponential forgetting: a teacher that has been predicting this document well
+    leads on it, which routes each document to its specialist without domain labels.
+
+    The sum runs over the valid positions of the same row and document: ignored positions add nothing (the state
+    still decays by $\lambda$ per position) and the state restarts at each row and at each `segment_starts`.
+    """
+    grid = signals.target_log_prob.new_zeros(signals.entropy.shape[0], *signals.mask.shape)
+    grid[:, signals.mask] = signals.target_log_prob
+    keep = torch.ones_like(signals.mask) if signals.segment_starts is None else ~signals.segment_starts
+    state = grid.new_zeros(grid.shape[:2])
+    cumulative = torch.empty_like(grid)
+    for t in range(grid.shape[2]):
+        state = params.posterior_decay * state * keep[:, t] + grid[:, :, t]
+        cumulative[:, :, t] = state
+    return cumulative[:, signals.mask] / params.label_temperature
+
+
+def entropy_posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""`entropy+posterior`: $s_k = -H_k/\gamma_H + s_k^{posterior}$, the product of the two weight factors."""
+    return entropy_scores(signals, params) + posterior_scores(signals, params)
+
+
+WEIGHTINGS: dict[str, WeightingFn] = {
+    "static": static_scores,
+    "entropy": entropy_scores,
+    "correctness": correctness_scores,
+    "posterior": posterior_scores,
+    "entropy+posterior": entropy_posterior_scores,
+}
 
 
 def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teachers: int, device=None) -> Tensor:
@@ -47,26 +114,26 @@ def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teache
     return prior / prior.sum()
 
 
-def weights_from_entropy(
-    entropy: Tensor,
-    mask: Tensor,
+def weights_from_signals(
+    signals: TeacherSignals,
     *,
     weighting: str = "entropy",
     prior: Tensor,
-    entropy_temperature: float = 1.0,
+    params: WeightingParameters = WeightingParameters(),
     granularity: str = "token",
+    min_weight: float = 0.0,
 ) -> Tensor:
     r"""
-    Teacher weights `[K, B, T]` from the teachers' tempered entropies at the valid positions.
+    Teacher weights `[K, B, T]`: $w_k = m + (1 - K m) \frac{\pi_k e^{\bar s_k}}{\sum_j \pi_j e^{\bar s_j}}$.
 
     Args:
-        entropy: `[K, N]`, entropy of each teacher at the N positions where `mask` is True (row-major order).
-        mask: `[B, T]` bool, the valid positions.
-        weighting: a key of `WEIGHTINGS`.
-        prior: `[K]` static prior summing to 1 (see `normalize_prior`).
-        entropy_temperature: $\gamma$.
-        granularity: `token` uses each position's score; `sequence` the mean score over a sequence's valid
-            positions; `batch` the mean over all valid positions.
+        signals: the teachers' statistics at the valid positions.
+        weighting: a key of `WEIGHTINGS`, which gives the scores $s_k$.
+        prior: `[K]` static prior $\pi$ summing to 1 (see `normalize_prior`).
+        params: the weightings' hyperparameters.
+        granularity: $\bar s$ is each position's score (`token`), the mean score over a sequence's valid
+            positions (`sequence`) or over all valid positions (`batch`).
+        min_weight: the floor $m$ (< 1/K) below which no teacher's weight falls.
 
     Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a sequence with no
     valid position gets the prior.
@@ -75,9 +142,12 @@ def weights_from_entropy(
         raise ValueError(f"Unknown teacher weighting {weighting!r}; choose one of {list(WEIGHTINGS)}.")
     if granularity not in GRANULARITIES:
         raise ValueError(f"Unknown weighting granularity {granularity!r}; choose one of {list(GRANULARITIES)}.")
-    num_teachers = entropy.shape[0]
+    mask = signals.mask
+    num_teachers = signals.entropy.shape[0]
+    if not 0 <= min_weight * num_teachers < 1:
+        raise ValueError(f"`min_weight` must be in [0, 1/K) = [0, {1 / num_teachers:.4g}), got {min_weight}.")
     batch_size, seq_len = mask.shape
-    scores = WEIGHTINGS[weighting](entropy, entropy_temperature)
+    scores = WEIGHTINGS[weighting](signals, params)
     if granularity == "token":
         pooled = scores.new_zeros(num_teachers, batch_size, seq_len)
         pooled[:, mask] = scores
@@ -89,4 +159,5 @@ def weights_from_entropy(
     else:
         means = scores.mean(dim=1) if scores.shape[1] > 0 else scores.new_zeros(num_teachers)
         pooled = means[:, None, None].expand(num_teachers, batch_size, seq_len)
-    return torch.softmax(prior.to(scores.dtype).log()[:, None, None] + pooled, dim=0)
+    weights = torch.softmax(prior.to(scores.dtype).log()[:, None, None] + pooled, dim=0)
+    return min_weight + (1 - num_teachers * min_weight) * weights if min_weight > 0 else weights

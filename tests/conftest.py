@@ -33,13 +33,22 @@ def dataset(corpus, tokenizer):
     )
 
 
-@pytest.fixture
-def make_student(tokenizer):
+def _student_factory(tokenizer):
     def make():
         model_type, kwargs = STUDENT_SHAPE
         return tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def make_student(tokenizer):
+    return _student_factory(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def make_student_module(tokenizer):
+    return _student_factory(tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,10 @@ def make(**kwargs):
         ({"alpha_ce": 0, "alpha_kd": 0, "alpha_feat": 0}, "all 0"),
         ({"temperature": 0}, "`temperature` must be > 0"),
         ({"entropy_temperature": -1}, "`entropy_temperature` must be > 0"),
+        ({"label_temperature": 0}, "`label_temperature` must be > 0"),
+        ({"posterior_decay": 0}, r"`posterior_decay` must be in \(0, 1\]"),
+        ({"posterior_decay": 1.5}, r"`posterior_decay` must be in \(0, 1\]"),
+        ({"min_weight": 1.0}, r"`min_weight` must be in \[0, 1/K\)"),
         ({"teacher_weighting": "oracle"}, "Unknown `teacher_weighting` 'oracle'; choose one of"),
         ({"weighting_granularity": "epoch"}, "Unknown `weighting_granularity`"),
         ({"fusion": "max"}, "Unknown `fusion`"),
@@ -41,6 +45,8 @@ def test_number_of_teachers_is_checked():
     config.check_num_teachers(3)
     with pytest.raises(ValueError, match="`teacher_weights` has 3 entries but there are 2 teachers"):
         config.check_num_teachers(2)
+    with pytest.raises(ValueError, match=r"`min_weight` 0\.25 is too large for 4 teachers"):
+        make(min_weight=0.25).check_num_teachers(4)
 
 
 def test_command_line_flags():

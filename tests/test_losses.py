@@ -30,15 +30,44 @@ def valid_positions(labels):
     return [(b, t) for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != -100]
 
 
-def reference_weights(teachers, labels, tau, weighting, gamma, prior, granularity):
-    """w[k][(b, t)] at the valid positions, from the DESIGN.md formulas."""
+def reference_weights(
+    teachers,
+    labels,
+    tau,
+    weighting,
+    gamma,
+    prior,
+    granularity,
+    label_gamma=1.0,
+    decay=0.9,
+    min_weight=0.0,
+    position_ids=None,
+):
+    """w[k, b, t] at the valid positions, from the DESIGN.md formulas and issue 8's label-aware weightings."""
     valid = valid_positions(labels)
     prior = [p / sum(prior) for p in prior]
     score = {}
     for k, z in enumerate(teachers):
-        for b, t in valid:
-            h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
-            score[k, b, t] = -h / gamma if weighting == "entropy" else 0.0
+        state = {}
+        for b in range(labels.shape[0]):
+            running = 0.0
+            for t in range(labels.shape[1]):
+                if position_ids is not None and position_ids[b, t] == 0:
+                    running = 0.0  # a new packed document
+                running *= decay
+                if (b, t) not in valid:
+                    continue
+                log_p_true = math.log(softmax(z[b, t].tolist())[labels[b, t + 1]])
+                running += log_p_true
+                state[b, t] = running
+                h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
+                score[k, b, t] = {
+                    "static": 0.0,
+                    "entropy": -h / gamma,
+                    "correctness": log_p_true / label_gamma,
+                    "posterior": running / label_gamma,
+                    "entropy+posterior": -h / gamma + running / label_gamma,
+                }[weighting]
     pooled = {}
     for k in range(len(teachers)):
         for b, t in valid:
@@ -53,7 +82,7 @@ def reference_weights(teachers, labels, tau, weighting, gamma, prior, granularit
     for b, t in valid:
         unnorm = [prior[k] * math.exp(pooled[k, b, t]) for k in range(len(teachers))]
         for k in range(len(teachers)):
-            weights[k, b, t] = unnorm[k] / sum(unnorm)
+            weights[k, b, t] = min_weight + (1 - len(teachers) * min_weight) * unnorm[k] / sum(unnorm)
     return weights
 
 
@@ -87,7 +116,7 @@ def batch():
 
 OPTIONS = [
     (weighting, fusion, granularity)
-    for weighting in ("entropy", "static")
+    for weighting in ("entropy", "static", "correctness", "posterior", "entropy+posterior")
     for fusion in ("probability", "logit")
     for granularity in ("token", "sequence", "batch")
 ]
@@ -104,16 +133,30 @@ def test_kd_loss_matches_reference(batch, weighting, fusion, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sequence", "batch"])
-def test_weights_match_reference(batch, granularity):
+@pytest.mark.parametrize("weighting", ["entropy", "correctness", "posterior", "entropy+posterior"])
+def test_weights_match_reference(batch, weighting, granularity):
     _, teachers, labels = batch
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0, 1, 0, 1, 2, 3]])  # packed documents
+    options = dict(
+        temperature=1.3, entropy_temperature=0.5, teacher_weights=[1, 1, 2], granularity=granularity, min_weight=0.1
+    )
     weights = compute_teacher_weights(
-        teachers, labels, temperature=1.3, entropy_temperature=0.5, teacher_weights=[1, 1, 2], granularity=granularity
+        teachers,
+        labels,
+        weighting=weighting,
+        label_temperature=0.7,
+        posterior_decay=0.8,
+        position_ids=position_ids,
+        **options,
     )
     assert weights.shape == (K, B, T)
     torch.testing.assert_close(weights.sum(0), torch.ones(B, T, dtype=torch.float64))
-    expected = reference_weights(teachers, labels, 1.3, "entropy", 0.5, [1, 1, 2], granularity)
+    assert (weights >= 0.1 - 1e-12).all()
+    expected = reference_weights(
+        teachers, labels, 1.3, weighting, 0.5, [1, 1, 2], granularity, 0.7, 0.8, 0.1, position_ids
+    )
     for (k, b, t), w in expected.items():
-        assert weights[k, b, t].item() == pytest.approx(w, rel=1e-5)
+        assert weights[k, b, t].item() == pytest.approx(w, rel=1e-10)
 
 
 def test_granularity_shapes_weights(batch):
@@ -296,3 +339,35 @@ def test_feature_loss_matches_reference_and_gradcheck(kind, normalize):
     )
     with pytest.raises(ValueError, match="no layer pairs"):
         feature_alignment_loss([], [], [], weights)
+
+
+def test_correctness_follows_the_teacher_that_predicts_the_labels(batch):
+    *_, labels = batch
+    targets = F.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)
+    right = F.one_hot(targets, V).double() * 3.0  # puts its mass on the true next token
+    wrong = right.roll(1, dims=-1) * 3  # sharper, and always on the wrong token
+    mask = labels[:, 1:] != -100
+    by_entropy = compute_teacher_weights([right, wrong], labels)[:, :, :-1]
+    assert (by_entropy[1][mask] > 0.5).all()  # entropy trusts the confident one
+    for weighting in ("correctness", "posterior"):
+        weights = compute_teacher_weights([right, wrong], labels, weighting=weighting)[:, :, :-1]
+        assert (weights[0][mask] > 0.99).all(), weighting
+
+
+def test_posterior_does_not_leak_across_rows_or_documents(batch):
+    _, teachers, labels = batch
+    packed = labels[2:3]  # one row holding two documents: tokens 0-1 and 2-5
+    position_ids = torch.tensor([[0, 1, 0, 1, 2, 3]])
+    args = dict(weighting="posterior", posterior_decay=1.0, position_ids=position_ids)
+    together = compute_teacher_weights([t[2:3] for t in teachers], packed, **args)
+    alone = compute_teacher_weights(
+        [t[2:3, 2:] for t in teachers], packed[:, 2:], weighting="posterior", posterior_decay=1.0
+    )
+    torch.testing.assert_close(together[:, :, 2:5], alone[:, :, :3])
+    # changing another row's labels does not move this row's weights
+    other = labels.clone()
+    other[0, 1:4] = (other[0, 1:4] + 1) % V
+    first = compute_teacher_weights(teachers, labels, weighting="posterior")
+    second = compute_teacher_weights(teachers, other, weighting="posterior")
+    torch.testing.assert_close(first[:, 1:], second[:, 1:])
+    assert not torch.allclose(first[:, 0], second[:, 0])

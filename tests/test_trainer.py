@@ -77,7 +77,7 @@ def test_three_heterogeneous_teachers_end_to_end(tmp_path, make_student, teacher
     assert len(train_logs) == 4
     for log in train_logs:
         for key in ["loss_ce", "loss_kd", "loss_feat"] + [
-            f"teacher_{kind}/{name}" for kind in ("weight", "entropy") for name in TEACHER_NAMES
+            f"teacher_{kind}/{name}" for kind in ("weight", "entropy", "nll") for name in TEACHER_NAMES
         ]:
             assert math.isfinite(log[key]), key
         assert sum(log[f"teacher_weight/{n}"] for n in TEACHER_NAMES) == pytest.approx(1.0, abs=1e-5)
