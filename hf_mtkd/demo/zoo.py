@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,8 +46,11 @@ class Scale:
 SCALES = {
     "quick": Scale("quick", 512, 64, 8, 60, 40, 16, (0,), 32),
     "default": Scale("default", 1024, 64, 16, 250, 120, 48, (0,), 48),
-    "full": Scale("full", 1024, 64, 16, 250, 240, 96, (0, 1, 2), 48),
+    "full": Scale("full", 1024, 64, 16, 250, 120, 96, (0, 1, 2), 48),
 }
+
+TEACHER_SCALE_FIELDS = ("vocab_size", "block_size", "batch_size", "teacher_steps", "width")
+"""What a teacher depends on: two scales that agree on these share cached teachers."""
 
 # Each teacher is a specialist of one domain, of its own architecture, width and depth.
 TEACHERS: dict[str, tuple[str, float, int]] = {
@@ -120,7 +123,7 @@ def load_teachers(data: DemoData, scale: Scale, cache_dir: Path) -> dict[str, Pr
             raise ValueError(f"The corpus has no {domain!r} domain for its specialist teacher: {list(data.train)}.")
         fingerprint = {
             "version": __version__,
-            "scale": asdict(scale),
+            "scale": [getattr(scale, key) for key in TEACHER_SCALE_FIELDS],
             "spec": spec,
             "vocab": hashlib.sha256(data.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12],
             "blocks": len(data.train[domain]),
