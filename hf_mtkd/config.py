@@ -106,6 +106,14 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "choices": list(FUSIONS),
         },
     )
+    loss_chunk_size: int | None = field(
+        default=256,
+        metadata={
+            "help": "Positions whose next-token distributions the KD loss processes at once. The loss does not "
+            "depend on it; its extra memory is O(loss_chunk_size x vocab x teachers) instead of O(batch x length x "
+            "vocab x teachers). None processes all positions at once."
+        },
+    )
     feature_loss: str = field(
         default="mse",
         metadata={
@@ -196,6 +204,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
                 "`label_smoothing_factor` is not supported by distillation: the teachers' soft targets already play "
                 "that role. Set it to 0 (and raise `alpha_kd` for softer targets)."
             )
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"`loss_chunk_size` must be a positive number of positions, got {self.loss_chunk_size}.")
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)

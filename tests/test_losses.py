@@ -371,3 +371,34 @@ def test_posterior_does_not_leak_across_rows_or_documents(batch):
     second = compute_teacher_weights(teachers, other, weighting="posterior")
     torch.testing.assert_close(first[:, 1:], second[:, 1:])
     assert not torch.allclose(first[:, 0], second[:, 0])
+
+
+@pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
+def test_chunked_loss_equals_unchunked(batch, weighting, fusion, granularity):
+    student, teachers, labels = batch
+    options = dict(weighting=weighting, fusion=fusion, granularity=granularity, temperature=1.5)
+    results = []
+    for chunk_size in (None, 1, 4):
+        s = student.clone().requires_grad_(True)
+        loss = multi_teacher_kd_loss(s, teachers, labels, chunk_size=chunk_size, **options)
+        (grad,) = torch.autograd.grad(loss, s)
+        weighting_options = {k: v for k, v in options.items() if k != "fusion"}
+        weights = compute_teacher_weights(teachers, labels, chunk_size=chunk_size, **weighting_options)
+        results.append((loss, grad, weights))
+    for loss, grad, weights in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(weights, results[0][2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_in_low_precision_matches_float64(batch, dtype):
+    student, teachers, labels = batch
+    exact = multi_teacher_kd_loss(student, teachers, labels, chunk_size=None)
+    s = student.to(dtype).requires_grad_(True)
+    loss = multi_teacher_kd_loss(s, [t.to(dtype) for t in teachers], labels, chunk_size=3)
+    assert loss.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(loss.double(), exact, rtol=tolerance, atol=tolerance)
+    loss.backward()
+    assert s.grad.dtype == dtype and torch.isfinite(s.grad.float()).all()
