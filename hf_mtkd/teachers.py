@@ -125,17 +125,23 @@ def _accepts_kwarg(model: nn.Module, name: str) -> bool:
     return name in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-@torch.no_grad()
 def teacher_forward(
     teacher: nn.Module, name: str, inputs: Mapping[str, Tensor], output_hidden_states: bool
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-    """Logits `[B, T, V]` (and hidden states when asked) of a frozen teacher on the student's batch."""
+    """
+    Logits `[B, T, V]` (and hidden states when asked) of a frozen teacher on the student's batch.
+
+    Without hidden states the teacher runs under `torch.inference_mode`, the cheapest mode: its logits only feed
+    no-grad statistics and the fused KD loss, which saves none of them for the backward pass. Hidden states meet
+    the student's graph in the feature loss, so that forward runs under `torch.no_grad`.
+    """
     kwargs = {key: inputs[key] for key in TEACHER_INPUT_KEYS if key in inputs}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
     if _accepts_kwarg(teacher, "use_cache"):
         kwargs["use_cache"] = False
-    outputs = teacher(**kwargs)
+    with torch.no_grad() if output_hidden_states else torch.inference_mode():
+        outputs = teacher(**kwargs)
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     hidden_states = getattr(outputs, "hidden_states", None) if output_hidden_states else None
     if output_hidden_states and hidden_states is None:

@@ -298,6 +298,16 @@ def test_error_args_of_the_wrong_type(tmp_path, make_student, teacher, dataset, 
         MultiTeacherDistillationTrainer(model=make_student(), teachers=[teacher], compute_loss_func=lambda *a: 0)
 
 
+def test_teachers_run_in_inference_mode_without_features(teacher, dataset, tokenizer):
+    from hf_mtkd.teachers import teacher_forward
+
+    batch = tokenizer(["ada sees the cat ."], return_tensors="pt")
+    logits, hidden = teacher_forward(teacher, "t", batch, output_hidden_states=False)
+    assert logits.is_inference() and hidden is None
+    logits, hidden = teacher_forward(teacher, "t", batch, output_hidden_states=True)
+    assert not logits.is_inference() and not hidden[-1].requires_grad
+
+
 def test_teachers_are_not_modified_by_training(tmp_path, make_student, teacher, dataset, tokenizer):
     before = copy.deepcopy(teacher.state_dict())
     trainer = make_trainer(tmp_path, make_student(), [teacher], dataset, tokenizer, max_steps=2, alpha_feat=0.1)
