@@ -203,8 +203,9 @@ def create_model_card(
         eval_dataset=eval_dataset,
         eval_metrics=eval_metrics,
         generation=generation,
-        settings=[(name, _format(getattr(args, name))) for name in SETTINGS]
-        + [("training steps", trainer.state.global_step)],
+        settings=[(name, _format(getattr(args, name))) for name in SETTINGS],
+        global_step=trainer.state.global_step,
+        epoch=_format(trainer.state.epoch),
         projector_note=projector_note,
         command=trainer.training_command,
         versions=_versions(),

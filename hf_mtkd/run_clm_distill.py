@@ -435,8 +435,9 @@ def prepare_datasets(
 
 def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Run the script with `args` (default: the command line); `prog` names the command in help and the model card."""
+    if prog is None:  # how to run the same again, for help and the model card
+        prog = f"python {sys.argv[0]}" if args is None else "python -m hf_mtkd.run_clm_distill"
     args = sys.argv[1:] if args is None else list(args)
-    prog = prog or f"python {sys.argv[0]}"
     parser = build_parser(prog)
     model_args, data_args, generation_args, training_args = parse_args(parser, args)
     setup_logging(training_args)
