@@ -84,8 +84,8 @@ def _format(value: Any) -> str:
         return str(value.value)
     if isinstance(value, float):
         return f"{value:.4g}"
-    if value is None:
-        return "-"
+    if value is None:  # the field's default behaviour (uniform prior, default layer pairs, ...)
+        return "default"
     return str(value)
 
 
@@ -142,8 +142,8 @@ def create_model_card(
                 "parameters": human_count(parameters),
                 "num_parameters": parameters,
                 "ratio": f"{parameters / student_parameters:.3g}x",
-                "train_weight": _format(train_log.get(f"teacher_weight/{name}")),
-                "eval_weight": _format(eval_log.get(f"eval_teacher_weight/{name}")),
+                "train_weight": _format(train_log.get(f"teacher_weight/{name}", "-")),
+                "eval_weight": _format(eval_log.get(f"eval_teacher_weight/{name}", "-")),
             }
         )
     largest_teacher = max(t["num_parameters"] for t in teachers)

@@ -515,7 +515,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         metrics = train_result.metrics
-        metrics["train_samples"] = _num_samples(train_dataset, data_args.max_train_samples)
+        metrics.update(_num_samples("train", train_dataset))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -523,7 +523,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = _num_samples(eval_dataset, data_args.max_eval_samples)
+        metrics.update(_num_samples("eval", eval_dataset))
         metrics["perplexity"] = metrics["eval_perplexity"]  # the key run_clm.py users look for
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -568,8 +568,9 @@ def _split(
     return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
 
 
-def _num_samples(dataset: Dataset | IterableDataset, max_samples: int | None) -> int | None:
-    return max_samples if isinstance(dataset, IterableDataset) else len(dataset)
+def _num_samples(prefix: str, dataset: Dataset | IterableDataset) -> dict[str, int]:
+    """`{<prefix>_samples: number of blocks}`, empty for a stream (of unknown length)."""
+    return {} if isinstance(dataset, IterableDataset) else {f"{prefix}_samples": len(dataset)}
 
 
 def _card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from unittest import mock
 
 import huggingface_hub._upload_pipeline
 import pytest
+import transformers.trainer
 import yaml
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from peft import LoraConfig, get_peft_model
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.hub import hf_api
 
 from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer
+from hf_mtkd.hub import ignored_on_upload
 from hf_mtkd.model_card import count_parameters, human_count, is_hub_model_id, load_template
 from hf_mtkd.trainer import PROJECTOR_WEIGHTS_NAME
 
@@ -259,3 +261,22 @@ def test_template_ships_in_the_wheel_and_matches_model_cards(tmp_path):
         assert archive.read("hf_mtkd/templates/distilled_student.md").decode() == load_template()
         (entry_points,) = [name for name in archive.namelist() if name.endswith("entry_points.txt")]
         assert "hf-mtkd = hf_mtkd.cli:main" in archive.read(entry_points).decode()
+
+
+def test_upload_filter_covers_both_transformers_upload_paths(monkeypatch):
+    calls = []
+
+    def upload_folder(**kwargs):
+        calls.append(kwargs["ignore_patterns"])
+
+    # transformers >= 5.1x uploads through the shared `hf_api()` instance; blocks may nest.
+    monkeypatch.setattr(hf_api(), "upload_folder", upload_folder)
+    with ignored_on_upload(["a"]), ignored_on_upload(["b"]):
+        hf_api().upload_folder(folder_path=".", ignore_patterns="_*")
+    assert calls.pop() == ["_*", "b", "a"] and hf_api().upload_folder is upload_folder
+    # Older 5.x releases call `huggingface_hub.upload_folder`, imported into `transformers.trainer`.
+    monkeypatch.delattr(transformers.trainer, "hf_api")
+    monkeypatch.setattr(transformers.trainer, "upload_folder", upload_folder, raising=False)
+    with ignored_on_upload(["a"]):
+        transformers.trainer.upload_folder(folder_path=".", ignore_patterns=["_*", "checkpoint-*"])
+    assert calls.pop() == ["_*", "checkpoint-*", "a"] and transformers.trainer.upload_folder is upload_folder

@@ -170,6 +170,18 @@ def test_dataset_name_can_be_a_local_directory_of_data_files(tmp_path, teacher_d
     assert "dataset:\n      name: " + str(data_dir) in (output_dir / "README.md").read_text()
 
 
+def test_streaming_holds_out_texts_for_evaluation(tmp_path, teacher_dirs, student_dir, text_files):
+    output_dir = tmp_path / "out"
+    run_main(
+        ["--teacher_model_name_or_path", teacher_dirs[0], "--model_name_or_path", student_dir, "--train_file",
+         text_files["jsonl"][0], "--streaming", "--max_eval_samples", "12", "--do_train", "--do_eval",
+         "--output_dir", str(output_dir), *QUICK]
+    )  # fmt: skip
+    results = check_results(output_dir, [Path(teacher_dirs[0]).name], trained=False)
+    assert math.isfinite(results["train_loss"]) and "train_samples" not in results  # a stream has no length
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 6
+
+
 def test_group_texts_cuts_blocks_and_copies_labels():
     blocks = group_texts(
         {"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "attention_mask": [[1] * 3, [1] * 2, [1] * 4]}, 4
@@ -273,10 +285,8 @@ def readme_section_commands() -> list[str]:
 def test_readme_commands_are_valid_arguments():
     offline, hub = readme_section_commands()
     for block, program in ((offline, "python examples/run_clm_distill.py"), (hub, "hf-mtkd distill")):
-        command = block.split("\n" + program.split()[0], 1)[-1] if block.startswith("python -") else block
-        args = shlex.split(command.replace("\\\n", " "))
-        start = args.index(program.split()[-1]) + 1
-        model_args, data_args, _, training_args = parse_args(build_parser(), args[start:])
+        args = shlex.split(block.rsplit(program, 1)[1].replace("\\\n", " "))
+        model_args, data_args, _, training_args = parse_args(build_parser(), args)
         assert len(model_args.teacher_model_name_or_path) == 2
         assert training_args.do_train and training_args.do_eval
     assert data_args.dataset_config_name == "wikitext-2-raw-v1" and training_args.push_to_hub
