@@ -296,15 +296,15 @@ def load_raw_datasets(
     data_args: DataTrainingArguments, model_args: ModelArguments
 ) -> DatasetDict | IterableDatasetDict:
     """Train and validation texts from `--dataset_name` or the data files, holding out a validation split if needed."""
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token, "streaming": data_args.streaming}
+    load_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token, "streaming": data_args.streaming}
     if data_args.dataset_name is not None:
-        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **load_kwargs)
     else:
         data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
         data_files = {split: path for split, path in data_files.items() if path is not None}
         builder = DATA_FILE_BUILDERS[next(iter(data_files.values())).rsplit(".", 1)[-1].lower()]
         builder_kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
-        raw = load_dataset(builder, data_files=data_files, **hub_kwargs, **builder_kwargs)
+        raw = load_dataset(builder, data_files=data_files, **load_kwargs, **builder_kwargs)
     if "validation" in raw or "train" not in raw:
         return raw
     train = raw["train"]
@@ -408,28 +408,28 @@ def prepare_datasets(
 ) -> DatasetDict | IterableDatasetDict:
     """Tokenize every split and group it into blocks of `block_size` tokens."""
     columns = column_names(next(iter(raw.values())))
-    streaming_kwargs: dict[str, Any] = (
-        {}
-        if data_args.streaming
-        else {
+
+    def map_kwargs(description: str) -> dict[str, Any]:  # a stream is mapped lazily, without these
+        if data_args.streaming:
+            return {}
+        return {
             "num_proc": data_args.preprocessing_num_workers,
             "load_from_cache_file": not data_args.overwrite_cache,
+            "desc": description,
         }
-    )
+
     with training_args.main_process_first(desc="tokenizing and grouping"):
         tokenized = raw.map(
             lambda examples: tokenizer(examples[text_column]),
             batched=True,
             remove_columns=columns,
-            **streaming_kwargs,
-            **({} if data_args.streaming else {"desc": "Tokenizing"}),
+            **map_kwargs("Tokenizing"),
         )
         return tokenized.map(
             group_texts,
             batched=True,
             fn_kwargs={"block_size": block_size},
-            **streaming_kwargs,
-            **({} if data_args.streaming else {"desc": f"Grouping texts into blocks of {block_size}"}),
+            **map_kwargs(f"Grouping texts into blocks of {block_size}"),
         )
 
 

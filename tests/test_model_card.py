@@ -244,6 +244,7 @@ def test_is_hub_model_id_refuses_local_directories(tmp_path, monkeypatch):
 
 
 def test_template_ships_in_the_wheel_and_matches_model_cards(tmp_path):
+    """`pip install .` (not editable) gets the template and the console script (offline: setuptools>=70.1 builds)."""
     assert (ROOT / "model_cards" / "distilled_student.md").read_text() == load_template()
     source = tmp_path / "source"
     source.mkdir()
