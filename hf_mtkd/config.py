@@ -169,6 +169,15 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         },
     )
 
+    push_projector: bool = field(
+        default=False,
+        metadata={
+            "help": "Also upload the feature-alignment projections (mtkd_projector.safetensors) with `push_to_hub`. "
+            "They are only needed to continue distillation, not to use the student, so by default the Hub repo gets "
+            "the plain student. Checkpoints pushed with hub_strategy='checkpoint' keep them (resuming needs them)."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("alpha_ce", "alpha_kd", "alpha_feat"):

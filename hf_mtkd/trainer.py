@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +21,10 @@ from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
 from .config import MultiTeacherDistillationConfig
+from .generation_eval import evaluate_generation
+from .hub import ignored_on_upload
 from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
+from .model_card import create_model_card
 from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
 
 logger = logging.get_logger(__name__)
@@ -43,7 +46,11 @@ class MultiTeacherDistillationTrainer(Trainer):
     The feature-alignment projections (when `alpha_feat > 0`) are attached to the student as `mtkd_projector`, so the
     optimizer (in their own param group), gradient clipping, DDP and DeepSpeed treat them like the student's own
     weights; they are left out of the student's `save_pretrained` and written beside it as
-    `mtkd_projector.safetensors`, which `resume_from_checkpoint` restores.
+    `mtkd_projector.safetensors`, which `resume_from_checkpoint` restores; `push_to_hub` leaves that file out unless
+    `push_projector=True`.
+
+    `create_model_card()` (called by `push_to_hub`) writes a card naming the teachers, the distillation settings, the
+    final teacher weights, the evaluation and generation results (`evaluate_generation`) and `training_command`.
 
     Args:
         model: the student, a causal LM model or a name/path to load.
@@ -116,6 +123,10 @@ class MultiTeacherDistillationTrainer(Trainer):
         )
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        self.generation_metrics: dict[str, float | int | str] | None = None
+        """The results of the last `evaluate_generation`, unprefixed (shown in the model card)."""
+        self.training_command: str | None = None
+        """The command that ran this training, shown in the model card (the example script sets it)."""
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -314,3 +325,76 @@ class MultiTeacherDistillationTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_metrics("eval").items()})
         return output
+
+    # ---- generation quality, model card and the Hub ----
+
+    def evaluate_generation(
+        self,
+        texts: Iterable[str],
+        *,
+        prompt_length: int = 32,
+        max_new_tokens: int = 32,
+        max_samples: int | None = 64,
+        include_teachers: bool = True,
+        metric_key_prefix: str = "generate",
+    ) -> dict[str, float | int | str]:
+        """
+        The student (and each teacher, for reference) greedily continues prompts cut from held-out `texts`; BLEU and
+        ROUGE-L against the true continuations (see `hf_mtkd.generation_eval.evaluate_generation`).
+
+        Returns `<prefix>_bleu`, `<prefix>_rougeL`, `<prefix>_teacher_bleu/<name>`, ... and `<prefix>_metrics_backend`
+        (which scoring path ran); the numbers are also logged.
+        """
+        if not isinstance(self.processing_class, PreTrainedTokenizerBase):
+            raise ValueError("Generation evaluation needs the tokenizer as `processing_class`.")
+        metrics = evaluate_generation(
+            self.accelerator.unwrap_model(self.model),
+            dict(zip(self.teacher_names, self.teachers, strict=True)) if include_teachers else {},
+            self.processing_class,
+            texts,
+            prompt_length=prompt_length,
+            max_new_tokens=max_new_tokens,
+            max_samples=max_samples,
+            batch_size=self.args.per_device_eval_batch_size,
+            disable_tqdm=self.args.disable_tqdm,
+        )
+        self.generation_metrics = metrics
+        prefixed = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log({key: value for key, value in prefixed.items() if not isinstance(value, str)})
+        return prefixed
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the distilled student's model card (`hf_mtkd/templates/distilled_student.md`) as README.md."""
+        if not self.is_world_process_zero():
+            return
+        card = create_model_card(
+            self,
+            model_name=model_name,
+            language=language,
+            license=license,
+            tags=tags,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub`, without `mtkd_projector.safetensors` unless `push_projector=True`."""
+        if self.args.push_projector:
+            return super().push_to_hub(*args, **kwargs)
+        with ignored_on_upload([PROJECTOR_WEIGHTS_NAME]):
+            return super().push_to_hub(*args, **kwargs)

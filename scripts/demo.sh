@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HF_HUB_OFFLINE=1 .venv/bin/python -m hf_mtkd.demo "$@"
+HF_HUB_OFFLINE=1 .venv/bin/hf-mtkd demo "$@"

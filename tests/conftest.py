@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,3 +64,34 @@ def teacher_dirs(tmp_path_factory, corpus, tokenizer):
         tokenizer.save_pretrained(path)
         dirs.append(str(path))
     return dirs
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory, corpus):
+    """The corpus as train/validation data files: {"txt": (train, validation), "jsonl": ..., "csv": ...}."""
+    root = tmp_path_factory.mktemp("text_files")
+    splits = {"train": corpus[:200], "validation": corpus[200:]}
+    files = {}
+    for extension in ("txt", "jsonl", "csv"):
+        paths = []
+        for split, texts in splits.items():
+            path = root / f"{split}.{extension}"
+            if extension == "txt":
+                path.write_text("\n".join(texts) + "\n")
+            elif extension == "jsonl":
+                path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+            else:
+                path.write_text("text\n" + "".join(f'"{text}"\n' for text in texts))
+            paths.append(str(path))
+        files[extension] = tuple(paths)
+    return files
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tokenizer):
+    """The test student (STUDENT_SHAPE), untrained, saved with the tokenizer."""
+    model_type, kwargs = STUDENT_SHAPE
+    path = tmp_path_factory.mktemp("student")
+    tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

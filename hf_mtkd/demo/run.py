@@ -190,9 +190,9 @@ def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-mtkd demo",
+        prog=prog,
         description="Distil a small student from three specialist teachers (comedies, tragedies, histories of "
         "Shakespeare) with each method at the same budget, and compare held-out perplexity per domain.",
     )
@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "hf-mtkd demo") -> dict[str, Any]:
+    args = build_parser(prog).parse_args(argv)
     args.command = list(argv) if argv is not None else None
     logging.set_verbosity_warning()
     return run(args)
