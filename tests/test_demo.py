@@ -62,3 +62,12 @@ def test_quick_demo_runs_every_method(tmp_path):
     assert sum(weights[f"overall/weight/{k}"]["mean"] for k in range(3)) == pytest.approx(1.0, abs=1e-6)
     assert (tmp_path / "results.md").read_text().count("\n| ") >= len(names)
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_cli_has_the_demo(capsys):
+    from hf_mtkd.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
