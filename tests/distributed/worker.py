@@ -64,6 +64,7 @@ def main(spec_path: str) -> None:
         per_device_eval_batch_size=4,
         learning_rate=3e-3,
         alpha_feat=0.1,
+        teacher_names=spec.get("teacher_names"),
         logging_steps=1,
         save_strategy="steps" if spec.get("save_steps") else "no",
         save_steps=spec.get("save_steps") or 500,
