@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import TrainingArguments
+from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -58,6 +60,30 @@ def resolve_deepspeed_config(value: dict | str | None) -> dict | str | None:
             f"DeepSpeed JSON config, a dict, or one of {list(DEEPSPEED_CONFIGS)}."
         )
     return value
+
+
+@contextmanager
+def zero3_init_dtype(dtype: str) -> Iterator[None]:
+    """
+    Under ZeRO-3, `from_pretrained` creates models inside `deepspeed.zero.Init`, in the DeepSpeed config's dtype
+    whatever `dtype=` it is given. Within this context it creates them in `dtype` ("float32", "bfloat16" or "float16";
+    "auto" keeps the config's), so that teachers loaded by name are partitioned in `teacher_dtype`.
+    """
+    config = deepspeed_config() if is_deepspeed_zero3_enabled() else None
+    if config is None or dtype == "auto":
+        yield
+        return
+    saved = {key: config.get(key) for key in ("bf16", "fp16")}
+    config["bf16"] = {**(saved["bf16"] or {}), "enabled": dtype == "bfloat16"}
+    config["fp16"] = {**(saved["fp16"] or {}), "enabled": dtype == "float16"}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                config.pop(key)
+            else:
+                config[key] = value
 
 
 def prepare_teachers(

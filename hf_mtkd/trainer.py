@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
 from .config import MultiTeacherDistillationConfig
-from .distributed import prepare_teachers
+from .distributed import prepare_teachers, zero3_init_dtype
 from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
 from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
 
@@ -97,7 +97,10 @@ class MultiTeacherDistillationTrainer(Trainer):
             data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
 
         self.teacher_names = teacher_names(teachers, args.teacher_names)
-        self.teachers = load_teachers(teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs)
+        with zero3_init_dtype(args.teacher_dtype):
+            self.teachers = load_teachers(
+                teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+            )
         check_teachers(
             self.teachers,
             self.teacher_names,

@@ -171,6 +171,24 @@ def test_zero3_offload_matches_one_process(runs):
     assert_same_weights(runs["tmp"] / "zero3_offload" / "final", runs["tmp"] / "reference" / "final")
 
 
+@pytest.mark.parametrize("kind", ["zero3", "zero2"])
+def test_teachers_run_in_teacher_dtype(runs, kind):
+    """bfloat16 teachers for a float32 student: under ZeRO-3 too, although zero.Init follows the config's dtype."""
+    report, output = launch(
+        runs["tmp"], f"{kind}_bf16", deepspeed=kind, teacher_dtype="bfloat16", max_steps=1, save_dir=None, **LAYOUT,
+        **runs["base"],
+    )  # fmt: skip
+    for rank in report["ranks"]:
+        assert [teacher["dtype"] for teacher in rank["teachers"]] == ["torch.bfloat16"] * 3
+        assert all(teacher["partitioned"] is (kind == "zero3") for teacher in rank["teachers"])
+        assert rank["student"]["dtype"] == "torch.float32"
+    assert "teacher parameters in bfloat16." in output
+    # bfloat16 rounding of the teachers' logits only: the same loss as float32 teachers to about 1e-3
+    loss, reference = train_logs(report)[0], train_logs(runs["reference"])[0]
+    assert loss["loss_kd"] == pytest.approx(reference["loss_kd"], rel=1e-2)
+    assert loss["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+
+
 def test_example_script_with_a_short_config_name(runs, tmp_path, teacher_dirs):
     """The README's multi-GPU command, scaled down: `--deepspeed zero3` on the command line of examples/distill.py."""
     data = tmp_path / "train.jsonl"

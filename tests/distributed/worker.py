@@ -65,6 +65,7 @@ def main(spec_path: str) -> None:
         learning_rate=3e-3,
         alpha_feat=0.1,
         teacher_names=spec.get("teacher_names"),
+        teacher_dtype=spec.get("teacher_dtype", "auto"),
         logging_steps=1,
         save_strategy="steps" if spec.get("save_steps") else "no",
         save_steps=spec.get("save_steps") or 500,
@@ -88,7 +89,8 @@ def main(spec_path: str) -> None:
     else:
         trainer.train(resume_from_checkpoint=spec.get("resume_from_checkpoint"))
         report["log_history"] = trainer.state.log_history
-        trainer.save_model(spec["save_dir"])
+        if spec["save_dir"]:
+            trainer.save_model(spec["save_dir"])
     report["eval"] = trainer.evaluate()
     local = {
         "teachers": [holdings(t) for t in trainer.teachers],
