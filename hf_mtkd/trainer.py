@@ -158,10 +158,9 @@ class MultiTeacherDistillationTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, with the feature projections moved into a param group of their own."""
-        existing = self.optimizer
         optimizer = super().create_optimizer(model)
-        if self.projector is None or optimizer is existing:
-            return optimizer  # no projections, or an optimizer given by the user or already built (DeepSpeed)
+        if self.projector is None:
+            return optimizer
         if isinstance(optimizer, DummyOptim):
             # The DeepSpeed config has an `optimizer` section: DeepSpeed builds one over all trainable parameters.
             if self.args.projector_learning_rate is not None:
@@ -173,6 +172,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             return optimizer
         projector_params = list(self.projector.parameters())
         projector_ids = {id(p) for p in projector_params}
+        if any({id(p) for p in group["params"]} == projector_ids for group in optimizer.param_groups):
+            return optimizer  # already done: with DeepSpeed the Trainer asks twice
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in projector_ids]
         learning_rate = self.args.projector_learning_rate
