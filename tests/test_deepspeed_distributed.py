@@ -3,8 +3,9 @@
 Each run is `torchrun --nproc_per_node 2 tests/distributed/worker.py` on a global batch of 8 (2 processes x 2
 sequences x 2 accumulation steps), compared with one plain process on one batch of 8: the same losses at every step,
 the same gradient norms and the same trained weights. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`);
-its first run compiles a small communication op (about 40 s, and a minute more for the CPU Adam of the offload config),
-cached in DeepSpeed's torch-extensions directory (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions).
+its first run on a machine compiles a communication op and, for the offload config, its CPU AdamW (together about
+1-3 minutes on 2 cores), cached in DeepSpeed's torch-extensions directory (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions).
 """
 
 import json
