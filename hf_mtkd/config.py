@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .losses import FEATURE_LOSSES, FUSIONS
 from .weighting import GRANULARITIES, WEIGHTINGS
 
@@ -178,7 +179,17 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         },
     )
 
+    deepspeed: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Enable DeepSpeed: a path to a JSON config, a dict, or the short name of a config shipped with "
+            f"hf_mtkd: {', '.join(DEEPSPEED_CONFIGS)}. Under ZeRO-3 the teachers are partitioned across "
+            "processes like the student; under ZeRO-2 they are replicated."
+        },
+    )
+
     def __post_init__(self) -> None:
+        self.deepspeed = resolve_deepspeed_config(self.deepspeed)  # before TrainingArguments reads it
         super().__post_init__()
         for name in ("alpha_ce", "alpha_kd", "alpha_feat"):
             if getattr(self, name) < 0:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import DummyOptim
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
@@ -21,6 +22,7 @@ from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
 from .config import MultiTeacherDistillationConfig
+from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
@@ -89,11 +91,23 @@ class MultiTeacherDistillationTrainer(Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
         args.check_num_teachers(len(teachers))
+        if args.alpha_feat > 0:
+            # The projections run outside the student's forward: DDP's search for unused parameters would mark them
+            # unused in the forward and then see their gradients in the backward, which it refuses.
+            if args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "`ddp_find_unused_parameters=True` cannot be combined with `alpha_feat > 0`: the feature "
+                    "projections are used outside the student's forward. Leave it unset (or False)."
+                )
+            args.ddp_find_unused_parameters = False
         if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
             data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
 
         self.teacher_names = teacher_names(teachers, args.teacher_names)
-        self.teachers = load_teachers(teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs)
+        with zero3_init_dtype(args.teacher_dtype):
+            self.teachers = load_teachers(
+                teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+            )
         check_teachers(
             self.teachers,
             self.teacher_names,
@@ -111,9 +125,6 @@ class MultiTeacherDistillationTrainer(Trainer):
         # Trainer to count it (and so not to divide the loss again by the accumulation steps).
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        for teacher in self.teachers:
-            if not getattr(teacher, "hf_device_map", None):
-                teacher.to(self.args.device)
         logger.info(
             "Distilling %d teacher(s) (%s) on %s, teacher_dtype=%s.",
             len(self.teachers),
@@ -122,6 +133,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             args.teacher_dtype,
         )
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
+        self.teachers = prepare_teachers(self.teachers, self.teacher_names, self.accelerator, self.args)
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
         self.generation_metrics: dict[str, float | int | str] | None = None
         """The results of the last `evaluate_generation`, unprefixed (shown in the model card)."""
@@ -160,8 +172,19 @@ class MultiTeacherDistillationTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         if self.projector is None:
             return optimizer
+        if isinstance(optimizer, DummyOptim):
+            # The DeepSpeed config has an `optimizer` section: DeepSpeed builds one over all trainable parameters.
+            if self.args.projector_learning_rate is not None:
+                raise ValueError(
+                    "`projector_learning_rate` needs the Trainer's optimizer, but the DeepSpeed config defines its "
+                    "own `optimizer`, which trains the projections at the config's learning rate. Unset "
+                    "`projector_learning_rate` or remove the `optimizer` section from the DeepSpeed config."
+                )
+            return optimizer
         projector_params = list(self.projector.parameters())
         projector_ids = {id(p) for p in projector_params}
+        if any({id(p) for p in group["params"]} == projector_ids for group in optimizer.param_groups):
+            return optimizer  # already done: with DeepSpeed the Trainer asks twice
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in projector_ids]
         learning_rate = self.args.projector_learning_rate
@@ -175,11 +198,20 @@ class MultiTeacherDistillationTrainer(Trainer):
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.projector is None:
-            return
+        # Taken before `save_pretrained`, which deletes the keys in `_keys_to_ignore_on_save` from `state_dict`.
         prefix = f"{PROJECTOR_NAME}."
         tensors = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+        super()._save(output_dir, state_dict)
+        if self.projector is None or not self.args.should_save:
+            return
+        if not tensors and any(hasattr(p, "ds_id") for p in self.projector.parameters()):
+            logger.warning(
+                "The feature projections are partitioned by DeepSpeed ZeRO-3 and were not gathered, so %s is not "
+                "written; they are in the DeepSpeed checkpoint. Set `stage3_gather_16bit_weights_on_model_save` to "
+                "true to save them.",
+                PROJECTOR_WEIGHTS_NAME,
+            )
+            return
         tensors = tensors or self.projector.state_dict()
         path = os.path.join(output_dir or self.args.output_dir, PROJECTOR_WEIGHTS_NAME)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

@@ -1,0 +1,193 @@
+"""Scaling out: the DeepSpeed configs shipped with the package, and where the teachers live on several processes.
+
+Under DeepSpeed ZeRO-3 each teacher is wrapped in a DeepSpeed engine without an optimizer, so its parameters are
+partitioned across the processes like the student's and gathered layer by layer during its forward pass. Under
+ZeRO-1/2, plain DDP or a single process, every process holds a full copy of each teacher in `teacher_dtype`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import TrainingArguments
+from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+DEEPSPEED_CONFIGS = {
+    "zero2": "ZeRO-2: optimizer states and gradients sharded, parameters (student and teachers) replicated.",
+    "zero3": "ZeRO-3: parameters, gradients and optimizer states sharded; each teacher sharded too.",
+    "zero3_offload": "ZeRO-3 with parameters and optimizer states offloaded to CPU memory (DeepSpeed's CPU AdamW).",
+}
+"""Short names of the DeepSpeed configs shipped in `hf_mtkd/deepspeed_configs/`, usable as `deepspeed=<name>`."""
+
+# Bucket sizes that DeepSpeed derives from the hidden size when the config says "auto" (as transformers does for
+# the model it trains); the teachers get their own values from their own hidden size.
+_HIDDEN_SIZE_KEYS = {
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+}
+
+
+def deepspeed_config_path(name: str) -> str:
+    """Path of the shipped DeepSpeed config called `name` (one of `DEEPSPEED_CONFIGS`)."""
+    if name not in DEEPSPEED_CONFIGS:
+        raise ValueError(f"Unknown DeepSpeed config {name!r}; the shipped ones are {list(DEEPSPEED_CONFIGS)}.")
+    return str(resources.files("hf_mtkd") / "deepspeed_configs" / f"{name}.json")
+
+
+def resolve_deepspeed_config(value: dict | str | None) -> dict | str | None:
+    """
+    `TrainingArguments.deepspeed` with a shipped config's short name (`zero2`, `zero3`, `zero3_offload`) replaced by
+    its path; a dict, a path or a JSON string is returned unchanged.
+    """
+    if isinstance(value, str) and value in DEEPSPEED_CONFIGS:
+        return deepspeed_config_path(value)
+    if isinstance(value, str) and not os.path.isfile(value) and not value.lstrip().startswith("{"):
+        raise ValueError(
+            f"`deepspeed={value!r}` is neither a file, a JSON config nor a shipped config: pass a path to a "
+            f"DeepSpeed JSON config, a dict, or one of {list(DEEPSPEED_CONFIGS)}."
+        )
+    return value
+
+
+@contextmanager
+def zero3_init_dtype(dtype: str) -> Iterator[None]:
+    """
+    Under ZeRO-3, `from_pretrained` creates models inside `deepspeed.zero.Init`, in the DeepSpeed config's dtype
+    whatever `dtype=` it is given. Within this context it creates them in `dtype` ("float32", "bfloat16" or "float16";
+    "auto" keeps the config's), so that teachers loaded by name are partitioned in `teacher_dtype`.
+    """
+    config = deepspeed_config() if is_deepspeed_zero3_enabled() else None
+    if config is None or dtype == "auto":
+        yield
+        return
+    saved = {key: config.get(key) for key in ("bf16", "fp16")}
+    config["bf16"] = {**(saved["bf16"] or {}), "enabled": dtype == "bfloat16"}
+    config["fp16"] = {**(saved["fp16"] or {}), "enabled": dtype == "float16"}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                config.pop(key)
+            else:
+                config[key] = value
+
+
+def prepare_teachers(
+    teachers: Sequence[nn.Module], names: Sequence[str], accelerator: Accelerator, args: TrainingArguments
+) -> list[nn.Module]:
+    """
+    Teachers ready to run on this process: DeepSpeed engines holding a shard of each teacher under ZeRO-3,
+    otherwise the models themselves on `args.device` (unless already dispatched with a `device_map`).
+    """
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.hf_ds_config.is_zero3():
+        engines = [_teacher_engine(teacher, plugin.deepspeed_config) for teacher in teachers]
+        if args.should_log:
+            logger.info(
+                "DeepSpeed ZeRO-3: each teacher (%s) is partitioned across the %d processes; every process holds "
+                "about 1/%d of %s teacher parameters in %s.",
+                ", ".join(names),
+                accelerator.num_processes,
+                accelerator.num_processes,
+                f"{sum(_num_parameters(t) for t in teachers):,}",
+                ", ".join(sorted({str(_dtype(t)).removeprefix("torch.") for t in teachers})),
+            )
+        return engines
+    for teacher in teachers:
+        if not getattr(teacher, "hf_device_map", None):
+            teacher.to(args.device)
+    if accelerator.num_processes > 1 and args.should_log:
+        mode = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else accelerator.distributed_type.value
+        logger.info(
+            "%s: the teachers (%s) are replicated on each of the %d processes, each holding all %s teacher "
+            "parameters in %s. Use DeepSpeed ZeRO-3 (e.g. `deepspeed='zero3'`) to partition them.",
+            mode,
+            ", ".join(names),
+            accelerator.num_processes,
+            f"{sum(_num_parameters(t) for t in teachers):,}",
+            ", ".join(sorted({str(_dtype(t)).removeprefix("torch.") for t in teachers})),
+        )
+    return list(teachers)
+
+
+def teacher_deepspeed_config(training_config: dict[str, Any], teacher: nn.Module) -> dict[str, Any]:
+    """
+    The DeepSpeed config of a frozen teacher's inference engine, derived from the (resolved) training config: same
+    ZeRO stage and parameter offload, no optimizer, scheduler or optimizer offload, bucket sizes from the teacher's
+    hidden size, and mixed precision matching the teacher's dtype so that DeepSpeed does not cast it.
+    """
+    config = copy.deepcopy(training_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    hidden_size = _hidden_size(teacher)
+    for key, value in _HIDDEN_SIZE_KEYS.items():
+        if zero.get(key) == "auto":
+            if hidden_size is None:
+                raise ValueError(
+                    f"The DeepSpeed config sets `zero_optimization.{key}` to 'auto', which needs the teacher's "
+                    f"`hidden_size`, but {type(teacher).__name__} has no config with one. Set it to a number."
+                )
+            zero[key] = value(hidden_size)
+    dtype = _dtype(teacher)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
+    unresolved = [key for key, value in _flatten(config) if value == "auto"]
+    if unresolved:
+        raise ValueError(
+            f"DeepSpeed config values {unresolved} are still 'auto' when the teachers are prepared. Set them to "
+            "numbers in the config, or pass the config through `TrainingArguments(deepspeed=...)`, which fills them."
+        )
+    return config
+
+
+def _teacher_engine(teacher: nn.Module, training_config: dict[str, Any]) -> nn.Module:
+    import deepspeed
+
+    config = teacher_deepspeed_config(training_config, teacher)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden_size = getattr(text_config, "hidden_size", None)
+    if hidden_size is None and getattr(text_config, "hidden_sizes", None):
+        hidden_size = max(text_config.hidden_sizes)
+    return hidden_size
+
+
+def _num_parameters(model: nn.Module) -> int:
+    """Number of parameters, counting the full size of ZeRO-3 partitioned ones."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items

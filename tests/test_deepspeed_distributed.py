@@ -1,0 +1,213 @@
+"""Distillation on two real processes (CPU, gloo): DeepSpeed ZeRO-3, ZeRO-3 with offload, ZeRO-2 and plain DDP.
+
+Each run is `torchrun --nproc_per_node 2 tests/distributed/worker.py` on a global batch of 8 (2 processes x 2
+sequences x 2 accumulation steps), compared with one plain process on one batch of 8: the same losses at every step,
+the same gradient norms and the same trained weights. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`);
+its first run on a machine compiles a communication op and, for the offload config, its CPU AdamW (together about
+1-3 minutes on 2 cores), cached in DeepSpeed's torch-extensions directory (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import STUDENT_SHAPE
+from safetensors.torch import load_file
+
+from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm
+from hf_mtkd.trainer import PROJECTOR_WEIGHTS_NAME
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed" / "worker.py"
+NUM_PROCESSES = 2
+LAYOUT = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}  # x 2 processes = one batch of 8
+
+
+def run(command: list[str], timeout: int = 600) -> str:
+    """Run `command` with the worktree importable and DeepSpeed on CPU; return its output, fail with its tail."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
+    return output
+
+
+def torchrun(script: Path, *args: str) -> str:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}"]
+    return run([*launcher, str(script), *args])
+
+
+def launch(tmp: Path, name: str, distributed: bool = True, **spec) -> tuple[dict, str]:
+    """Run the worker on `spec` (with torchrun, or as one plain process); return rank 0's report and the log."""
+    spec = {
+        "output_dir": str(tmp / name),
+        "save_dir": str(tmp / name / "final"),
+        "report": str(tmp / f"{name}.json"),
+        "action": "train",
+        **spec,
+    }
+    spec_path = tmp / f"{name}_spec.json"
+    spec_path.write_text(json.dumps(spec))
+    output = torchrun(WORKER, str(spec_path)) if distributed else run([sys.executable, str(WORKER), str(spec_path)])
+    return json.loads(Path(spec["report"]).read_text()), output
+
+
+def train_logs(report: dict) -> list[dict]:
+    return [log for log in report["log_history"] if "loss" in log]
+
+
+def assert_same_training(report: dict, reference: dict) -> None:
+    logs, reference_logs = train_logs(report), train_logs(reference)
+    assert [log["step"] for log in logs] == [1, 2, 3]
+    for log, expected in zip(logs, reference_logs, strict=True):
+        for key in ("loss", "grad_norm", "loss_ce", "loss_kd", "loss_feat"):
+            assert log[key] == pytest.approx(expected[key], rel=1e-5), (log["step"], key)
+
+
+def assert_same_weights(directory: Path, reference: Path, atol: float = 1e-5) -> None:
+    for file in ("model.safetensors", PROJECTOR_WEIGHTS_NAME):
+        tensors, expected = load_file(directory / file), load_file(reference / file)
+        assert tensors.keys() == expected.keys()
+        for key, value in expected.items():
+            assert tensors[key].shape == value.shape, key
+            torch.testing.assert_close(tensors[key], value, atol=atol, rtol=0, msg=f"{file}: {key}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_dirs, tokenizer):
+    """Shared inputs (saved student and teachers) and the single-process reference run."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    model_type, kwargs = STUDENT_SHAPE
+    student = tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs)
+    student.save_pretrained(tmp / "student")
+    tokenizer.save_pretrained(tmp / "student")
+    base = {"student": str(tmp / "student"), "teachers": teacher_dirs, "teacher_names": ["gpt2", "llama", "gpt_neox"]}
+    reference, _ = launch(tmp, "reference", distributed=False, per_device_train_batch_size=8, **base)
+    return {"tmp": tmp, "base": base, "reference": reference}
+
+
+@pytest.fixture(scope="module")
+def zero3(runs):
+    """ZeRO-3 on two processes, with a checkpoint at step 2 of 3."""
+    report, output = launch(runs["tmp"], "zero3", deepspeed="zero3", save_steps=2, **LAYOUT, **runs["base"])
+    return report, output
+
+
+def test_zero3_partitions_teachers_and_matches_one_process(runs, zero3):
+    report, output = zero3
+    assert report["world_size"] == NUM_PROCESSES
+    assert report["teacher_types"] == ["DeepSpeedEngine"] * 3
+    for rank in report["ranks"]:
+        for teacher in rank["teachers"]:
+            assert teacher["partitioned"] and teacher["dtype"] == "torch.float32"
+            # each process stores half of every parameter (rounded up), and only small persistent ones stay whole
+            assert teacher["total"] / 2 <= teacher["shard"] < teacher["total"] / 2 + 200
+            assert teacher["materialized"] < teacher["total"] / 10
+        assert rank["student"]["partitioned"] and rank["projector"]["partitioned"]
+    assert "each teacher (gpt2, llama, gpt_neox) is partitioned across the 2 processes" in output
+    assert_same_training(report, runs["reference"])
+    assert_same_weights(runs["tmp"] / "zero3" / "final", runs["tmp"] / "reference" / "final")
+
+
+def test_zero3_saved_student_reloads_in_a_fresh_process(runs, zero3):
+    report, _ = zero3
+    saved = runs["tmp"] / "zero3" / "final"
+    assert not any(name.startswith("mtkd_projector") for name in load_file(saved / "model.safetensors"))
+    # a plain process: AutoModelForCausalLM.from_pretrained on the saved directory, projections from their file
+    reloaded, _ = launch(
+        runs["tmp"], "reloaded", distributed=False, action="evaluate", per_device_train_batch_size=8,
+        **{**runs["base"], "student": str(saved)},
+    )  # fmt: skip
+    assert reloaded["world_size"] == 1
+    for key in ("eval_loss_ce", "eval_loss_kd", "eval_loss_feat", "eval_perplexity"):
+        assert reloaded["eval"][key] == pytest.approx(report["eval"][key], rel=1e-5), key
+
+
+def test_resume_from_zero3_checkpoint(runs, zero3):
+    checkpoint = runs["tmp"] / "zero3" / "checkpoint-2"
+    assert (checkpoint / "global_step2").is_dir() and (checkpoint / PROJECTOR_WEIGHTS_NAME).is_file()
+    resumed, _ = launch(
+        runs["tmp"], "resumed", deepspeed="zero3", resume_from_checkpoint=str(checkpoint), **LAYOUT, **runs["base"]
+    )
+    assert train_logs(resumed)[-1]["loss"] == pytest.approx(train_logs(zero3[0])[-1]["loss"], rel=1e-6)
+    # student, projections and optimizer state come back from the DeepSpeed checkpoint: the last step is replayed
+    assert_same_weights(runs["tmp"] / "resumed" / "final", runs["tmp"] / "zero3" / "final", atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["zero2", "ddp"])
+def test_zero2_and_ddp_replicate_teachers_and_match_one_process(runs, kind):
+    deepspeed = {"deepspeed": "zero2"} if kind == "zero2" else {}
+    report, output = launch(runs["tmp"], kind, **deepspeed, **LAYOUT, **runs["base"])
+    assert report["world_size"] == NUM_PROCESSES
+    assert report["teacher_types"] == ["GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM"]
+    for rank in report["ranks"]:
+        for teacher in rank["teachers"]:
+            assert not teacher["partitioned"] and teacher["materialized"] == teacher["total"]
+    mode = "DeepSpeed ZeRO-2" if kind == "zero2" else "MULTI_CPU"
+    assert f"{mode}: the teachers (" in output and "are replicated on each of the 2 processes" in output
+    assert_same_training(report, runs["reference"])
+    assert_same_weights(runs["tmp"] / kind / "final", runs["tmp"] / "reference" / "final")
+
+
+def test_zero3_offload_matches_one_process(runs):
+    report, _ = launch(runs["tmp"], "zero3_offload", deepspeed="zero3_offload", **LAYOUT, **runs["base"])
+    for rank in report["ranks"]:
+        assert all(teacher["partitioned"] for teacher in rank["teachers"])
+    # DeepSpeed's CPU AdamW (the config's optimizer) takes the same steps as torch's AdamW in the reference
+    assert_same_training(report, runs["reference"])
+    assert_same_weights(runs["tmp"] / "zero3_offload" / "final", runs["tmp"] / "reference" / "final")
+
+
+@pytest.mark.parametrize("kind", ["zero3", "zero2"])
+def test_teachers_run_in_teacher_dtype(runs, kind):
+    """bfloat16 teachers for a float32 student: under ZeRO-3 too, although zero.Init follows the config's dtype."""
+    report, output = launch(
+        runs["tmp"], f"{kind}_bf16", deepspeed=kind, teacher_dtype="bfloat16", max_steps=1, save_dir=None, **LAYOUT,
+        **runs["base"],
+    )  # fmt: skip
+    for rank in report["ranks"]:
+        assert [teacher["dtype"] for teacher in rank["teachers"]] == ["torch.bfloat16"] * 3
+        assert all(teacher["partitioned"] is (kind == "zero3") for teacher in rank["teachers"])
+        assert rank["student"]["dtype"] == "torch.float32"
+    assert "teacher parameters in bfloat16." in output
+    # bfloat16 rounding of the teachers' logits only: the same loss as float32 teachers to about 1e-3
+    loss, reference = train_logs(report)[0], train_logs(runs["reference"])[0]
+    assert loss["loss_kd"] == pytest.approx(reference["loss_kd"], rel=1e-2)
+    assert loss["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+
+
+def test_example_script_with_a_short_config_name(runs, tmp_path, teacher_dirs):
+    """The README's multi-GPU command, scaled down: `--deepspeed zero3` on examples/run_clm_distill.py."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in synthetic_corpus(64, seed=5)))
+    student = runs["tmp"] / "student"
+    output_dir = tmp_path / "out"
+    torchrun(
+        ROOT / "examples" / "run_clm_distill.py",
+        *["--model_name_or_path", str(student), "--teacher_model_name_or_path", *teacher_dirs],
+        *["--train_file", str(data), "--block_size", "32", "--do_train", "--deepspeed", "zero3", "--use_cpu"],
+        *["--max_steps", "2", "--per_device_train_batch_size", "2", "--alpha_feat", "0.1", "--report_to", "none"],
+        *["--output_dir", str(output_dir), "--save_strategy", "no"],
+    )
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
+    original = AutoModelForCausalLM.from_pretrained(student)
+    changed = [not torch.equal(a, b) for a, b in zip(reloaded.parameters(), original.parameters(), strict=True)]
+    assert all(changed)  # every student weight was gathered from the shards, trained and saved
+    projector = load_file(output_dir / PROJECTOR_WEIGHTS_NAME)
+    assert projector["projections.0.weight"].shape == (48, 24)  # student width 24 to the first teacher's 48
