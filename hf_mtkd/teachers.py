@@ -121,6 +121,7 @@ def _check_tokenizer(spec: str | os.PathLike, name: str, student_tokenizer: PreT
 
 
 def _accepts_kwarg(model: nn.Module, name: str) -> bool:
+    model = getattr(model, "module", model)  # a DeepSpeed engine forwards everything to its module
     parameters = inspect.signature(model.forward).parameters
     return name in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
