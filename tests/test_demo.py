@@ -34,18 +34,26 @@ def test_own_corpus_directory(tmp_path):
         load_domains(tmp_path / "alpha")
 
 
-def test_comparison_accounts_for_seed_noise():
+def run(seed, value):
+    return {"seed": seed, "test": {"overall": {"perplexity": value}}}
+
+
+def test_comparison_is_paired_by_seed():
     assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2))}
     results = {
         "methods": {
-            "a": {"summary": {"m": {"mean": 90.0, "std": 1.0}}},
-            "b": {"summary": {"m": {"mean": 100.0, "std": 1.0}}},
-            "c": {"summary": {"m": {"mean": 99.0, "std": 1.0}}},
+            # seeds differ a lot, but "a" is 10 % below "b" on every one of them
+            "a": {"runs": [run(0, 90.0), run(1, 180.0), run(2, 135.0)]},
+            "b": {"runs": [run(0, 100.0), run(1, 200.0), run(2, 150.0)]},
+            "c": {"runs": [run(0, 95.0), run(1, 210.0), run(2, 150.0)]},
         }
     }
-    clear = compare(results, "a", "b", "m")
-    assert clear["relative_change_percent"] == pytest.approx(-10.0) and clear["beyond_noise"]
-    assert not compare(results, "c", "b", "m")["beyond_noise"]
+    clear = compare(results, "a", "b")
+    assert clear["relative_change_percent"] == pytest.approx(-10.0) and clear["clear"]
+    mixed = compare(results, "c", "b")  # -5 %, +5 %, 0 %: no clear change
+    assert mixed["relative_change_percent"] == pytest.approx(0.0, abs=1e-9) and not mixed["clear"]
+    single = {"methods": {k: {"runs": v["runs"][:1]} for k, v in results["methods"].items()}}
+    assert not compare(single, "a", "b")["clear"]
 
 
 def test_quick_demo_runs_every_method(tmp_path):

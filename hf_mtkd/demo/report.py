@@ -26,19 +26,28 @@ def add_summaries(results: dict[str, Any]) -> None:
 
 
 def compare(results: dict[str, Any], method: str, baseline: str, metric: str = "overall/perplexity") -> dict | None:
-    """Relative change of `method` over `baseline` in `metric`, and whether it exceeds twice the seed noise."""
+    """
+    Relative change of `method` over `baseline` in `metric`, paired by seed (both runs of a seed share the student's
+    initialisation and data order, so most of the seed noise cancels): the mean and spread of the per-seed changes,
+    and whether the change is clear, i.e. of one sign on every seed and beyond twice its standard error.
+    """
     entries = results["methods"]
     if method not in entries or baseline not in entries:
         return None
-    a, b = entries[method]["summary"][metric], entries[baseline]["summary"][metric]
-    noise = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
-    difference = a["mean"] - b["mean"]
+    domain, key = metric.split("/", 1)
+    ours = {run["seed"]: run["test"][domain][key] for run in entries[method]["runs"]}
+    theirs = {run["seed"]: run["test"][domain][key] for run in entries[baseline]["runs"]}
+    changes = [100 * (ours[seed] - theirs[seed]) / theirs[seed] for seed in sorted(ours.keys() & theirs.keys())]
+    summary = summarize(changes)
+    standard_error = summary["std"] / math.sqrt(len(changes))
+    same_sign = all(c < 0 for c in changes) or all(c > 0 for c in changes)
     return {
         "baseline": baseline,
         "metric": metric,
-        "relative_change_percent": 100 * difference / b["mean"],
-        "seed_noise": noise,
-        "beyond_noise": bool(noise > 0 and abs(difference) > 2 * noise),
+        "relative_change_percent": summary["mean"],
+        "relative_change_std": summary["std"],
+        "seeds": len(changes),
+        "clear": bool(len(changes) > 1 and same_sign and abs(summary["mean"]) > 2 * standard_error),
     }
 
 
@@ -143,10 +152,20 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
         weights = weights_table(results, method)
         if weights:
             sections += ["", f"Mean teacher weight by held-out domain ({method}):", "", weights]
-    sections += ["", "Comparisons (overall held-out perplexity and KD loss; negative is better):", ""]
+    sections += [
+        "",
+        "Comparisons, paired by seed (overall held-out perplexity and KD loss; negative is better; clear = one sign "
+        "on every seed and beyond twice the standard error):",
+        "",
+    ]
     for name, c in results["comparisons"].items():
-        noise = "beyond 2x seed noise" if c["beyond_noise"] else "within seed noise or single seed"
-        sections.append(f"- {name}: {c['relative_change_percent']:+.1f} % ({noise})")
+        if c["seeds"] == 1:
+            verdict = "one seed: no spread"
+        else:
+            verdict = f"± {c['relative_change_std']:.1f} over {c['seeds']} seeds, " + (
+                "clear" if c["clear"] else "not clear"
+            )
+        sections.append(f"- {name}: {c['relative_change_percent']:+.1f} % ({verdict})")
     report = "\n".join(sections) + "\n"
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (output_dir / "results.md").write_text(report)
