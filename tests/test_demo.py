@@ -72,6 +72,19 @@ def test_quick_demo_runs_every_method(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
+def test_bad_teacher_scenario(tmp_path):
+    methods = ["static ensemble", "entropy", "correctness"]
+    main(["--quick", "--bad_teacher", "comedies", "--methods", *methods, "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bad_teacher"] == "comedies" and list(results["methods"]) == methods
+    bad = results["teachers"]["comedies"]["test"]["overall"]["perplexity"]
+    assert bad > 10 * results["teachers"]["histories"]["test"]["overall"]["perplexity"]
+    weight = {m: results["methods"][m]["summary"]["overall/weight/0"]["mean"] for m in methods}
+    assert weight["static ensemble"] == pytest.approx(1 / 3)
+    assert weight["entropy"] > 0.5 > 0.05 > weight["correctness"]
+    assert "comedies teacher is confidently wrong" in (tmp_path / "results.md").read_text()
+
+
 def test_cli_has_the_demo(capsys):
     from hf_mtkd.cli import main as cli
 

@@ -148,7 +148,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     results["comparisons"] = comparisons(results)
     table = markdown_table(results)
     sections = [f"Command: `{results['command']}`", "", table]
-    for method in ("entropy", "posterior"):
+    if results.get("bad_teacher"):
+        sections[1:1] = ["", f"Robustness scenario: the {results['bad_teacher']} teacher is confidently wrong."]
+    for method in ("entropy", "correctness", "posterior"):
         weights = weights_table(results, method)
         if weights:
             sections += ["", f"Mean teacher weight by held-out domain ({method}):", "", weights]

