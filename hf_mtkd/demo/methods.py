@@ -19,13 +19,14 @@ class Method:
     settings: dict[str, Any] = field(default_factory=dict)
     """Fixed `MultiTeacherDistillationConfig` fields."""
     refine: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    """A second stage of tuning: one more hyperparameter, tried at the best point of `GRID`."""
+    """Further stages of tuning, one hyperparameter at a time, each tried at the best point found so far."""
 
 
 def demo_methods(domains: tuple[str, ...]) -> list[Method]:
     """No teacher, each single teacher, the static ensembles, and the dynamic weightings."""
     entropy = {"entropy_temperature": (0.5, 2.0)}
     label = {"label_temperature": (0.5, 2.0)}
+    posterior = {**label, "posterior_decay": (0.5, 0.99)}
     features = {"teacher_weighting": "entropy", "alpha_feat": 0.1}
     return [
         Method("no teacher (CE only)"),
@@ -35,6 +36,6 @@ def demo_methods(domains: tuple[str, ...]) -> list[Method]:
         Method("entropy", domains, {"teacher_weighting": "entropy"}, entropy),
         Method("entropy + features", domains, features, {"alpha_feat": (0.03, 0.3)}),
         Method("correctness", domains, {"teacher_weighting": "correctness"}, label),
-        Method("posterior", domains, {"teacher_weighting": "posterior"}, label),
-        Method("entropy+posterior", domains, {"teacher_weighting": "entropy+posterior"}, label),
+        Method("posterior", domains, {"teacher_weighting": "posterior"}, posterior),
+        Method("entropy+posterior", domains, {"teacher_weighting": "entropy+posterior"}, posterior),
     ]
