@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,11 +26,19 @@ from .corpus import SDIST, default_cache_dir, load_domains
 from .evaluation import evaluate_domains
 from .methods import GRID, Method, demo_methods
 from .report import write_report
-from .zoo import SCALES, STUDENT, TEACHERS, DemoData, Scale, build_model, load_teachers, prepare_data
+from .zoo import (
+    SCALES,
+    STUDENT,
+    TEACHERS,
+    DemoData,
+    Scale,
+    build_model,
+    load_teachers,
+    prepare_data,
+    training_settings,
+)
 
 logger = logging.get_logger(__name__)
-
-LEARNING_RATE = 3e-3
 
 
 def distill(
@@ -39,20 +46,7 @@ def distill(
 ) -> tuple[nn.Module, float]:
     """Train a fresh student with `method`; return it and the training throughput in tokens per second."""
     student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
-    common = dict(
-        output_dir=str(output_dir),
-        max_steps=scale.distill_steps,
-        per_device_train_batch_size=scale.batch_size,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=scale.distill_steps // 10,
-        weight_decay=0.01,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, scale.distill_steps // 5),
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-    )
+    common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
     train = concatenate_datasets(list(data.train.values()))
     collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
     if not method.teachers:

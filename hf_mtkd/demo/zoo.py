@@ -61,6 +61,27 @@ TEACHERS: dict[str, tuple[str, float, int]] = {
 STUDENT: tuple[str, float, int] = ("qwen2", 1.0, 2)
 
 
+LEARNING_RATE = 3e-3
+
+
+def training_settings(output_dir: Path, steps: int, batch_size: int, seed: int) -> dict:
+    """The `TrainingArguments` every demo model trains with (teachers and students alike): AdamW, cosine schedule."""
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=steps // 10,
+        weight_decay=0.01,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, steps // 5),
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+    )
+
+
 def build_model(
     spec: tuple[str, float, int], tokenizer: PreTrainedTokenizerFast, scale: Scale, seed: int
 ) -> PreTrainedModel:
@@ -135,20 +156,7 @@ def load_teachers(data: DemoData, scale: Scale, cache_dir: Path) -> dict[str, Pr
             continue
         logger.warning("Training the %s teacher (%s) on its domain; cached in %s.", domain, spec[0], path)
         model = build_model(spec, data.tokenizer, scale, seed=0)
-        args = TrainingArguments(
-            output_dir=str(path / "trainer"),
-            max_steps=scale.teacher_steps,
-            per_device_train_batch_size=scale.batch_size,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=scale.teacher_steps // 10,
-            weight_decay=0.01,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=max(1, scale.teacher_steps // 5),
-            use_cpu=not torch.cuda.is_available(),
-            seed=0,
-        )
+        args = TrainingArguments(**training_settings(path / "trainer", scale.teacher_steps, scale.batch_size, seed=0))
         collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
         trainer = Trainer(model=model, args=args, train_dataset=data.train[domain], data_collator=collator)
         trainer.train()
