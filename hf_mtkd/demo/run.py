@@ -20,6 +20,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
+from ..model_card import count_parameters
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "teachers": {},
         "student": {
             "architecture": STUDENT[0],
-            "parameters": _parameters(build_model(STUDENT, data.tokenizer, scale, 0)),
+            "parameters": count_parameters(build_model(STUDENT, data.tokenizer, scale, 0)),
         },
         "methods": {},
     }
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test = evaluate_domains(teacher, data.test, list(teachers.values()))
         results["teachers"][domain] = {
             "architecture": TEACHERS[domain][0],
-            "parameters": _parameters(teacher),
+            "parameters": count_parameters(teacher),
             "test": test,
         }
     runs = [(method, seed) for method in methods for seed in scale.seeds]
@@ -182,10 +183,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     write_report(results, output_dir)
     return results
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
