@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .topk import TeacherLogits
 from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
 
 FUSIONS = ("probability", "logit")
@@ -102,7 +103,7 @@ class MultiTeacherKDOutput:
         return self.signals.mask
 
 
-def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Tensor]) -> None:
+def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[TeacherLogits]) -> None:
     if len(teacher_logits) == 0:
         raise ValueError("No teacher logits were given: multi-teacher distillation needs at least one teacher.")
     reference = student_logits if student_logits is not None else teacher_logits[0]
@@ -123,7 +124,7 @@ def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[tuple[Tensor, Tens
 
 
 def _teacher_statistics(
-    teacher_logits: Sequence[Tensor],
+    teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
     *,
     temperature: float,
@@ -146,7 +147,7 @@ def _teacher_statistics(
             entropy.append(torch.stack([entropy_from_log_probs(tempered_log_probs(z, temperature)) for z in chunk]))
             y = targets[rows, cols][:, None]
             target_log_prob.append(torch.stack([z.gather(-1, y)[:, 0] - z.logsumexp(dim=-1) for z in chunk]))
-        empty = _upcast(teacher_logits[0].new_zeros(num_teachers, 0))
+        empty = torch.zeros(num_teachers, 0, device=mask.device)
         signals = TeacherSignals(
             entropy=torch.cat(entropy, dim=1) if entropy else empty,
             target_log_prob=torch.cat(target_log_prob, dim=1) if target_log_prob else empty,
@@ -181,7 +182,7 @@ class _FusedKLDivergence(torch.autograd.Function):
         fusion: str,
         mask: Tensor,
         chunk_size: int | None,
-        *teacher_logits: Tensor,
+        *teacher_logits: TeacherLogits,
     ) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student_logits) if need_grad else None
@@ -208,7 +209,7 @@ class _FusedKLDivergence(torch.autograd.Function):
 
 
 def compute_teacher_weights(
-    teacher_logits: Sequence[Tensor],
+    teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
     *,
     temperature: float = 1.0,
@@ -231,7 +232,7 @@ def compute_teacher_weights(
     are pooled at `granularity`.
 
     Args:
-        teacher_logits: K tensors `[B, T, V]` (unshifted, as returned by a causal LM).
+        teacher_logits: K tensors `[B, T, V]` (unshifted, as returned by a causal LM), or `TopKLogits` (cached).
         labels: `[B, T]`, -100 where ignored.
         entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
         position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
@@ -254,7 +255,7 @@ def compute_teacher_weights(
 
 def multi_teacher_kd(
     student_logits: Tensor,
-    teacher_logits: Sequence[Tensor],
+    teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
     *,
     temperature: float = 1.0,
@@ -297,7 +298,7 @@ def multi_teacher_kd(
 
 def multi_teacher_kd_loss(
     student_logits: Tensor,
-    teacher_logits: Sequence[Tensor],
+    teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
     *,
     temperature: float = 1.0,
@@ -322,7 +323,8 @@ def multi_teacher_kd_loss(
 
     Args:
         student_logits: `[B, T, V]`, unshifted.
-        teacher_logits: K tensors `[B, T, V]` on the same vocabulary.
+        teacher_logits: K tensors `[B, T, V]` on the same vocabulary, or their cached `hf_mtkd.topk.TopKLogits`
+            form (read as the top-k distribution with its tail mass spread uniformly).
         labels: `[B, T]`, -100 where ignored.
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
         weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,
