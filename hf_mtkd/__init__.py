@@ -11,6 +11,14 @@ from .losses import (
     multi_teacher_kd,
     multi_teacher_kd_loss,
 )
+from .teacher_cache import (
+    StaleCacheError,
+    TeacherCacheCollator,
+    TeacherLogitsCache,
+    cache_teacher_logits,
+    load_teacher_cache,
+)
+from .topk import TopKLogits
 from .trainer import MultiTeacherDistillationTrainer
 from .weighting import WEIGHTINGS
 
@@ -19,10 +27,16 @@ __all__ = [
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
+    "StaleCacheError",
+    "TeacherCacheCollator",
+    "TeacherLogitsCache",
+    "TopKLogits",
     "__version__",
+    "cache_teacher_logits",
     "causal_lm_loss",
     "compute_teacher_weights",
     "feature_alignment_loss",
+    "load_teacher_cache",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
 ]

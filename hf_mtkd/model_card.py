@@ -131,14 +131,13 @@ def create_model_card(
         student_parameters -= count_parameters(trainer.projector)
     train_log, eval_log = _last_log(log_history, "loss"), _last_log(log_history, "eval_loss")
     teachers = []
-    for name, teacher in zip(trainer.teacher_names, trainer.teachers, strict=True):
-        parameters = count_parameters(teacher)
-        name_or_path = getattr(teacher.config, "name_or_path", "")
+    for record in trainer.teacher_records:
+        name, name_or_path, parameters = record["name"], record["name_or_path"], record["num_parameters"]
         teachers.append(
             {
                 "name": name,
                 "name_or_path": name_or_path,
-                "source": f"`{name_or_path}`" if name_or_path else f"a {type(teacher).__name__} in memory",
+                "source": f"`{name_or_path}`" if name_or_path else f"a {record['class']} in memory",
                 "parameters": human_count(parameters),
                 "num_parameters": parameters,
                 "ratio": f"{parameters / student_parameters:.3g}x",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections import Counter
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .model_card import count_parameters
 
 TEACHER_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -60,6 +63,25 @@ def _default_name(teacher: nn.Module | str, index: int) -> str:
     if name_or_path:
         return os.path.basename(os.path.normpath(name_or_path))
     return getattr(config, "model_type", None) or f"teacher_{index}"
+
+
+def teacher_record(model: nn.Module, name: str, *, hash_weights: bool = False) -> dict[str, Any]:
+    """What identifies a teacher: its name, origin, class, revision, parameter count (and a sha256 of its weights)."""
+    config = getattr(model, "config", None)
+    record = {
+        "name": name,
+        "name_or_path": getattr(config, "name_or_path", "") or "",
+        "class": type(model).__name__,
+        "revision": getattr(config, "_commit_hash", None),
+        "num_parameters": count_parameters(model),
+    }
+    if hash_weights:
+        digest = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        record["weights_sha256"] = digest.hexdigest()
+    return record
 
 
 def vocab_size(model: nn.Module) -> int | None:

@@ -16,6 +16,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     Trainer,
+    default_data_collator,
 )
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
@@ -27,7 +28,22 @@ from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
 from .model_card import create_model_card
-from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
+from .teacher_cache import (
+    CACHE_COLUMNS,
+    TeacherCacheCollator,
+    TeacherLogitsCache,
+    batch_teacher_logits,
+    check_cache_tokenizer,
+)
+from .teachers import (
+    check_finite,
+    check_teachers,
+    load_teachers,
+    teacher_forward,
+    teacher_names,
+    teacher_record,
+    vocab_size,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -54,13 +70,18 @@ class MultiTeacherDistillationTrainer(Trainer):
     `create_model_card()` (called by `push_to_hub`) writes a card naming the teachers, the distillation settings, the
     final teacher weights, the evaluation and generation results (`evaluate_generation`) and `training_command`.
 
+    Teachers can also be replaced by their outputs computed once: pass a `TeacherLogitsCache`
+    (`hf_mtkd.cache_teacher_logits` / `load_teacher_cache`, or `hf-mtkd cache-teachers`) as `teachers`; the model
+    then trains on `cache.dataset` (the default `train_dataset`; any `select`/`shuffle`/split of it works, and so does
+    another cache with the same teachers as `eval_dataset`) without running a teacher.
+
     Args:
         model: the student, a causal LM model or a name/path to load.
         teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), all on the
-            student's vocabulary.
+            student's vocabulary; or a `TeacherLogitsCache` of their top-k outputs.
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer.
+            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache).
         **kwargs: any other `Trainer` argument.
     """
 
@@ -69,9 +90,11 @@ class MultiTeacherDistillationTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | str | None = None,
-        teachers: Sequence[nn.Module | str] | None = None,
+        teachers: Sequence[nn.Module | str] | TeacherLogitsCache | None = None,
         args: MultiTeacherDistillationConfig | None = None,
         data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -90,7 +113,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
-        args.check_num_teachers(len(teachers))
+        cache = teachers if isinstance(teachers, TeacherLogitsCache) else None
+        args.check_num_teachers(len(cache.teacher_names) if cache else len(teachers))
         if args.alpha_feat > 0:
             # The projections run outside the student's forward: DDP's search for unused parameters would mark them
             # unused in the forward and then see their gradients in the backward, which it refuses.
@@ -103,37 +127,69 @@ class MultiTeacherDistillationTrainer(Trainer):
         if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
             data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
 
-        self.teacher_names = teacher_names(teachers, args.teacher_names)
-        with zero3_init_dtype(args.teacher_dtype):
-            self.teachers = load_teachers(
-                teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+        self.teacher_cache = cache
+        """The teacher-logits cache trained on instead of live teachers, if any."""
+        if cache is None:
+            self.teacher_names = teacher_names(teachers, args.teacher_names)
+            with zero3_init_dtype(args.teacher_dtype):
+                self.teachers = load_teachers(
+                    teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+                )
+            check_teachers(
+                self.teachers,
+                self.teacher_names,
+                model,
+                need_hidden_states=args.alpha_feat > 0,
+                specs=teachers,
+                tokenizer=processing_class,
             )
-        check_teachers(
-            self.teachers,
-            self.teacher_names,
-            model,
-            need_hidden_states=args.alpha_feat > 0,
-            specs=teachers,
-            tokenizer=processing_class,
-        )
+            self.teacher_records = [
+                teacher_record(t, n) for t, n in zip(self.teachers, self.teacher_names, strict=True)
+            ]
+        else:
+            self.teachers = []
+            self.teacher_names = teacher_names(cache.teacher_names, args.teacher_names)
+            self.teacher_records = [
+                {**record, "name": name}
+                for record, name in zip(cache.manifest.teachers, self.teacher_names, strict=True)
+            ]
+            train_dataset, eval_dataset = self._check_cache(
+                cache, args, model, processing_class, train_dataset, eval_dataset
+            )
+            data_collator = TeacherCacheCollator(data_collator or default_data_collator)
 
         super().__init__(
-            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
         )
 
         # compute_loss normalises every term by `num_items_in_batch`, counted over the shifted labels: ask the
         # Trainer to count it (and so not to divide the loss again by the accumulation steps).
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        logger.info(
-            "Distilling %d teacher(s) (%s) on %s, teacher_dtype=%s.",
-            len(self.teachers),
-            ", ".join(self.teacher_names),
-            self.args.device,
-            args.teacher_dtype,
-        )
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
-        self.teachers = prepare_teachers(self.teachers, self.teacher_names, self.accelerator, self.args)
+        if cache is None:
+            logger.info(
+                "Distilling %d teacher(s) (%s) on %s, teacher_dtype=%s.",
+                len(self.teachers),
+                ", ".join(self.teacher_names),
+                self.args.device,
+                args.teacher_dtype,
+            )
+            self.teachers = prepare_teachers(self.teachers, self.teacher_names, self.accelerator, self.args)
+        else:
+            logger.info(
+                "Distilling %d teacher(s) (%s) from their cached top-%d logits in %s; no teacher runs.",
+                len(self.teacher_names),
+                ", ".join(self.teacher_names),
+                cache.manifest.k,
+                cache.path,
+            )
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
         self.generation_metrics: dict[str, float | int | str] | None = None
         """The results of the last `evaluate_generation`, unprefixed (shown in the model card)."""
@@ -141,6 +197,57 @@ class MultiTeacherDistillationTrainer(Trainer):
         """The command that ran this training, shown in the model card (the example script sets it)."""
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    # ---- teacher-logits cache ----
+
+    @staticmethod
+    def _check_cache(
+        cache: TeacherLogitsCache,
+        args: MultiTeacherDistillationConfig,
+        model: nn.Module,
+        processing_class: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+    ) -> tuple[Any, Any]:
+        """Check a cache against the student, tokenizer and settings; the datasets with caches unwrapped."""
+        if args.alpha_feat > 0:
+            raise ValueError(
+                "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
+                "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
+            )
+        if vocab_size(model) != cache.manifest.vocab_size:
+            raise ValueError(
+                f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
+                f"but the student has {vocab_size(model)}; the student must share the teachers' vocabulary."
+            )
+        if isinstance(processing_class, PreTrainedTokenizerBase):
+            check_cache_tokenizer(cache.manifest, processing_class, cache.path)
+
+        def unwrap(dataset: Any, role: str) -> Any:
+            if isinstance(dataset, dict):
+                return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
+            if isinstance(dataset, TeacherLogitsCache):
+                if dataset.manifest.teachers != cache.manifest.teachers or dataset.manifest.k != cache.manifest.k:
+                    raise ValueError(
+                        f"The {role} cache ({dataset.path}) was written with other teachers or another k than the "
+                        f"training cache ({cache.path}); cache both with the same teachers."
+                    )
+                dataset = dataset.dataset
+            columns = getattr(dataset, "column_names", None)
+            if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
+                raise ValueError(
+                    f"The {role} has no cached teacher logits (columns {columns}). With a teacher-logits cache, pass "
+                    "`cache.dataset` or a `select`/`shuffle`/split of it, or another cache of the same teachers."
+                )
+            return dataset
+
+        train_dataset = cache.dataset if train_dataset is None else train_dataset
+        return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.teacher_cache is not None and self._signature_columns is not None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
 
     # ---- feature projections ----
 
@@ -248,16 +355,26 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError(f"Received an empty batch (labels of shape {tuple(labels.shape)}).")
         args = self.args
         align = self.projector is not None
+        inputs = dict(inputs)
+        if (CACHE_COLUMNS[0] in inputs) != (self.teacher_cache is not None):
+            raise ValueError(
+                "The batch holds cached teacher logits but the trainer runs live teachers: pass the cache as "
+                "`teachers`."
+                if self.teacher_cache is None
+                else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
+            )
+        cached = batch_teacher_logits(inputs, self.teacher_cache.manifest.vocab_size) if self.teacher_cache else None
         student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
 
         mask = next_token_mask(labels)
-        teacher_logits, teacher_hidden = [], []
-        for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
-            logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-            check_finite(logits, mask, name)
-            teacher_logits.append(logits)
-            teacher_hidden.append(hidden)
+        teacher_logits, teacher_hidden = cached or [], []
+        if cached is None:
+            for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
+                logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
+                check_finite(logits, mask, name)
+                teacher_logits.append(logits)
+                teacher_hidden.append(hidden)
         kd = multi_teacher_kd(
             outputs.logits,
             teacher_logits,
@@ -381,7 +498,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError("Generation evaluation needs the tokenizer as `processing_class`.")
         metrics = evaluate_generation(
             self.accelerator.unwrap_model(self.model),
-            dict(zip(self.teacher_names, self.teachers, strict=True)) if include_teachers else {},
+            dict(zip(self.teacher_names, self.teachers, strict=True)) if include_teachers and self.teachers else {},
             self.processing_class,
             texts,
             prompt_length=prompt_length,

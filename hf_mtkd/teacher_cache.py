@@ -1,0 +1,433 @@
+"""
+Offline teacher logits: run the teachers once over a tokenized dataset and store their top-k next-token
+distributions on disk, so that training (and every later epoch or student) costs what plain fine-tuning costs.
+
+A cache is a directory:
+
+* `shards/00000`, `shards/00001`, ...: `datasets` Arrow shards (memory-mapped when read), each holding a slice of
+  the dataset's own columns plus, per example of L tokens, `mtkd_topk_indices` and `mtkd_topk_log_probs`
+  `[L - 1, K, k]` and `mtkd_log_tail_mass` `[L - 1, K]`: teacher k's distribution for the token after each position
+  that has one, in the form of `hf_mtkd.topk.TopKLogits`;
+* `manifest.json`: the teachers (name, path, revision, parameter count and a hash of their weights), the tokenizer
+  (a hash of its vocabulary), k, the value dtype, a hash of the tokenized data, and the shards already written.
+
+Writing resumes where an interrupted run stopped (finished shards are kept); a cache whose manifest disagrees with
+the teachers, tokenizer, data or k asked for is refused instead of being reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets, load_from_disk
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from .teachers import (
+    TEACHER_INPUT_KEYS,
+    check_finite,
+    load_teachers,
+    teacher_forward,
+    teacher_names,
+    teacher_record,
+    vocab_size,
+)
+from .topk import TopKLogits
+
+logger = logging.get_logger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+INDICES, LOG_PROBS, LOG_TAIL_MASS = "mtkd_topk_indices", "mtkd_topk_log_probs", "mtkd_log_tail_mass"
+CACHE_COLUMNS = (INDICES, LOG_PROBS, LOG_TAIL_MASS)
+"""The columns a cache adds to the dataset, and the keys under which the collator batches them."""
+VALUE_DTYPES = ("float32", "float16")
+
+
+class StaleCacheError(ValueError):
+    """A teacher-logits cache that was written for other teachers, tokenizer, data or k."""
+
+
+@dataclass
+class CacheManifest:
+    """What a teacher-logits cache was computed from (compared field by field before it is reused)."""
+
+    teachers: list[dict[str, Any]]
+    """Per teacher: name, name_or_path, class, revision, num_parameters, weights_sha256."""
+    tokenizer: dict[str, Any] | None
+    """name_or_path and vocab_sha256 of the tokenizer the data was tokenized with (None: not given)."""
+    vocab_size: int
+    k: int
+    dtype: str
+    data_fingerprint: str
+    num_rows: int
+    shard_size: int
+    completed_shards: list[int] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    IDENTITY = (
+        "format_version",
+        "teachers",
+        "tokenizer",
+        "vocab_size",
+        "k",
+        "dtype",
+        "data_fingerprint",
+        "shard_size",
+    )
+    """The fields that must match for a cache to be reused or resumed."""
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_rows / self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.completed_shards) == self.num_shards
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [teacher["name"] for teacher in self.teachers]
+
+    def differences(self, other: CacheManifest) -> list[str]:
+        """The identity fields on which two manifests disagree."""
+        mine, theirs = asdict(self), asdict(other)
+        return [key for key in self.IDENTITY if mine[key] != theirs[key]]
+
+    def save(self, directory: str) -> None:
+        path = os.path.join(directory, MANIFEST_NAME)
+        with open(path + ".tmp", "w") as file:
+            json.dump(asdict(self), file, indent=2)
+        os.replace(path + ".tmp", path)  # a crash never leaves half a manifest
+
+    @classmethod
+    def load(cls, directory: str) -> CacheManifest:
+        path = os.path.join(directory, MANIFEST_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{directory} is not a teacher-logits cache (it has no {MANIFEST_NAME}). Write one with "
+                "`hf_mtkd.cache_teacher_logits(...)` or `hf-mtkd cache-teachers`."
+            )
+        with open(path) as file:
+            return cls(**json.load(file))
+
+
+@dataclass
+class TeacherLogitsCache:
+    """A loaded cache: its manifest and the dataset (the original columns plus the cached teacher columns)."""
+
+    path: str
+    manifest: CacheManifest
+    dataset: Dataset
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return self.manifest.teacher_names
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """sha256 of the token ids (and labels, attention mask and position ids, when present), example by example."""
+    columns = [c for c in ("input_ids", *TEACHER_INPUT_KEYS[1:], "labels") if c in dataset.column_names]
+    digest = hashlib.sha256(repr(columns).encode())
+    for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=1024):
+        for column in columns:
+            for row in batch[column]:
+                values = np.asarray(row, dtype=np.int64)
+                digest.update(values.size.to_bytes(8, "little") + values.tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The tokenizer's name and a sha256 of its token-to-id map (what decides which ids the data holds)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "name_or_path": tokenizer.name_or_path,
+        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
+def cache_teacher_logits(
+    teachers: Sequence[nn.Module | str],
+    dataset: Dataset,
+    output_dir: str,
+    *,
+    k: int = 64,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    names: Sequence[str] | None = None,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    dtype: str = "float32",
+    teacher_dtype: str = "auto",
+    teacher_model_init_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    disable_tqdm: bool = False,
+) -> TeacherLogitsCache:
+    """
+    Run `teachers` once over the tokenized `dataset` and store their top-k next-token distributions in
+    `output_dir` (see the module documentation); resume an interrupted run; return the loaded cache.
+
+    Args:
+        teachers: models or names/paths (loaded in `teacher_dtype`), all on one vocabulary.
+        dataset: tokenized examples (`input_ids`, optionally `attention_mask`, `position_ids`, `labels`), as the
+            trainer will see them. Its columns are kept in the cache.
+        k: tokens kept per position and teacher; the rest of the mass is kept as one number (`TopKLogits`).
+        tokenizer: recorded in the manifest, so a student trained with another tokenizer is refused.
+        names: display names of the teachers (default: from their paths or configs).
+        shard_size: examples per shard, the unit of resumption.
+        dtype: `float32` or `float16` for the stored log-probabilities (float16 halves the size, with an error of
+            about 1e-3 relative on each probability).
+        device: where the teachers run (default: CUDA when available).
+    """
+    if dtype not in VALUE_DTYPES:
+        raise ValueError(f"Unknown cache dtype {dtype!r}; choose one of {list(VALUE_DTYPES)}.")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"The dataset has no `input_ids` column (its columns: {dataset.column_names}); tokenize it.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = teacher_names(teachers, names)
+    models = [
+        m.to(device) for m in load_teachers(teachers, dtype=teacher_dtype, init_kwargs=teacher_model_init_kwargs)
+    ]
+    vocab_sizes = {name: vocab_size(model) for name, model in zip(names, models, strict=True)}
+    if len(set(vocab_sizes.values())) != 1:
+        raise ValueError(
+            f"The teachers' vocabularies differ ({vocab_sizes}); a cache holds one vocabulary shared by all teachers."
+        )
+    vocab = next(iter(vocab_sizes.values()))
+    if not 0 < k <= vocab:
+        raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab}.")
+
+    manifest = CacheManifest(
+        teachers=[teacher_record(model, name, hash_weights=True) for model, name in zip(models, names, strict=True)],
+        tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        vocab_size=vocab,
+        k=k,
+        dtype=dtype,
+        data_fingerprint=data_fingerprint(dataset),
+        num_rows=len(dataset),
+        shard_size=shard_size,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
+        existing = CacheManifest.load(output_dir)
+        differences = manifest.differences(existing)
+        if differences:
+            raise StaleCacheError(
+                f"{output_dir} already holds a teacher-logits cache written for a different {', '.join(differences)}"
+                ". Delete it or choose another output directory."
+            )
+        manifest.completed_shards = existing.completed_shards
+        if manifest.complete:
+            logger.info("The teacher-logits cache in %s is complete; nothing to compute.", output_dir)
+        else:
+            logger.info(
+                "Resuming the teacher-logits cache in %s after %d shard(s).",
+                output_dir,
+                len(existing.completed_shards),
+            )
+    manifest.save(output_dir)
+
+    features = _features(dataset, len(models), k, dtype)
+    todo = [shard for shard in range(manifest.num_shards) if shard not in manifest.completed_shards]
+    rows_todo = sum(min(shard_size, len(dataset) - shard * shard_size) for shard in todo)
+    with tqdm(total=rows_todo, desc="Caching teacher logits", unit="example", disable=disable_tqdm) as progress:
+        for shard in todo:
+            rows = dataset.select(range(shard * shard_size, min((shard + 1) * shard_size, len(dataset))))
+            columns = _cache_columns(
+                models, names, rows, k=k, batch_size=batch_size, device=device, update=progress.update
+            )
+            shard_dataset = Dataset.from_dict({**rows.to_dict(), **columns}, features=features)
+            with _quiet_datasets():
+                shard_dataset.save_to_disk(_shard_path(output_dir, shard))
+            manifest.completed_shards = sorted({*manifest.completed_shards, shard})
+            manifest.save(output_dir)
+    return load_teacher_cache(output_dir)
+
+
+def load_teacher_cache(
+    path: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dataset: Dataset | None = None,
+) -> TeacherLogitsCache:
+    """
+    The cache in `path`, memory-mapped. With `tokenizer` or `dataset`, refuse (`StaleCacheError`) a cache written
+    for another tokenizer or other data; an unfinished cache is refused too.
+    """
+    manifest = CacheManifest.load(path)
+    if manifest.format_version != FORMAT_VERSION:
+        raise StaleCacheError(
+            f"{path} was written in cache format {manifest.format_version}, this version of hf_mtkd reads "
+            f"{FORMAT_VERSION}. Write the cache again."
+        )
+    if not manifest.complete:
+        raise ValueError(
+            f"The teacher-logits cache in {path} is unfinished ({len(manifest.completed_shards)} of "
+            f"{manifest.num_shards} shards). Run `cache_teacher_logits` (or `hf-mtkd cache-teachers`) again with "
+            "the same arguments to finish it."
+        )
+    if tokenizer is not None:
+        check_cache_tokenizer(manifest, tokenizer, path)
+    if dataset is not None and data_fingerprint(dataset) != manifest.data_fingerprint:
+        raise StaleCacheError(
+            f"The teacher-logits cache in {path} was computed on other data (the token ids differ from the dataset "
+            "given). Write the cache again for this dataset."
+        )
+    shards = [load_from_disk(_shard_path(path, shard)) for shard in range(manifest.num_shards)]
+    data = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+    # The cached columns are read as numpy arrays (fast); the others stay as lists for the usual collators.
+    data = data.with_format("numpy", columns=list(CACHE_COLUMNS), output_all_columns=True)
+    return TeacherLogitsCache(path=path, manifest=manifest, dataset=data)
+
+
+def check_cache_tokenizer(manifest: CacheManifest, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    """Refuse a cache whose data was tokenized with another tokenizer than `tokenizer`."""
+    if manifest.tokenizer is None:
+        return
+    given = tokenizer_fingerprint(tokenizer)
+    if given["vocab_sha256"] != manifest.tokenizer["vocab_sha256"]:
+        raise StaleCacheError(
+            f"The teacher-logits cache in {path} was written with the tokenizer {manifest.tokenizer['name_or_path']!r}"
+            f", whose vocabulary differs from that of {given['name_or_path']!r} given now. Use the same tokenizer or "
+            "write the cache again."
+        )
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Without `datasets`' own progress bars (one per shard would drown the caching bar)."""
+    enabled = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.utils.enable_progress_bars()
+
+
+def _shard_path(output_dir: str, shard: int) -> str:
+    return os.path.join(output_dir, SHARDS_DIR, f"{shard:05d}")
+
+
+def _features(dataset: Dataset, num_teachers: int, k: int, dtype: str) -> Features:
+    return Features(
+        {
+            **dataset.features,
+            INDICES: Array3D(shape=(None, num_teachers, k), dtype="int32"),
+            LOG_PROBS: Array3D(shape=(None, num_teachers, k), dtype=dtype),
+            LOG_TAIL_MASS: Array2D(shape=(None, num_teachers), dtype="float32"),
+        }
+    )
+
+
+def _cache_columns(
+    models: Sequence[nn.Module],
+    names: Sequence[str],
+    rows: Dataset,
+    *,
+    k: int,
+    batch_size: int,
+    device: torch.device,
+    update: Callable[[int], Any],
+) -> dict[str, list[np.ndarray]]:
+    """The cached columns for `rows`: per example, every teacher's top-k at each position that has a next token."""
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in CACHE_COLUMNS}
+    present = [key for key in TEACHER_INPUT_KEYS if key in rows.column_names]
+    for start in range(0, len(rows), batch_size):
+        examples = rows[start : start + batch_size]
+        lengths = [len(ids) for ids in examples["input_ids"]]
+        inputs = {key: _pad(examples[key], max(lengths), device) for key in present}
+        inputs.setdefault("attention_mask", _pad([[1] * n for n in lengths], max(lengths), device))
+        valid = _pad([[1] * (n - 1) for n in lengths], max(lengths), device).bool()
+        per_teacher = []
+        for model, name in zip(models, names, strict=True):
+            logits, _ = teacher_forward(model, name, inputs, output_hidden_states=False)
+            check_finite(logits, valid, name)
+            per_teacher.append(TopKLogits.from_logits(logits, k))
+        for i, n in enumerate(lengths):
+            stop = max(n - 1, 0)
+            columns[INDICES].append(torch.stack([t.indices[i, :stop] for t in per_teacher], 1).int().cpu().numpy())
+            columns[LOG_PROBS].append(torch.stack([t.log_probs[i, :stop] for t in per_teacher], 1).cpu().numpy())
+            columns[LOG_TAIL_MASS].append(
+                torch.stack([t.log_tail_mass[i, :stop] for t in per_teacher], 1).cpu().numpy()
+            )
+        update(len(lengths))
+    return columns
+
+
+def _pad(values: Sequence[Sequence[int]], length: int, device: torch.device) -> Tensor:
+    """Right-pad lists of ints with 0 into a `[n, length]` long tensor."""
+    out = torch.zeros(len(values), length, dtype=torch.long)
+    for i, row in enumerate(values):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+class TeacherCacheCollator:
+    """
+    Collate examples of a teacher-logits cache: `collator` batches the dataset's own columns (padding them), and
+    the cached columns are padded to the same positions as `[K, B, T, k]` / `[K, B, T]` tensors under their column
+    names (rows past an example's end are zeros; the loss never reads them, since they have no next-token label).
+    """
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        missing = [name for name in CACHE_COLUMNS if name not in features[0]]
+        if missing:
+            raise ValueError(
+                f"The examples have no cached teacher logits ({', '.join(missing)}); with a teacher-logits cache, "
+                "train and evaluate on `cache.dataset` (or a `select`/`shuffle`/`train_test_split` of it)."
+            )
+        cached = [{name: np.asarray(f[name]) for name in CACHE_COLUMNS} for f in features]
+        batch = self.collator([{key: v for key, v in f.items() if key not in CACHE_COLUMNS} for f in features])
+        input_ids = batch["input_ids"]
+        num_teachers, k = cached[0][INDICES].shape[1:]
+        out = {
+            INDICES: torch.zeros(num_teachers, *input_ids.shape, k, dtype=torch.int32),
+            LOG_PROBS: torch.zeros(num_teachers, *input_ids.shape, k),
+            LOG_TAIL_MASS: torch.zeros(num_teachers, *input_ids.shape),
+        }
+        for i, (feature, columns) in enumerate(zip(features, cached, strict=True)):
+            start = _offset(input_ids[i], feature["input_ids"])
+            n = columns[INDICES].shape[0]
+            for name, values in columns.items():
+                out[name][:, i, start : start + n] = torch.from_numpy(values).to(out[name].dtype).transpose(0, 1)
+        return {**batch, **out}
+
+
+def _offset(padded: Tensor, ids: Sequence[int]) -> int:
+    """Where an example's tokens start in its padded row (0 with right padding, the pad length with left)."""
+    ids = torch.as_tensor(np.asarray(ids), dtype=padded.dtype)
+    for start in {0, padded.numel() - ids.numel()}:
+        if torch.equal(padded[start : start + ids.numel()], ids):
+            return start
+    raise ValueError(
+        "The collator changed an example's token ids (it is neither right- nor left-padded unchanged), so its "
+        "cached teacher logits cannot be placed. Use a collator that only pads, e.g. "
+        "DataCollatorForLanguageModeling(tokenizer, mlm=False)."
+    )
+
+
+def batch_teacher_logits(inputs: dict[str, Any], vocab_size: int) -> list[TopKLogits]:
+    """Pop the cached columns from a collated batch as one `TopKLogits` per teacher."""
+    indices, log_probs, log_tail = (inputs.pop(name) for name in CACHE_COLUMNS)
+    return [
+        TopKLogits(indices=i, log_probs=p, log_tail_mass=m, vocab_size=vocab_size)
+        for i, p, m in zip(indices, log_probs, log_tail, strict=True)
+    ]
