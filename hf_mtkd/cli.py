@@ -22,6 +22,11 @@ COMMANDS = {
         "hf_mtkd.run_clm_distill",
         "Distill teachers into a student on a text dataset (the arguments of examples/run_clm_distill.py).",
     ),
+    "cache-teachers": Command(
+        "hf_mtkd.cache_teachers",
+        "Run the teachers once over a text dataset and store their top-k logits for `distill "
+        "--teacher_logits_cache` (the arguments of `distill`).",
+    ),
     "demo": Command(
         "hf_mtkd.demo.run",
         "The bundled demo: distil a small student from three Shakespeare specialists with every method.",

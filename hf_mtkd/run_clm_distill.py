@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .config import MultiTeacherDistillationConfig
+from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -112,6 +113,19 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models and tokenizers defined by code in their Hub repository (read it first)."},
+    )
+    teacher_logits_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory for the teachers' top-k next-token logits: computed there once per split (resumable; "
+            "`hf-mtkd cache-teachers` does only that) and trained on instead of running the teachers; a later run "
+            "with the same teachers, tokenizer and data reuses it, and a stale one is refused. Not with "
+            "--streaming or --alpha_feat."
+        },
+    )
+    teacher_logits_top_k: int = field(
+        default=64,
+        metadata={"help": "Tokens kept per position and teacher in --teacher_logits_cache (the rest as one mass)."},
     )
     dtype: str | None = field(
         default=None,
@@ -433,8 +447,11 @@ def prepare_datasets(
         )
 
 
-def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """Run the script with `args` (default: the command line); `prog` names the command in help and the model card."""
+def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_only: bool = False) -> None:
+    """
+    Run the script with `args` (default: the command line); `prog` names the command in help and the model card.
+    With `cache_only`, only write `--teacher_logits_cache` for the train and validation splits (no student).
+    """
     if prog is None:  # how to run the same again, for help and the model card
         prog = f"python {sys.argv[0]}" if args is None else "python -m hf_mtkd.run_clm_distill"
     args = sys.argv[1:] if args is None else list(args)
@@ -450,7 +467,9 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
         training_args.fp16 or training_args.bf16,
     )
     logger.info("Training/evaluation parameters %s", training_args)
-    if not (training_args.do_train or training_args.do_eval or generation_args.do_generate_eval):
+    if cache_only and not model_args.teacher_logits_cache:
+        parser.error("Give --teacher_logits_cache, the directory to write the teachers' logits to.")
+    if not (cache_only or training_args.do_train or training_args.do_eval or generation_args.do_generate_eval):
         logger.warning("None of --do_train, --do_eval and --do_generate_eval is set: there is nothing to do.")
 
     hub_kwargs = {
@@ -479,10 +498,10 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     logger.info("Using the tokenizer of %s.", tokenizer_source)
-    student = load_student(model_args, teacher_configs[0], parser)
+    student = None if cache_only else load_student(model_args, teacher_configs[0], parser)
 
     text_column = pick_text_column(column_names(next(iter(raw.values()))), data_args.text_column_name, parser)
-    limit = max_input_length(tokenizer, [student.config, *teacher_configs])
+    limit = max_input_length(tokenizer, [*([student.config] if student else []), *teacher_configs])
     block_size = data_args.block_size or min(1024, limit)
     if block_size > limit:
         logger.warning("--block_size %d is longer than the models accept; using %d.", block_size, limit)
@@ -490,17 +509,26 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
     lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column)
 
     train_dataset = eval_dataset = None
-    if training_args.do_train:
+    if training_args.do_train or (cache_only and "train" in lm_datasets):
         train_dataset = _split(lm_datasets, "train", data_args.max_train_samples, block_size, parser)
-    if training_args.do_eval:
+    if training_args.do_eval or (cache_only and "validation" in lm_datasets):
         eval_dataset = _split(lm_datasets, "validation", data_args.max_eval_samples, block_size, parser)
     if generation_args.do_generate_eval and "validation" not in raw:
         parser.error("--do_generate_eval needs validation texts: give --validation_file or a validation split.")
 
+    teachers: list[str] | TeacherLogitsCache = model_args.teacher_model_name_or_path
+    if model_args.teacher_logits_cache:
+        caches = _cache_teachers(model_args, training_args, tokenizer, train_dataset, eval_dataset, parser)
+        if cache_only:
+            return
+        teachers = caches.get("train") or caches["validation"]
+        train_dataset = caches["train"].dataset if "train" in caches else None
+        eval_dataset = caches["validation"].dataset if "validation" in caches else None
+
     try:
         trainer = MultiTeacherDistillationTrainer(
             model=student,
-            teachers=model_args.teacher_model_name_or_path,
+            teachers=teachers,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -544,6 +572,40 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> None:
         trainer.push_to_hub(**card_kwargs)
     else:
         trainer.create_model_card(**card_kwargs)
+
+
+def _cache_teachers(
+    model_args: ModelArguments,
+    training_args: MultiTeacherDistillationConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset | IterableDataset | None,
+    eval_dataset: Dataset | IterableDataset | None,
+    parser: HfArgumentParser,
+) -> dict[str, TeacherLogitsCache]:
+    """The teachers' logits cache of each split in `<--teacher_logits_cache>/<split>`, written where missing."""
+    caches = {}
+    for split, dataset in (("train", train_dataset), ("validation", eval_dataset)):
+        if dataset is None:
+            continue
+        if isinstance(dataset, IterableDataset):
+            parser.error("--teacher_logits_cache needs the whole dataset on disk; it cannot be used with --streaming.")
+        with training_args.main_process_first(desc=f"caching the teachers' logits on the {split} split"):
+            caches[split] = cache_teacher_logits(
+                model_args.teacher_model_name_or_path,
+                dataset,
+                os.path.join(model_args.teacher_logits_cache, split),
+                k=model_args.teacher_logits_top_k,
+                tokenizer=tokenizer,
+                names=training_args.teacher_names,
+                batch_size=training_args.per_device_eval_batch_size,
+                teacher_dtype=training_args.teacher_dtype,
+                teacher_model_init_kwargs=training_args.teacher_model_init_kwargs,
+                device=training_args.device,
+                disable_tqdm=training_args.disable_tqdm or not training_args.should_log,
+            )
+    if not caches:
+        parser.error("--teacher_logits_cache has no split to cache: give --train_file and/or --validation_file.")
+    return caches
 
 
 def _split(

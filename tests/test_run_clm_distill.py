@@ -302,3 +302,35 @@ def test_readme_offline_example_runs(tmp_path):
     results = json.loads((tmp_path / "tiny" / "distilled" / "all_results.json").read_text())
     assert results["perplexity"] < 50  # an untrained student is at ~400 (the vocabulary size)
     assert results["generate_rougeL"] > 0 and results["generate_samples"] == 64
+
+
+def test_cache_teachers_then_distill_from_the_cache(tmp_path, teacher_dirs, student_dir, text_files, monkeypatch):
+    train, validation = text_files["txt"]
+    cache = tmp_path / "cache"
+    data = ["--train_file", train, "--validation_file", validation, "--teacher_logits_cache", str(cache)]
+    with isolated_logging():
+        cli_main([
+            "cache-teachers", "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b",
+            "--model_name_or_path", student_dir, "--teacher_logits_top_k", "8", *data,
+            "--output_dir", str(tmp_path / "unused"), *QUICK,
+        ])  # fmt: skip
+    manifests = {split: json.loads((cache / split / "manifest.json").read_text()) for split in ("train", "validation")}
+    assert {m["k"] for m in manifests.values()} == {8}
+    assert [t["name"] for t in manifests["train"]["teachers"]] == ["a", "b"]
+    assert not (tmp_path / "unused").exists()  # nothing trained
+
+    def no_teacher_runs(*args, **kwargs):
+        raise AssertionError("a teacher ran although the cache is complete")
+
+    monkeypatch.setattr(hf_mtkd.teacher_cache, "teacher_forward", no_teacher_runs)
+    monkeypatch.setattr(hf_mtkd.trainer, "teacher_forward", no_teacher_runs)
+    output_dir = tmp_path / "out"
+    run_main([
+        "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b", "--model_name_or_path",
+        student_dir, "--teacher_logits_top_k", "8", *data, "--do_train", "--do_eval", "--output_dir",
+        str(output_dir), *QUICK,
+    ])  # fmt: skip
+    check_results(output_dir, ["a", "b"])
+    assert "teacher `a`" in (output_dir / "README.md").read_text()
+    with pytest.raises(SystemExit), isolated_logging():
+        cli_main(["cache-teachers", "--teacher_model_name_or_path", teacher_dirs[0], "--train_file", train])
