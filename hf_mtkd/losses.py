@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .topk import TeacherLogits
+from .topk import TeacherLogits, TopKLogits, sparse_fused_kl
 from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
 
 FUSIONS = ("probability", "logit")
@@ -56,10 +56,14 @@ def tempered_log_probs(logits: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(_upcast(logits) / temperature, dim=-1)
 
 
+def _finite(log_probs: Tensor) -> Tensor:
+    r"""-inf raised to the dtype's lowest finite value, so that $0 \cdot \log 0$ multiplies out to 0, not NaN."""
+    return log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
+
+
 def entropy_from_log_probs(log_probs: Tensor) -> Tensor:
     r"""$H = -\sum_v p(v) \log p(v)$ over the last dimension, with $0 \log 0 = 0$."""
-    probs = log_probs.exp()
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+    return -(log_probs.exp() * _finite(log_probs)).sum(dim=-1)
 
 
 def fuse_log_probs(teacher_log_probs: Sequence[Tensor], weights: Tensor, fusion: str = "probability") -> Tensor:
@@ -80,10 +84,13 @@ def fuse_log_probs(teacher_log_probs: Sequence[Tensor], weights: Tensor, fusion:
     raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
 
 
-def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
-    r"""$\mathrm{KL}(\bar p \,\|\, q) = \sum_v \bar p(v) (\log \bar p(v) - \log q(v))$ per row, with $0 \log 0 = 0$."""
-    target = target_log_probs.exp()
-    return (torch.special.xlogy(target, target) - target * student_log_probs).sum(dim=-1)
+def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor, target: Tensor | None = None) -> Tensor:
+    r"""
+    $\mathrm{KL}(\bar p \,\|\, q) = \sum_v \bar p(v) (\log \bar p(v) - \log q(v))$ per row, with $0 \log 0 = 0$
+    (`target`: $\bar p$ when the caller already has it).
+    """
+    target = target_log_probs.exp() if target is None else target
+    return (target * (_finite(target_log_probs) - student_log_probs)).sum(dim=-1)
 
 
 @dataclass
@@ -123,6 +130,11 @@ def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[tuple[Tensor, Tens
     return [(rows[i : i + size], cols[i : i + size]) for i in range(0, rows.numel(), size)]
 
 
+def _all_sparse(teacher_logits: Sequence[TeacherLogits]) -> bool:
+    """Whether every teacher is in top-k form, so the sparse path applies (mixed inputs are read densely)."""
+    return all(isinstance(logits, TopKLogits) for logits in teacher_logits)
+
+
 def _teacher_statistics(
     teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
@@ -141,11 +153,17 @@ def _teacher_statistics(
     mask = targets != -100
     num_teachers = len(teacher_logits)
     entropy, target_log_prob = [], []
+    sparse = _all_sparse(teacher_logits)
     with torch.no_grad():
         for rows, cols in _row_chunks(mask, chunk_size):
+            y = targets[rows, cols][:, None]
+            if sparse:
+                chunk = [logits.rows(rows, cols) for logits in teacher_logits]
+                entropy.append(torch.stack([z.entropy(temperature) for z in chunk]))
+                target_log_prob.append(torch.stack([z.at(y, 1.0)[:, 0] for z in chunk]))
+                continue
             chunk = [_upcast(logits[rows, cols].detach()) for logits in teacher_logits]
             entropy.append(torch.stack([entropy_from_log_probs(tempered_log_probs(z, temperature)) for z in chunk]))
-            y = targets[rows, cols][:, None]
             target_log_prob.append(torch.stack([z.gather(-1, y)[:, 0] - z.logsumexp(dim=-1) for z in chunk]))
         empty = torch.zeros(num_teachers, 0, device=mask.device)
         signals = TeacherSignals(
@@ -170,7 +188,9 @@ class _FusedKLDivergence(torch.autograd.Function):
     $\tau^2 \sum_{valid} \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau))$, computed `chunk_size` positions at a time.
 
     The gradient, $\tau (q - \bar p)$ per valid position, is written chunk by chunk during the forward pass, so no
-    `[N, V]` intermediate outlives its chunk: the extra memory is O(chunk_size x V x K), not O(N x V x K).
+    `[N, V]` intermediate outlives its chunk: the extra memory is O(chunk_size x V x K), not O(N x V x K). When every
+    teacher is in top-k form, `hf_mtkd.topk.sparse_fused_kl` computes the same without any `[chunk, V]` teacher
+    tensor.
     """
 
     @staticmethod
@@ -185,6 +205,7 @@ class _FusedKLDivergence(torch.autograd.Function):
         *teacher_logits: TeacherLogits,
     ) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
+        sparse = _all_sparse(teacher_logits)
         grad = torch.zeros_like(student_logits) if need_grad else None
         total = _upcast(student_logits.new_zeros(()))
         start = 0
@@ -192,11 +213,19 @@ class _FusedKLDivergence(torch.autograd.Function):
             chunk_weights = weights[:, start : start + rows.numel()]
             start += rows.numel()
             student = tempered_log_probs(student_logits[rows, cols], temperature)
+            if sparse:
+                teachers = [logits.rows(rows, cols) for logits in teacher_logits]
+                kl, chunk_grad = sparse_fused_kl(student, teachers, chunk_weights, temperature, fusion, need_grad)
+                total = total + kl.sum()
+                if need_grad:
+                    grad[rows, cols] = chunk_grad.to(grad.dtype)
+                continue
             teachers = [tempered_log_probs(logits[rows, cols], temperature) for logits in teacher_logits]
-            fused = fuse_log_probs(teachers, chunk_weights, fusion)
-            total = total + kl_divergence(fused, student).sum()
+            fused = teachers[0] if len(teachers) == 1 else fuse_log_probs(teachers, chunk_weights, fusion)
+            target = fused.exp()
+            total = total + kl_divergence(fused, student, target).sum()
             if need_grad:
-                grad[rows, cols] = (temperature * (student.exp() - fused.exp())).to(grad.dtype)
+                grad[rows, cols] = (temperature * (student.exp() - target)).to(grad.dtype)
         ctx.num_teachers = len(teacher_logits)
         ctx.save_for_backward(grad)
         return temperature**2 * total

@@ -76,14 +76,15 @@ def tiny_causal_lm(
     num_heads: int = 2,
     max_positions: int = 128,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """
-    A randomly initialised causal LM of `model_type` (e.g. gpt2, llama, gpt_neox, qwen2) on `tokenizer`'s vocab,
-    without dropout.
+    A randomly initialised causal LM of `model_type` (e.g. gpt2, llama, gpt_neox, qwen2) on `tokenizer`'s vocab
+    (or a larger `vocab_size`, for benchmarks), without dropout.
     """
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,

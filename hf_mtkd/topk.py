@@ -18,6 +18,7 @@ The losses read teacher logits only row by row (`logits[rows, cols]`), so a `Top
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,110 @@ class TopKLogits:
     def detach(self) -> TopKLogits:
         """Itself: cached log-probabilities carry no graph."""
         return self
+
+    def rows(self, rows: Tensor, cols: Tensor) -> SparseRows:
+        """The positions `(rows, cols)` in sparse form, for the losses' sparse path (no `[n, V]` tensor)."""
+        dtype = _compute_dtype(self.log_probs)
+        indices, order = self.indices[rows, cols].long().sort(dim=-1)
+        tail = self.vocab_size - self.k
+        fill = (self.log_tail_mass[rows, cols].to(dtype) - math.log(max(tail, 1))).clamp(min=TAIL_LOG_PROB_FLOOR)
+        return SparseRows(indices, self.log_probs[rows, cols].to(dtype).gather(-1, order), fill, self.vocab_size)
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    r"""
+    n positions of a `TopKLogits`: sorted token ids `[n, k]`, their log-probabilities $\log \hat p$ `[n, k]`, and
+    the log-probability `tail` `[n]` of each of the other V - k tokens. Exactly the rows `TopKLogits[rows, cols]`
+    densifies, read without building them.
+    """
+
+    indices: Tensor
+    log_probs: Tensor
+    tail: Tensor
+    vocab_size: int
+
+    @property
+    def tail_size(self) -> int:
+        return self.vocab_size - self.indices.shape[-1]
+
+    def tempered(self, temperature: float) -> tuple[Tensor, Tensor]:
+        r"""$\log \mathrm{softmax}(\log \hat p / \tau)$ at the top-k tokens `[n, k]` and at each tail token `[n]`."""
+        top, tail = self.log_probs / temperature, self.tail / temperature
+        tail_total = tail + (math.log(self.tail_size) if self.tail_size else -math.inf)
+        log_z = torch.cat([top, tail_total[:, None]], dim=-1).logsumexp(dim=-1)
+        return top - log_z[:, None], tail - log_z
+
+    def entropy(self, temperature: float) -> Tensor:
+        r"""$H = -\sum_{v \in S} p_v \log p_v - (V - k)\, p_{tail} \log p_{tail}$ of the tempered distribution."""
+        top, tail = self.tempered(temperature)
+        return -(top.exp() * top).sum(dim=-1) - self.tail_size * tail.exp() * tail
+
+    def at(self, tokens: Tensor, temperature: float) -> Tensor:
+        """Tempered log-probabilities `[n, m]` of the tokens `[n, m]`."""
+        top, tail = self.tempered(temperature)
+        position = torch.searchsorted(self.indices, tokens).clamp(max=self.indices.shape[-1] - 1)
+        found = self.indices.gather(-1, position) == tokens
+        return torch.where(found, top.gather(-1, position), tail[:, None])
+
+
+def sparse_fused_kl(
+    student_log_probs: Tensor,
+    teachers: Sequence[SparseRows],
+    weights: Tensor,
+    temperature: float,
+    fusion: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    r"""
+    Per position, $\mathrm{KL}(\bar p \| q)$ `[n]` and (with `need_grad`) $\tau (q - \bar p)$ `[n, V]`, for
+    teachers in sparse form, without any `[n, V]` teacher tensor.
+
+    Every teacher is flat outside its top-k, so the fused target $\bar p$ takes one value c on every token outside
+    the union U of the teachers' top-k sets (M = V - |U| tokens), and the KL splits into the sum over U and
+
+    $$\sum_{v \notin U} c (\log c - \log q_v) = M c \log c - c \Big(\sum_{v} \log q_v - \sum_{v \in U} \log q_v\Big).$$
+
+    The cost is O(n K k log k) for the teachers plus O(n V) for the student's side, instead of O(n K V).
+
+    Args:
+        student_log_probs: `[n, V]` tempered student log-probabilities $\log q$.
+        teachers: K chunks of the same n positions.
+        weights: `[K, n]` teacher weights.
+    """
+    union, first = _union(torch.cat([t.indices for t in teachers], dim=-1))
+    at_union = torch.stack([t.at(union, temperature) for t in teachers])  # [K, n, m]
+    at_tail = torch.stack([t.tempered(temperature)[1] for t in teachers])  # [K, n]
+    weights = weights.to(at_union.dtype)
+    outside = (student_log_probs.shape[-1] - first.sum(dim=-1)).to(at_union.dtype)  # M
+    if fusion == "probability":
+        log_union = torch.logsumexp(weights.log()[..., None] + at_union, dim=0)
+        log_c = torch.logsumexp(weights.log() + at_tail, dim=0)
+    else:
+        mixed_union, mixed_tail = (weights[..., None] * at_union).sum(dim=0), (weights * at_tail).sum(dim=0)
+        log_outside = torch.where(outside > 0, mixed_tail + outside.clamp(min=1).log(), -math.inf)
+        candidates = torch.cat([mixed_union.masked_fill(~first, -math.inf), log_outside[:, None]], dim=-1)
+        log_z = candidates.logsumexp(dim=-1)
+        log_union, log_c = mixed_union - log_z[:, None], mixed_tail - log_z
+    student_union = student_log_probs.gather(-1, union)
+    target_union = log_union.exp().masked_fill(~first, 0)
+    c = log_c.exp()
+    kl = (target_union * (log_union - student_union)).sum(dim=-1)
+    student_outside = student_log_probs.sum(dim=-1) - student_union.masked_fill(~first, 0).sum(dim=-1)
+    kl = kl + outside * c * log_c - c * student_outside
+    if not need_grad:
+        return kl, None
+    grad = student_log_probs.exp() - c[:, None]
+    grad.scatter_add_(-1, union, -(target_union - c[:, None]).masked_fill(~first, 0))
+    return kl, temperature * grad
+
+
+def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise sorted tokens `[n, m]` and a mask `[n, m]` of each token's first occurrence (the union, once each)."""
+    tokens = tokens.sort(dim=-1).values
+    first = torch.ones_like(tokens, dtype=torch.bool)
+    first[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
+    return tokens, first
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:

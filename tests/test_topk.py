@@ -152,3 +152,38 @@ def test_bad_shapes_and_k_are_refused():
         multi_teacher_kd_loss(
             torch.zeros(1, 2, 6), [TopKLogits.from_logits(torch.zeros(1, 2, 5), 2)], torch.zeros(1, 2).long()
         )
+
+
+def densified(cached: TopKLogits) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(cached.shape[0]), torch.arange(cached.shape[1]), indexing="ij")
+    return cached[rows.flatten(), cols.flatten()].view(cached.shape)
+
+
+@pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
+@pytest.mark.parametrize("k", [1, 4])
+def test_sparse_path_equals_the_densified_teachers(batch, weighting, fusion, granularity, k):
+    """With every teacher in top-k form the loss never builds [n, V] teacher rows; it must not change a thing."""
+    student, teachers, labels = batch
+    cached = [TopKLogits.from_logits(z, k) for z in teachers]
+    kwargs = dict(temperature=1.7, weighting=weighting, fusion=fusion, granularity=granularity, chunk_size=5)
+    s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    sparse = multi_teacher_kd(s1, cached, labels, **kwargs)
+    dense = multi_teacher_kd(s2, [densified(c) for c in cached], labels, **kwargs)
+    assert sparse.loss.item() == pytest.approx(dense.loss.item(), rel=1e-12)
+    torch.testing.assert_close(sparse.weights, dense.weights, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sparse.signals.entropy, dense.signals.entropy, rtol=1e-12, atol=1e-12)
+    sparse.loss.backward()
+    dense.loss.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_sparse_path_in_float32_and_with_a_large_vocabulary():
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 5000, generator=g) * 3
+    teachers = [torch.randn(2, 5, 5000, generator=g) * 4 for _ in range(3)]
+    labels = torch.randint(0, 5000, (2, 5), generator=g)
+    cached = [TopKLogits.from_logits(z, 64) for z in teachers]
+    for fusion in ("probability", "logit"):
+        sparse = multi_teacher_kd_loss(student, cached, labels, temperature=2.0, fusion=fusion)
+        dense = multi_teacher_kd_loss(student, [densified(c) for c in cached], labels, temperature=2.0, fusion=fusion)
+        assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
