@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .topk import TeacherLogits, TopKLogits, sparse_fused_kl
+from .topk import TeacherLogits, TopKLogits, sparse_fused_kl, take_rows
 from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
 
 FUSIONS = ("probability", "logit")
@@ -66,21 +66,26 @@ def entropy_from_log_probs(log_probs: Tensor) -> Tensor:
     return -(log_probs.exp() * _finite(log_probs)).sum(dim=-1)
 
 
-def fuse_log_probs(teacher_log_probs: Sequence[Tensor], weights: Tensor, fusion: str = "probability") -> Tensor:
+def fuse_log_probs(
+    teacher_log_probs: Sequence[Tensor], weights: Tensor, fusion: str = "probability"
+) -> tuple[Tensor, Tensor]:
     r"""
-    Log of the fused target $\log \bar p$, `[N, V]`, from teacher log-probabilities `K x [N, V]` and weights `[K, N]`.
+    The fused target as $(\log \bar p, \bar p)$, each `[N, V]`, from teacher log-probabilities `K x [N, V]` and
+    weights `[K, N]`.
 
-    * `probability`: $\log \bar p = \mathrm{logsumexp}_k(\log w_k + \log p_k)$;
+    * `probability`: $\bar p = \sum_k w_k p_k$ (summed as probabilities: a term below float range contributes
+      nothing to the KL either);
     * `logit`: $\log \bar p = \log\mathrm{softmax}(\sum_k w_k \log p_k)$, which equals
       $\log\mathrm{softmax}(\sum_k w_k z_k / \tau)$ because $\log p_k$ and $z_k/\tau$ differ by a constant per position
       and the weights sum to 1.
     """
-    stacked = torch.stack(list(teacher_log_probs))
-    weights = weights.to(stacked.dtype)[:, :, None]
+    weights = weights.to(teacher_log_probs[0].dtype)[:, :, None]
     if fusion == "probability":
-        return torch.logsumexp(stacked + weights.log(), dim=0)
+        target = sum(w * log_probs.exp() for w, log_probs in zip(weights, teacher_log_probs, strict=True))
+        return target.log(), target
     if fusion == "logit":
-        return torch.log_softmax((weights * stacked).sum(dim=0), dim=-1)
+        log_target = torch.log_softmax(sum(w * lp for w, lp in zip(weights, teacher_log_probs, strict=True)), dim=-1)
+        return log_target, log_target.exp()
     raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
 
 
@@ -123,11 +128,15 @@ def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Teache
             )
 
 
-def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[tuple[Tensor, Tensor]]:
-    """(row, column) indices of the valid positions, in row-major order, in chunks of at most `chunk_size`."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    size = max(rows.numel() if chunk_size is None else chunk_size, 1)
-    return [(rows[i : i + size], cols[i : i + size]) for i in range(0, rows.numel(), size)]
+def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[Tensor]:
+    """Flat indices (into B x T) of the valid positions, in row-major order, in chunks of at most `chunk_size`."""
+    index = mask.flatten().nonzero().squeeze(1)
+    return list(index.split(max(index.numel() if chunk_size is None else chunk_size, 1)))
+
+
+def _dense_rows(logits: TeacherLogits, index: Tensor) -> Tensor:
+    """A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `index`."""
+    return logits.dense(index) if isinstance(logits, TopKLogits) else _upcast(take_rows(logits.detach(), index))
 
 
 def _all_sparse(teacher_logits: Sequence[TeacherLogits]) -> bool:
@@ -155,14 +164,14 @@ def _teacher_statistics(
     entropy, target_log_prob = [], []
     sparse = _all_sparse(teacher_logits)
     with torch.no_grad():
-        for rows, cols in _row_chunks(mask, chunk_size):
-            y = targets[rows, cols][:, None]
+        for index in _row_chunks(mask, chunk_size):
+            y = take_rows(targets, index)[:, None]
             if sparse:
-                chunk = [logits.rows(rows, cols) for logits in teacher_logits]
+                chunk = [logits.rows(index) for logits in teacher_logits]
                 entropy.append(torch.stack([z.entropy(temperature) for z in chunk]))
                 target_log_prob.append(torch.stack([z.at(y, 1.0)[:, 0] for z in chunk]))
                 continue
-            chunk = [_upcast(logits[rows, cols].detach()) for logits in teacher_logits]
+            chunk = [_dense_rows(logits, index) for logits in teacher_logits]
             entropy.append(torch.stack([entropy_from_log_probs(tempered_log_probs(z, temperature)) for z in chunk]))
             target_log_prob.append(torch.stack([z.gather(-1, y)[:, 0] - z.logsumexp(dim=-1) for z in chunk]))
         empty = torch.zeros(num_teachers, 0, device=mask.device)
@@ -206,26 +215,29 @@ class _FusedKLDivergence(torch.autograd.Function):
     ) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         sparse = _all_sparse(teacher_logits)
-        grad = torch.zeros_like(student_logits) if need_grad else None
+        grad = student_logits.new_zeros(student_logits.shape) if need_grad else None
         total = _upcast(student_logits.new_zeros(()))
         start = 0
-        for rows, cols in _row_chunks(mask, chunk_size):
-            chunk_weights = weights[:, start : start + rows.numel()]
-            start += rows.numel()
-            student = tempered_log_probs(student_logits[rows, cols], temperature)
+        flat_grad = None if grad is None else grad.view(-1, grad.shape[-1])
+        for index in _row_chunks(mask, chunk_size):
+            chunk_weights = weights[:, start : start + index.numel()]
+            start += index.numel()
+            student = tempered_log_probs(take_rows(student_logits, index), temperature)
             if sparse:
-                teachers = [logits.rows(rows, cols) for logits in teacher_logits]
+                teachers = [logits.rows(index) for logits in teacher_logits]
                 kl, chunk_grad = sparse_fused_kl(student, teachers, chunk_weights, temperature, fusion, need_grad)
                 total = total + kl.sum()
                 if need_grad:
-                    grad[rows, cols] = chunk_grad.to(grad.dtype)
+                    flat_grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
                 continue
-            teachers = [tempered_log_probs(logits[rows, cols], temperature) for logits in teacher_logits]
-            fused = teachers[0] if len(teachers) == 1 else fuse_log_probs(teachers, chunk_weights, fusion)
-            target = fused.exp()
+            teachers = [tempered_log_probs(_dense_rows(logits, index), temperature) for logits in teacher_logits]
+            if len(teachers) == 1:
+                fused, target = teachers[0], teachers[0].exp()
+            else:
+                fused, target = fuse_log_probs(teachers, chunk_weights, fusion)
             total = total + kl_divergence(fused, student, target).sum()
             if need_grad:
-                grad[rows, cols] = (temperature * (student.exp() - target)).to(grad.dtype)
+                flat_grad.index_copy_(0, index, (temperature * (student.exp() - target)).to(grad.dtype))
         ctx.num_teachers = len(teacher_logits)
         ctx.save_for_backward(grad)
         return temperature**2 * total
@@ -384,7 +396,8 @@ def causal_lm_loss(student_logits: Tensor, labels: Tensor, num_items_in_batch: T
     r"""$L_{ce} = -\frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \log \mathrm{softmax}(z_s)_{b,t}[y_{b,t+1}]$."""
     targets = shift_labels(labels)
     mask = targets != -100
-    total = F.cross_entropy(_upcast(student_logits[mask]), targets[mask], reduction="sum")
+    index = mask.flatten().nonzero().squeeze(1)
+    total = F.cross_entropy(_upcast(take_rows(student_logits, index)), take_rows(targets, index), reduction="sum")
     return total / _normalizer(mask, num_items_in_batch)
 
 

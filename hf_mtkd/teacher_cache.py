@@ -356,8 +356,9 @@ def _cache_columns(
         per_teacher = []
         for model, name in zip(models, names, strict=True):
             logits, _ = teacher_forward(model, name, inputs, output_hidden_states=False)
-            check_finite(logits, valid, name)
             per_teacher.append(TopKLogits.from_logits(logits, k))
+        # NaN/inf logits make the most likely token's log-probability NaN
+        check_finite(torch.stack([t.log_probs[valid][:, 0] for t in per_teacher]), names)
         for i, n in enumerate(lengths):
             stop = max(n - 1, 0)
             columns[INDICES].append(torch.stack([t.indices[i, :stop] for t in per_teacher], 1).int().cpu().numpy())

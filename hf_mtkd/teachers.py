@@ -172,12 +172,16 @@ def teacher_forward(
     return logits, hidden_states
 
 
-def check_finite(logits: Tensor, mask: Tensor, name: str) -> None:
-    """Raise when a teacher's logits hold NaN or inf at the positions the loss uses."""
-    finite = torch.isfinite(logits[mask]).all(dim=-1)
-    if not bool(finite.all()):
-        raise FloatingPointError(
-            f"Teacher {name!r} produced NaN/inf logits at {int((~finite).sum())} of {finite.numel()} positions used "
-            "for distillation. Check the checkpoint and the inputs, and prefer teacher_dtype='bfloat16' or "
-            "'float32' over 'float16', which overflows easily."
-        )
+def check_finite(per_position: Tensor, names: Sequence[str]) -> None:
+    """
+    Raise when teachers' logits held NaN or inf: `per_position` `[K, N]` is a statistic of each teacher's logits at
+    the N positions the loss uses (e.g. their entropy), which is NaN or inf exactly where those logits are broken.
+    """
+    broken = ~torch.isfinite(per_position)
+    for name, row in zip(names, broken, strict=True):
+        if bool(row.any()):
+            raise FloatingPointError(
+                f"Teacher {name!r} produced NaN/inf logits at {int(row.sum())} of {row.numel()} positions used for "
+                "distillation. Check the checkpoint and the inputs, and prefer teacher_dtype='bfloat16' or "
+                "'float32' over 'float16', which overflows easily."
+            )

@@ -11,8 +11,9 @@ i.e. the exact top-k with the tail mass spread uniformly over the other tokens. 
 exactly, and equals the teacher's distribution when k = V. At a temperature τ the loss tempers $\log \hat p$ like
 logits, $\hat p_\tau \propto \hat p^{1/\tau}$, so the tail behaves as V - k tokens of equal logit.
 
-The losses read teacher logits only row by row (`logits[rows, cols]`), so a `TopKLogits` can stand wherever a
-`[B, T, V]` teacher logits tensor is accepted: each chunk of rows is densified to `[n, V]` when the loss reads it.
+The losses read teacher logits chunk by chunk of positions, so a `TopKLogits` can stand wherever a `[B, T, V]`
+teacher logits tensor is accepted: when every teacher is in this form the loss works on the sparse rows
+(`SparseRows`, `sparse_fused_kl`); beside dense teachers, each chunk is densified to `[n, V]` (`TopKLogits.dense`).
 """
 
 from __future__ import annotations
@@ -72,34 +73,31 @@ class TopKLogits:
     def k(self) -> int:
         return self.indices.shape[-1]
 
-    def __getitem__(self, index: tuple[Tensor, Tensor]) -> Tensor:
-        """Dense log-probabilities $\\log \\hat p$ `[n, V]` at positions `(rows, cols)`, float32 (or float64)."""
-        rows, cols = index
-        dtype = _compute_dtype(self.log_probs)
-        tail = self.vocab_size - self.k
-        fill = (self.log_tail_mass[rows, cols].to(dtype) - math.log(max(tail, 1))).clamp(min=TAIL_LOG_PROB_FLOOR)
-        dense = fill[:, None].expand(-1, self.vocab_size).clone()
-        return dense.scatter_(-1, self.indices[rows, cols].long(), self.log_probs[rows, cols].to(dtype))
+    def dense(self, index: Tensor) -> Tensor:
+        """Dense log-probabilities $\\log \\hat p$ `[n, V]` at flat positions `index` (into B x T), float32/64."""
+        rows = self.rows(index)
+        dense = rows.tail[:, None].expand(-1, self.vocab_size).clone()
+        return dense.scatter_(-1, rows.indices, rows.log_probs)
 
     def detach(self) -> TopKLogits:
         """Itself: cached log-probabilities carry no graph."""
         return self
 
-    def rows(self, rows: Tensor, cols: Tensor) -> SparseRows:
-        """The positions `(rows, cols)` in sparse form, for the losses' sparse path (no `[n, V]` tensor)."""
+    def rows(self, index: Tensor) -> SparseRows:
+        """The flat positions `index` (into B x T) in sparse form, without any `[n, V]` tensor."""
         dtype = _compute_dtype(self.log_probs)
-        indices, order = self.indices[rows, cols].long().sort(dim=-1)
-        tail = self.vocab_size - self.k
-        fill = (self.log_tail_mass[rows, cols].to(dtype) - math.log(max(tail, 1))).clamp(min=TAIL_LOG_PROB_FLOOR)
-        return SparseRows(indices, self.log_probs[rows, cols].to(dtype).gather(-1, order), fill, self.vocab_size)
+        indices, order = take_rows(self.indices, index).long().sort(dim=-1)
+        log_probs = take_rows(self.log_probs, index).to(dtype).gather(-1, order)
+        tail = take_rows(self.log_tail_mass, index).to(dtype) - math.log(max(self.vocab_size - self.k, 1))
+        return SparseRows(indices, log_probs, tail.clamp(min=TAIL_LOG_PROB_FLOOR), self.vocab_size)
 
 
 @dataclass(frozen=True)
 class SparseRows:
     r"""
     n positions of a `TopKLogits`: sorted token ids `[n, k]`, their log-probabilities $\log \hat p$ `[n, k]`, and
-    the log-probability `tail` `[n]` of each of the other V - k tokens. Exactly the rows `TopKLogits[rows, cols]`
-    densifies, read without building them.
+    the log-probability `tail` `[n]` of each of the other V - k tokens: the rows `TopKLogits.dense` builds, kept
+    sparse.
     """
 
     indices: Tensor
@@ -188,6 +186,11 @@ def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:
     first = torch.ones_like(tokens, dtype=torch.bool)
     first[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
     return tokens, first
+
+
+def take_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """`tensor.flatten(0, 1)[index]` for a `[B, T, ...]` tensor and flat positions `index` (an `index_select`)."""
+    return tensor.reshape(-1, *tensor.shape[2:]).index_select(0, index)
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:

@@ -26,7 +26,7 @@ from .config import MultiTeacherDistillationConfig
 from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
-from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
+from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd
 from .model_card import create_model_card
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -367,12 +367,10 @@ class MultiTeacherDistillationTrainer(Trainer):
         student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
 
-        mask = next_token_mask(labels)
         teacher_logits, teacher_hidden = cached or [], []
         if cached is None:
             for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
                 logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-                check_finite(logits, mask, name)
                 teacher_logits.append(logits)
                 teacher_hidden.append(hidden)
         kd = multi_teacher_kd(
@@ -392,6 +390,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
         )
+        check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
         loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
         loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
         components = {"loss_ce": loss_ce, "loss_kd": kd.loss}

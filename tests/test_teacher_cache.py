@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling
+from transformers.modeling_outputs import CausalLMOutput
 
 import hf_mtkd.teacher_cache as teacher_cache
 from hf_mtkd import (
@@ -236,3 +237,19 @@ def test_dataset_with_short_examples(tmp_path, teachers, tokenizer):
     data = Dataset.from_dict({"input_ids": [[5], [5, 6, 7], [8, 9]]})
     cache = cache_teacher_logits(teachers, data, str(tmp_path), k=3, shard_size=2)
     assert [cache.dataset[i]["mtkd_topk_indices"].shape[0] for i in range(3)] == [0, 2, 1]
+
+
+class NaNTeacher(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, **kwargs):
+        return CausalLMOutput(logits=self.inner(**kwargs).logits * float("nan"))
+
+
+def test_nan_teacher_logits_are_refused_when_caching(tmp_path, teachers, small_data):
+    with pytest.raises(FloatingPointError, match="Teacher 'broken' produced NaN/inf logits"):
+        cache_teacher_logits(
+            [teachers[0], NaNTeacher(teachers[1])], small_data, str(tmp_path), k=4, names=["ok", "broken"]
+        )

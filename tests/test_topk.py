@@ -51,7 +51,7 @@ def test_from_logits_keeps_top_k_and_the_exact_tail_mass(batch):
     torch.testing.assert_close(topk.log_probs.exp(), expected_top)
     torch.testing.assert_close(topk.log_tail_mass.exp(), 1 - expected_top.sum(-1))
     rows, cols = torch.tensor([0, 2, 1]), torch.tensor([5, 0, 3])
-    dense = topk[rows, cols]
+    dense = topk.dense(rows * T + cols)
     torch.testing.assert_close(dense, plain_top_k_log_probs(z, 4)[rows, cols])
     torch.testing.assert_close(dense.exp().sum(-1), torch.ones(3, dtype=torch.float64))
 
@@ -60,8 +60,7 @@ def test_full_k_is_the_teacher_itself(batch):
     _, teachers, _ = batch
     topk = TopKLogits.from_logits(teachers[0], V)
     assert torch.isneginf(topk.log_tail_mass).all()
-    rows, cols = torch.meshgrid(torch.arange(B), torch.arange(T), indexing="ij")
-    torch.testing.assert_close(topk[rows.flatten(), cols.flatten()], torch.log_softmax(teachers[0], -1).flatten(0, 1))
+    torch.testing.assert_close(topk.dense(torch.arange(B * T)), torch.log_softmax(teachers[0], -1).flatten(0, 1))
 
 
 @pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
@@ -155,8 +154,7 @@ def test_bad_shapes_and_k_are_refused():
 
 
 def densified(cached: TopKLogits) -> torch.Tensor:
-    rows, cols = torch.meshgrid(torch.arange(cached.shape[0]), torch.arange(cached.shape[1]), indexing="ij")
-    return cached[rows.flatten(), cols.flatten()].view(cached.shape)
+    return cached.dense(torch.arange(cached.shape[0] * cached.shape[1])).view(cached.shape)
 
 
 @pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
