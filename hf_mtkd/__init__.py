@@ -4,12 +4,14 @@ __version__ = "0.1.0"
 
 from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
     causal_lm_loss,
     compute_teacher_weights,
     feature_alignment_loss,
     multi_teacher_kd,
     multi_teacher_kd_loss,
+    universal_logit_distillation_loss,
 )
 from .trainer import MultiTeacherDistillationTrainer
 from .weighting import WEIGHTINGS
@@ -19,10 +21,14 @@ __all__ = [
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
+    "MultiTokenizerCollator",
+    "VocabularyMap",
     "__version__",
+    "align_positions",
     "causal_lm_loss",
     "compute_teacher_weights",
     "feature_alignment_loss",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
+    "universal_logit_distillation_loss",
 ]

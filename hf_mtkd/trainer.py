@@ -22,12 +22,26 @@ from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import (
+    TEACHER_INPUTS_KEY,
+    MultiTokenizerCollator,
+    VocabularyMap,
+    resolve_teacher_tokenizers,
+    teacher_on_student_positions,
+)
 from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
-from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd, next_token_mask
+from .losses import (
+    MultiTeacherKDOutput,
+    causal_lm_loss,
+    feature_alignment_loss,
+    multi_teacher_kd,
+    next_token_mask,
+    universal_logit_distillation_loss,
+)
 from .model_card import create_model_card
-from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
+from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names, vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -35,6 +49,31 @@ PROJECTOR_NAME = "mtkd_projector"
 """Attribute under which the feature projections are attached to the student (excluded from its saved weights)."""
 PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 """File holding the projections' weights, written beside the student in every save and checkpoint."""
+
+
+_PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
+"""Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def _check_text_column(collator: Any, *datasets: Any) -> None:
+    """A cross-tokenizer collator reads raw text: refuse up front a dataset of token ids only."""
+    if not isinstance(collator, MultiTokenizerCollator):
+        return
+    for dataset in datasets:
+        for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            columns = getattr(split, "column_names", None)
+            if columns is not None and collator.text_column not in columns:
+                raise ValueError(
+                    f"Cross-tokenizer distillation needs the raw text, but the dataset has no "
+                    f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "
+                    "tokenizer, so keep the text column instead of pre-tokenized ids; the collator truncates it."
+                )
 
 
 class MultiTeacherDistillationTrainer(Trainer):
@@ -56,11 +95,14 @@ class MultiTeacherDistillationTrainer(Trainer):
 
     Args:
         model: the student, a causal LM model or a name/path to load.
-        teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), all on the
-            student's vocabulary.
+        teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), on the
+            student's vocabulary or, in cross-tokenizer mode (`cross_tokenizer`), on their own.
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer.
+            `processing_class` is a tokenizer, or to a `MultiTokenizerCollator` (which reads a `text` column) when
+            some teacher runs in cross-tokenizer mode.
+        teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
+            use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
         **kwargs: any other `Trainer` argument.
     """
 
@@ -73,6 +115,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         args: MultiTeacherDistillationConfig | None = None,
         data_collator: Any = None,
         processing_class: Any = None,
+        teacher_tokenizers: Sequence[PreTrainedTokenizerBase | str | None] | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -100,22 +143,41 @@ class MultiTeacherDistillationTrainer(Trainer):
                     "projections are used outside the student's forward. Leave it unset (or False)."
                 )
             args.ddp_find_unused_parameters = False
-        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-            data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
-
         self.teacher_names = teacher_names(teachers, args.teacher_names)
         with zero3_init_dtype(args.teacher_dtype):
             self.teachers = load_teachers(
                 teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
             )
+        self.teacher_tokenizers = resolve_teacher_tokenizers(
+            teachers,
+            self.teachers,
+            self.teacher_names,
+            model,
+            processing_class,
+            teacher_tokenizers,
+            args.cross_tokenizer,
+        )
+        """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
         check_teachers(
             self.teachers,
             self.teacher_names,
             model,
             need_hidden_states=args.alpha_feat > 0,
-            specs=teachers,
-            tokenizer=processing_class,
+            cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
         )
+        self.vocabulary_maps = self._build_vocabulary_maps(model, processing_class)
+        self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
+        if data_collator is None and self.cross_tokenizer:
+            data_collator = MultiTokenizerCollator(
+                processing_class,
+                self.teacher_tokenizers,
+                max_length=args.cross_tokenizer_max_length,
+                teacher_max_lengths=[_max_positions(t) for t in self.teachers],
+            )
+        elif data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+            data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+        if self.cross_tokenizer:
+            _check_text_column(data_collator, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
@@ -141,6 +203,41 @@ class MultiTeacherDistillationTrainer(Trainer):
         """The command that ran this training, shown in the model card (the example script sets it)."""
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    # ---- cross-tokenizer teachers ----
+
+    def _build_vocabulary_maps(self, student: nn.Module, tokenizer: Any) -> list[VocabularyMap | None]:
+        """One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged."""
+        maps: list[VocabularyMap | None] = []
+        for teacher, name, teacher_tokenizer in zip(
+            self.teachers, self.teacher_names, self.teacher_tokenizers, strict=True
+        ):
+            if teacher_tokenizer is None:
+                maps.append(None)
+                continue
+            vocabulary_map = VocabularyMap.build(
+                teacher_tokenizer,
+                tokenizer,
+                teacher_vocab_size=vocab_size(teacher),
+                student_vocab_size=vocab_size(student),
+            )
+            coverage = vocabulary_map.coverage()
+            logger.info(
+                "Teacher %r runs in cross-tokenizer mode: of its %d tokens, %.1f%% map exactly onto the student's "
+                "vocabulary, %.1f%% to the student token that begins their text, %.1f%% nowhere.",
+                name,
+                vocabulary_map.index.numel(),
+                100 * coverage["exact"],
+                100 * coverage["prefix"],
+                100 * coverage["unmapped"],
+            )
+            maps.append(vocabulary_map)
+        return maps
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.cross_tokenizer and isinstance(self.data_collator, MultiTokenizerCollator):
+            self._signature_columns = [*self._signature_columns, self.data_collator.text_column]
 
     # ---- feature projections ----
 
@@ -248,18 +345,39 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError(f"Received an empty batch (labels of shape {tuple(labels.shape)}).")
         args = self.args
         align = self.projector is not None
-        student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
 
         mask = next_token_mask(labels)
-        teacher_logits, teacher_hidden = [], []
-        for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
-            logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-            check_finite(logits, mask, name)
+        teacher_logits, teacher_hidden, aligned = [], [], []
+        own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
+        for teacher, name, vocabulary_map, own in zip(
+            self.teachers, self.teacher_names, self.vocabulary_maps, own_inputs, strict=True
+        ):
+            if vocabulary_map is None:
+                logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
+                check_finite(logits, mask, name)
+                aligned.append(None)
+            else:
+                if own is None:
+                    raise ValueError(
+                        f"Teacher {name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
+                        "`MultiTokenizerCollator` (the default collator in that mode) on a dataset with raw text."
+                    )
+                view = teacher_on_student_positions(
+                    teacher, name, own, vocabulary_map, temperature=args.temperature, output_hidden_states=align
+                )
+                check_finite(view.own_logits, mask & view.available, name)
+                logits, hidden = view.logits, view.hidden_states
+                aligned.append(view)
             teacher_logits.append(logits)
             teacher_hidden.append(hidden)
+        teacher_mask = None
+        if self.cross_tokenizer:
+            teacher_mask = torch.stack([torch.ones_like(mask) if view is None else view.available for view in aligned])
+        uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
         kd = multi_teacher_kd(
-            outputs.logits,
+            outputs.logits.detach() if uld else outputs.logits,
             teacher_logits,
             labels,
             temperature=args.temperature,
@@ -274,7 +392,21 @@ class MultiTeacherDistillationTrainer(Trainer):
             min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
+            teacher_mask=teacher_mask,
         )
+        if uld:  # the same weights, the ULD distance on each teacher's own vocabulary instead of the fused KL
+            kd.loss = universal_logit_distillation_loss(
+                outputs.logits,
+                [
+                    logits if view is None else view.own_logits
+                    for logits, view in zip(teacher_logits, aligned, strict=True)
+                ],
+                labels,
+                kd.weights,
+                temperature=args.temperature,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.loss_chunk_size,
+            )
         loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
         loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
         components = {"loss_ce": loss_ce, "loss_kd": kd.loss}
@@ -292,7 +424,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             loss = loss + args.alpha_feat * loss_feat
             components["loss_feat"] = loss_feat
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch)
+        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch, aligned)
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
@@ -307,18 +439,33 @@ class MultiTeacherDistillationTrainer(Trainer):
         kd: MultiTeacherKDOutput,
         components: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
+        aligned: Sequence[Any] = (),
     ) -> None:
-        """Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log."""
+        """
+        Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log;
+        for cross-tokenizer teachers also the aligned positions (`teacher_aligned/<name>`) and, over those, the
+        unmapped and prefix-mapped probability mass. Entropy, NLL and masses are summed over the positions where
+        the teacher is available, and later averaged over them.
+        """
         count = kd.mask.sum()
         normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
         sums = {name: value.detach() * normalizer.clamp(min=1) for name, value in components.items()}
         weights = kd.weights[:, kd.mask].sum(dim=1)
-        entropy = kd.signals.entropy.sum(dim=1)
-        nll = -kd.signals.target_log_prob.sum(dim=1)
+        available = None if kd.teacher_mask is None else kd.teacher_mask[:, kd.mask]
+        entropy, log_prob = kd.signals.entropy, kd.signals.target_log_prob
+        if available is not None:
+            entropy, log_prob = entropy.where(available, 0.0), log_prob.where(available, 0.0)
+        entropy, nll = entropy.sum(dim=1), -log_prob.sum(dim=1)
         for k, name in enumerate(self.teacher_names):
             sums[f"teacher_weight/{name}"] = weights[k]
             sums[f"teacher_entropy/{name}"] = entropy[k]
             sums[f"teacher_nll/{name}"] = nll[k]
+            view = aligned[k] if k < len(aligned) else None
+            if view is not None:
+                here = available[k]
+                sums[f"teacher_aligned/{name}"] = here.sum()
+                sums[f"teacher_unmapped_mass/{name}"] = view.unmapped_mass[kd.mask][here].sum()
+                sums[f"teacher_prefix_mapped_mass/{name}"] = view.inexact_mass[kd.mask][here].sum()
         store = self._metrics[mode]
         for key, value in {"num_tokens": count, **sums}.items():
             store[key] = store[key] + value.float() if key in store else value.float()
@@ -333,7 +480,12 @@ class MultiTeacherDistillationTrainer(Trainer):
         store.clear()
         values = dict(zip(keys, totals.tolist(), strict=True))
         count = max(values.pop("num_tokens"), 1.0)
-        means = {key: value / count for key, value in values.items()}
+        means = {}
+        for key, value in values.items():
+            kind, _, name = key.partition("/")
+            aligned = f"teacher_aligned/{name}"
+            per_aligned = kind in _PER_ALIGNED_POSITION and aligned in values
+            means[key] = value / max(values[aligned], 1.0) if per_aligned else value / count
         if mode == "eval":
             means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
         return means
