@@ -533,7 +533,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError("Generation evaluation needs the tokenizer as `processing_class`.")
         metrics = evaluate_generation(
             self.accelerator.unwrap_model(self.model),
-            dict(zip(self.teacher_names, self.teachers, strict=True)) if include_teachers else {},
+            {  # a cross-tokenizer teacher cannot read the student's token ids
+                name: teacher
+                for name, teacher, own in zip(self.teacher_names, self.teachers, self.teacher_tokenizers, strict=True)
+                if own is None
+            }
+            if include_teachers
+            else {},
             self.processing_class,
             texts,
             prompt_length=prompt_length,

@@ -16,7 +16,7 @@ from hf_mtkd.cross_tokenizer import (
     token_bytes,
 )
 from hf_mtkd.losses import multi_teacher_kd
-from hf_mtkd.testing import fit_causal_lm, tiny_causal_lm, train_tiny_tokenizer
+from hf_mtkd.testing import tiny_causal_lm
 
 HARD_TEXTS = [
     "ada  sees the cat.\nbob likes it",  # double space, newline, punctuation
@@ -26,14 +26,8 @@ HARD_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizers(corpus):
-    """The student's byte-level BPE (512) and three teachers' tokenizers of other sizes and algorithms."""
-    return {
-        "student": train_tiny_tokenizer(corpus),
-        "bpe300": train_tiny_tokenizer(corpus, 300),
-        "unigram": train_tiny_tokenizer(corpus, 200, algorithm="unigram"),
-        "wordpiece": train_tiny_tokenizer(corpus, 200, algorithm="wordpiece"),
-    }
+def tokenizers(cross_tokenizers):
+    return cross_tokenizers
 
 
 # ---- alignment ----
@@ -264,18 +258,8 @@ def test_identity_map_keeps_the_kd_loss():
 
 
 @pytest.fixture(scope="module")
-def cross_teachers(tmp_path_factory, corpus, tokenizers):
-    """Three teachers, each on its own tokenizer (BPE 300, Unigram, WordPiece), fitted briefly and saved with it."""
-    dirs = []
-    for k, (name, kind) in enumerate([("bpe300", "gpt2"), ("unigram", "llama"), ("wordpiece", "gpt_neox")]):
-        tok = tokenizers[name]
-        model = tiny_causal_lm(kind, tok, seed=10 + k, hidden_size=48, num_layers=2)
-        fit_causal_lm(model, tok, corpus, steps=40, seed=k)
-        path = tmp_path_factory.mktemp(f"teacher_{name}")
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        dirs.append(str(path))
-    return dirs
+def cross_teachers(cross_teacher_dirs):
+    return cross_teacher_dirs
 
 
 def test_three_teachers_on_three_tokenizers_end_to_end(tmp_path, cross_teachers, text_dataset, tokenizers):
