@@ -35,8 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging
 
 from .teachers import teacher_forward, vocab_size
+
+logger = logging.get_logger(__name__)
 
 CROSS_TOKENIZER_MODES = ("auto", "always", "never")
 CROSS_TOKENIZER_LOSSES = ("kl", "uld")
@@ -516,3 +519,58 @@ def teacher_on_student_positions(
         unmapped_mass=mapped.unmapped_mass,
         inexact_mass=mapped.inexact_mass,
     )
+
+
+def build_vocabulary_maps(
+    teachers: Sequence[nn.Module],
+    names: Sequence[str],
+    teacher_tokenizers: Sequence[PreTrainedTokenizerBase | None],
+    student: nn.Module,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> list[VocabularyMap | None]:
+    """One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged."""
+    maps: list[VocabularyMap | None] = []
+    for teacher, name, tokenizer in zip(teachers, names, teacher_tokenizers, strict=True):
+        if tokenizer is None:
+            maps.append(None)
+            continue
+        vocabulary_map = VocabularyMap.build(
+            tokenizer,
+            student_tokenizer,
+            teacher_vocab_size=vocab_size(teacher),
+            student_vocab_size=vocab_size(student),
+        )
+        coverage = vocabulary_map.coverage()
+        logger.info(
+            "Teacher %r runs in cross-tokenizer mode: of its %d tokens, %.1f%% map exactly onto the student's "
+            "vocabulary, %.1f%% to the student token that begins their text, %.1f%% nowhere.",
+            name,
+            vocabulary_map.index.numel(),
+            100 * coverage["exact"],
+            100 * coverage["prefix"],
+            100 * coverage["unmapped"],
+        )
+        maps.append(vocabulary_map)
+    return maps
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input a model accepts (`max_position_embeddings` of its text config), if it says."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def check_text_column(collator: Any, *datasets: Any) -> None:
+    """A cross-tokenizer collator reads raw text: refuse up front a dataset of token ids only."""
+    if not isinstance(collator, MultiTokenizerCollator):
+        return
+    for dataset in datasets:
+        for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            columns = getattr(split, "column_names", None)
+            if columns is not None and collator.text_column not in columns:
+                raise ValueError(
+                    f"Cross-tokenizer distillation needs the raw text, but the dataset has no "
+                    f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "
+                    "tokenizer, so keep the text column instead of pre-tokenized ids; the collator truncates it."
+                )

@@ -25,7 +25,9 @@ from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
     MultiTokenizerCollator,
-    VocabularyMap,
+    build_vocabulary_maps,
+    check_text_column,
+    max_positions,
     resolve_teacher_tokenizers,
     teacher_on_student_positions,
 )
@@ -41,7 +43,7 @@ from .losses import (
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
-from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names, vocab_size
+from .teachers import check_finite, check_teachers, load_teachers, teacher_forward, teacher_names
 
 logger = logging.get_logger(__name__)
 
@@ -53,27 +55,6 @@ PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 
 _PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
 """Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "max_position_embeddings", None)
-
-
-def _check_text_column(collator: Any, *datasets: Any) -> None:
-    """A cross-tokenizer collator reads raw text: refuse up front a dataset of token ids only."""
-    if not isinstance(collator, MultiTokenizerCollator):
-        return
-    for dataset in datasets:
-        for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
-            columns = getattr(split, "column_names", None)
-            if columns is not None and collator.text_column not in columns:
-                raise ValueError(
-                    f"Cross-tokenizer distillation needs the raw text, but the dataset has no "
-                    f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "
-                    "tokenizer, so keep the text column instead of pre-tokenized ids; the collator truncates it."
-                )
 
 
 class MultiTeacherDistillationTrainer(Trainer):
@@ -165,19 +146,21 @@ class MultiTeacherDistillationTrainer(Trainer):
             need_hidden_states=args.alpha_feat > 0,
             cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
         )
-        self.vocabulary_maps = self._build_vocabulary_maps(model, processing_class)
+        self.vocabulary_maps = build_vocabulary_maps(
+            self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
+        )
         self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
         if data_collator is None and self.cross_tokenizer:
             data_collator = MultiTokenizerCollator(
                 processing_class,
                 self.teacher_tokenizers,
                 max_length=args.cross_tokenizer_max_length,
-                teacher_max_lengths=[_max_positions(t) for t in self.teachers],
+                teacher_max_lengths=[max_positions(t) for t in self.teachers],
             )
         elif data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
             data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
         if self.cross_tokenizer:
-            _check_text_column(data_collator, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+            check_text_column(data_collator, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
@@ -205,34 +188,6 @@ class MultiTeacherDistillationTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     # ---- cross-tokenizer teachers ----
-
-    def _build_vocabulary_maps(self, student: nn.Module, tokenizer: Any) -> list[VocabularyMap | None]:
-        """One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged."""
-        maps: list[VocabularyMap | None] = []
-        for teacher, name, teacher_tokenizer in zip(
-            self.teachers, self.teacher_names, self.teacher_tokenizers, strict=True
-        ):
-            if teacher_tokenizer is None:
-                maps.append(None)
-                continue
-            vocabulary_map = VocabularyMap.build(
-                teacher_tokenizer,
-                tokenizer,
-                teacher_vocab_size=vocab_size(teacher),
-                student_vocab_size=vocab_size(student),
-            )
-            coverage = vocabulary_map.coverage()
-            logger.info(
-                "Teacher %r runs in cross-tokenizer mode: of its %d tokens, %.1f%% map exactly onto the student's "
-                "vocabulary, %.1f%% to the student token that begins their text, %.1f%% nowhere.",
-                name,
-                vocabulary_map.index.numel(),
-                100 * coverage["exact"],
-                100 * coverage["prefix"],
-                100 * coverage["unmapped"],
-            )
-            maps.append(vocabulary_map)
-        return maps
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
