@@ -4,12 +4,14 @@ __version__ = "0.1.0"
 
 from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
     causal_lm_loss,
     compute_teacher_weights,
     feature_alignment_loss,
     multi_teacher_kd,
     multi_teacher_kd_loss,
+    universal_logit_distillation_loss,
 )
 from .teacher_cache import (
     StaleCacheError,
@@ -27,11 +29,14 @@ __all__ = [
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
+    "MultiTokenizerCollator",
     "StaleCacheError",
     "TeacherCacheCollator",
     "TeacherLogitsCache",
     "TopKLogits",
+    "VocabularyMap",
     "__version__",
+    "align_positions",
     "cache_teacher_logits",
     "causal_lm_loss",
     "compute_teacher_weights",
@@ -39,4 +44,5 @@ __all__ = [
     "load_teacher_cache",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
+    "universal_logit_distillation_loss",
 ]

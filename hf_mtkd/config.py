@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .losses import FEATURE_LOSSES, FUSIONS
 from .weighting import GRANULARITIES, WEIGHTINGS
@@ -162,6 +163,34 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             'names or paths, e.g. \'{"revision": "main", "attn_implementation": "sdpa"}\'.'
         },
     )
+    cross_tokenizer: str = field(
+        default="auto",
+        metadata={
+            "help": "Teachers with another tokenizer than the student's: 'auto' distills a teacher whose tokenizer "
+            "(or vocabulary size) differs in cross-tokenizer mode: every model tokenizes the raw text itself, "
+            "positions are aligned by character offsets and the teacher's next-token distribution is mapped onto "
+            "the student's vocabulary (the dataset must then keep a 'text' column). 'always' uses that mode for "
+            "every teacher, 'never' for none (a teacher with another tokenizer is then an error).",
+            "choices": list(CROSS_TOKENIZER_MODES),
+        },
+    )
+    cross_tokenizer_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Divergence of the KD term when some teacher runs in cross-tokenizer mode: 'kl' (the fused KL "
+            "on the student's vocabulary, teachers mapped onto it) or 'uld' (Universal Logit Distillation: the "
+            "weighted L1 distance between sorted teacher and student probabilities, which needs no shared "
+            "vocabulary; for teachers whose vocabularies barely overlap). 'uld' applies to every teacher.",
+            "choices": list(CROSS_TOKENIZER_LOSSES),
+        },
+    )
+    cross_tokenizer_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cross-tokenizer mode: the default collator keeps at most this many student tokens per text "
+            "(the teachers get the same character span). None: no truncation."
+        },
+    )
     projector_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -211,6 +240,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             ("fusion", FUSIONS),
             ("feature_loss", FEATURE_LOSSES),
             ("teacher_dtype", TEACHER_DTYPES),
+            ("cross_tokenizer", CROSS_TOKENIZER_MODES),
+            ("cross_tokenizer_loss", CROSS_TOKENIZER_LOSSES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {list(choices)}.")
@@ -226,6 +257,10 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             )
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be a positive number of positions, got {self.loss_chunk_size}.")
+        if self.cross_tokenizer_max_length is not None and self.cross_tokenizer_max_length < 2:
+            raise ValueError(
+                f"`cross_tokenizer_max_length` must be at least 2 tokens, got {self.cross_tokenizer_max_length}."
+            )
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)

@@ -108,6 +108,8 @@ class MultiTeacherKDOutput:
     """`[K, B, T]` teacher weights (constants for the gradient)."""
     signals: TeacherSignals
     """The teachers' entropies and true-token log-probabilities `[K, N]` at the valid positions, and the mask."""
+    teacher_mask: Tensor | None = None
+    """`[K, B, T]` bool, where each teacher was available (None: everywhere); signals elsewhere are meaningless."""
 
     @property
     def mask(self) -> Tensor:
@@ -156,6 +158,7 @@ def _teacher_statistics(
     granularity: str,
     min_weight: float,
     chunk_size: int | None,
+    teacher_mask: Tensor | None = None,
 ) -> tuple[TeacherSignals, Tensor]:
     """The teachers' `TeacherSignals` at the valid positions and weights `[K, B, T]`, `chunk_size` rows at once."""
     targets = shift_labels(labels)
@@ -188,6 +191,7 @@ def _teacher_statistics(
             params=params,
             granularity=granularity,
             min_weight=min_weight,
+            teacher_mask=teacher_mask,
         )
     return signals, weights
 
@@ -263,6 +267,7 @@ def compute_teacher_weights(
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    teacher_mask: Tensor | None = None,
 ) -> Tensor:
     r"""
     Teacher weights `[K, B, T]`, $w_k = \pi_k e^{s_k} / \sum_j \pi_j e^{s_j}$ (floored at `min_weight`).
@@ -278,6 +283,8 @@ def compute_teacher_weights(
         entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
         position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
         chunk_size: positions processed at once (None: all), which bounds the extra memory.
+        teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). An unavailable
+            teacher's weight is 0 and the others' are renormalised; where none is available all weights are 0.
     """
     _check_logits(None, teacher_logits)
     return _teacher_statistics(
@@ -291,6 +298,7 @@ def compute_teacher_weights(
         granularity=granularity,
         min_weight=min_weight,
         chunk_size=chunk_size,
+        teacher_mask=teacher_mask,
     )[1]
 
 
@@ -311,6 +319,7 @@ def multi_teacher_kd(
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    teacher_mask: Tensor | None = None,
 ) -> MultiTeacherKDOutput:
     r"""
     Multi-teacher KD loss with its weights and teacher signals; see `multi_teacher_kd_loss` for the formula and
@@ -330,11 +339,18 @@ def multi_teacher_kd(
         granularity=granularity,
         min_weight=min_weight,
         chunk_size=chunk_size,
+        teacher_mask=teacher_mask,
     )
     mask = signals.mask
+    # Positions where no teacher has weight (none available) get no KD term but still count in N.
+    kd_mask = mask if teacher_mask is None else mask & (weights > 0).any(dim=0)
     teachers = [logits.detach() for logits in teacher_logits]
-    kl = _FusedKLDivergence.apply(student_logits, weights[:, mask], temperature, fusion, mask, chunk_size, *teachers)
-    return MultiTeacherKDOutput(loss=kl / _normalizer(mask, num_items_in_batch), weights=weights, signals=signals)
+    kl = _FusedKLDivergence.apply(
+        student_logits, weights[:, kd_mask], temperature, fusion, kd_mask, chunk_size, *teachers
+    )
+    return MultiTeacherKDOutput(
+        loss=kl / _normalizer(mask, num_items_in_batch), weights=weights, signals=signals, teacher_mask=teacher_mask
+    )
 
 
 def multi_teacher_kd_loss(
@@ -354,6 +370,7 @@ def multi_teacher_kd_loss(
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    teacher_mask: Tensor | None = None,
 ) -> Tensor:
     r"""
     $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \mathrm{KL}(\bar p_{b,t} \,\|\, q_{b,t})$.
@@ -372,6 +389,9 @@ def multi_teacher_kd_loss(
             min_weight, position_ids: how teachers are weighted, see `compute_teacher_weights`.
         chunk_size: positions processed at once (None: all). The result does not depend on it; the extra memory
             is O(chunk_size x V x K) instead of O(N x V x K), and the gradient is computed during the forward.
+        teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). At each position the
+            fusion runs over the available teachers with renormalised weights; a position where none is available
+            adds no KD term but still counts in N (so the loss stays a mean over the same positions as `L_ce`).
     """
     return multi_teacher_kd(
         student_logits,
@@ -389,6 +409,7 @@ def multi_teacher_kd_loss(
         min_weight=min_weight,
         position_ids=position_ids,
         chunk_size=chunk_size,
+        teacher_mask=teacher_mask,
     ).loss
 
 
@@ -446,3 +467,56 @@ def feature_alignment_loss(
     per_position = (w * mean_distance).sum(dim=0) / w.sum(dim=0).clamp(min=torch.finfo(w.dtype).tiny)
     valid = torch.ones(weights.shape[1], dtype=torch.bool, device=weights.device)
     return per_position.sum() / _normalizer(valid, num_items_in_batch)
+
+
+def universal_logit_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Sequence[Tensor],
+    labels: Tensor,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: Tensor | int | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    r"""
+    Weighted ULD loss (Universal Logit Distillation), which needs no shared vocabulary:
+    $L_{uld} = \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \sum_k w_k \sum_i |p^{\downarrow}_{k,i} - q^{\downarrow}_i|$.
+
+    $p^{\downarrow}_k$ is teacher k's tempered distribution $\mathrm{softmax}(z_k/\tau)$ over its own vocabulary,
+    sorted in decreasing order, $q^{\downarrow}$ the student's, and the shorter of the two is padded with zeros: the
+    distance compares the shapes of the two distributions, rank by rank, not which tokens carry the mass. It is a
+    weaker signal than a KL on a shared vocabulary and meant for teachers whose vocabularies barely overlap.
+
+    Args:
+        student_logits: `[B, T, V]`, unshifted.
+        teacher_logits: K tensors `[B, T, V_k]` on each teacher's own vocabulary, already at the student's
+            positions (see `hf_mtkd.cross_tokenizer`).
+        labels: `[B, T]`, -100 where ignored.
+        weights: `[K, B, T]` teacher weights; 0 where a teacher is unavailable.
+        num_items_in_batch: N, when the loss must be normalised over more than this batch.
+        chunk_size: positions sorted at once (None: all).
+    """
+    if len(teacher_logits) != weights.shape[0]:
+        raise ValueError(f"{len(teacher_logits)} teacher logits but weights for {weights.shape[0]} teachers.")
+    mask = next_token_mask(labels)
+    total = _upcast(student_logits.new_zeros(()))
+    flat_weights = weights.flatten(1)
+    for index in _row_chunks(mask, chunk_size):
+        student = torch.softmax(_upcast(take_rows(student_logits, index)) / temperature, dim=-1).sort(
+            dim=-1, descending=True
+        )
+        for k, logits in enumerate(teacher_logits):
+            teacher = torch.softmax(_dense_rows(logits, index) / temperature, dim=-1)
+            teacher = teacher.sort(dim=-1, descending=True).values
+            width = max(teacher.shape[-1], student.values.shape[-1])
+            distance = (
+                (
+                    F.pad(teacher, (0, width - teacher.shape[-1]))
+                    - F.pad(student.values, (0, width - student.values.shape[-1]))
+                )
+                .abs()
+                .sum(dim=-1)
+            )
+            total = total + (flat_weights[k, index].to(distance.dtype) * distance).sum()
+    return total / _normalizer(mask, num_items_in_batch)

@@ -4,8 +4,12 @@ with teachers.
 
 The same flags as `run_clm.py` (the student is `--model_name_or_path`, or `--config_name`/`--model_type` with
 `--config_overrides` for a new one), plus `--teacher_model_name_or_path A B C`, the distillation settings of
-`MultiTeacherDistillationConfig` and `--do_generate_eval`. Instead of flags, a single .json or .yaml file of the same
-arguments may be given. Run it as `python examples/run_clm_distill.py ...` or `hf-mtkd distill ...`.
+`MultiTeacherDistillationConfig` and `--do_generate_eval`. Instead of flags, a single .json or .yaml file of the
+same arguments may be given. Run it as `python examples/run_clm_distill.py ...` or `hf-mtkd distill ...`.
+
+Teachers may use other tokenizers than the student (each its own, or `--teacher_tokenizer_name`): they are then
+distilled in cross-tokenizer mode (see `hf_mtkd.cross_tokenizer`), on the raw texts, each cut to `--block_size`
+student tokens, instead of concatenated token blocks.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from transformers import (
 )
 
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import same_tokenizer
 from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
 from .trainer import MultiTeacherDistillationTrainer
 
@@ -58,8 +63,16 @@ class ModelArguments:
     teacher_model_name_or_path: list[str] | None = field(
         default=None,
         metadata={
-            "help": "One or more teachers (required): Hub model ids or local directories of causal LMs that share the "
-            "student's tokenizer, e.g. `--teacher_model_name_or_path gpt2-large gpt2-medium`."
+            "help": "One or more teachers (required): Hub model ids or local directories of causal LMs, e.g. "
+            "`--teacher_model_name_or_path gpt2-large gpt2-medium`. A teacher whose tokenizer differs from the "
+            "student's is distilled in cross-tokenizer mode (see --cross_tokenizer)."
+        },
+    )
+    teacher_tokenizer_name: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer (name or path) of each teacher, one per teacher in the order of "
+            "--teacher_model_name_or_path. Default: each teacher's own."
         },
     )
     model_name_or_path: str | None = field(
@@ -90,8 +103,8 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None,
         metadata={
-            "help": "Tokenizer (name or path). Default: the student's (--model_name_or_path), else the first "
-            "teacher's; every teacher must share it."
+            "help": "The student's tokenizer (name or path). Default: the student's (--model_name_or_path), else the "
+            "first teacher's."
         },
     )
     cache_dir: str | None = field(
@@ -144,6 +157,13 @@ class ModelArguments:
             raise ValueError(
                 f"--model_type {self.model_type!r} is not a causal LM architecture of transformers; use one of "
                 f"{', '.join(MODEL_TYPES)}."
+            )
+        if self.teacher_tokenizer_name is not None and len(self.teacher_tokenizer_name) != len(
+            self.teacher_model_name_or_path
+        ):
+            raise ValueError(
+                f"--teacher_tokenizer_name has {len(self.teacher_tokenizer_name)} entries but there are "
+                f"{len(self.teacher_model_name_or_path)} teachers: give one per teacher, in the same order."
             )
         if self.config_overrides is not None and self.model_name_or_path is not None:
             raise ValueError(
@@ -376,8 +396,12 @@ def load_student(
     model_args: ModelArguments,
     teacher_config: PretrainedConfig,
     parser: HfArgumentParser,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
-    """The student from `--model_name_or_path`, or a new one from `--config_name`/`--model_type` (+ overrides)."""
+    """
+    The student from `--model_name_or_path`, or a new one from `--config_name`/`--model_type` (+ overrides) with
+    `vocab_size` (default: the first teacher's).
+    """
     kwargs = {
         "cache_dir": model_args.cache_dir,
         "revision": model_args.model_revision,
@@ -401,15 +425,45 @@ def load_student(
     if model_args.config_overrides:
         logger.info("Overriding the student's config with %s", model_args.config_overrides)
         config.update_from_string(model_args.config_overrides)
-    teacher_vocab = teacher_config.get_text_config().vocab_size
-    if config.get_text_config().vocab_size != teacher_vocab:
-        logger.info(
-            "The new student gets the teachers' vocabulary size, %d, so that their logits line up.", teacher_vocab
-        )
-        config.get_text_config().vocab_size = teacher_vocab
+    target_vocab = vocab_size or teacher_config.get_text_config().vocab_size
+    if config.get_text_config().vocab_size != target_vocab:
+        logger.info("The new student gets a vocabulary of %d tokens, that of its tokenizer.", target_vocab)
+        config.get_text_config().vocab_size = target_vocab
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
     logger.info("Training a new student from scratch: %.2fM parameters.", model.num_parameters() / 1e6)
     return model
+
+
+def load_teacher_tokenizers(
+    model_args: ModelArguments, hub_kwargs: dict[str, Any]
+) -> list[PreTrainedTokenizerBase | None]:
+    """Each teacher's tokenizer (from --teacher_tokenizer_name, else its own directory), None where it has none."""
+    names = model_args.teacher_tokenizer_name or model_args.teacher_model_name_or_path
+    tokenizers = []
+    for name in names:
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(name, use_fast=True, **hub_kwargs))
+        except (OSError, ValueError) as err:
+            if model_args.teacher_tokenizer_name:
+                raise ValueError(f"--teacher_tokenizer_name {name!r} cannot be loaded: {err}") from None
+            tokenizers.append(None)
+    return tokenizers
+
+
+def prepare_text_datasets(
+    raw: DatasetDict | IterableDatasetDict, text_column: str
+) -> DatasetDict | IterableDatasetDict:
+    """
+    Cross-tokenizer mode: the raw texts themselves, one example per non-blank text under `text`, which the collator
+    tokenizes for every model (cut to --block_size student tokens); no concatenation into blocks.
+    """
+    columns = column_names(next(iter(raw.values())))
+    texts = raw.map(
+        lambda examples: {"text": examples[text_column]},
+        batched=True,
+        remove_columns=[c for c in columns if c != "text"] if text_column == "text" else columns,
+    )
+    return texts.filter(lambda example: bool(example["text"] and example["text"].strip()))
 
 
 def prepare_datasets(
@@ -498,7 +552,26 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     logger.info("Using the tokenizer of %s.", tokenizer_source)
-    student = None if cache_only else load_student(model_args, teacher_configs[0], parser)
+    try:
+        teacher_tokenizers = load_teacher_tokenizers(model_args, hub_kwargs)
+    except ValueError as err:
+        parser.error(str(err))
+    cross = training_args.cross_tokenizer == "always" or (
+        training_args.cross_tokenizer == "auto"
+        and any(t is not None and not same_tokenizer(t, tokenizer) for t in teacher_tokenizers)
+    )
+    if cross:
+        logger.info("Some teacher has another tokenizer: distilling in cross-tokenizer mode, on the raw texts.")
+        if model_args.teacher_logits_cache:
+            parser.error(
+                "--teacher_logits_cache needs teachers that share the student's tokenizer; in cross-tokenizer mode "
+                "the teachers run live."
+            )
+    student = (
+        None
+        if cache_only
+        else load_student(model_args, teacher_configs[0], parser, vocab_size=len(tokenizer) if cross else None)
+    )
 
     text_column = pick_text_column(column_names(next(iter(raw.values()))), data_args.text_column_name, parser)
     limit = max_input_length(tokenizer, [*([student.config] if student else []), *teacher_configs])
@@ -506,7 +579,12 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     if block_size > limit:
         logger.warning("--block_size %d is longer than the models accept; using %d.", block_size, limit)
         block_size = limit
-    lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column)
+    if cross:
+        lm_datasets = prepare_text_datasets(raw, text_column)
+        if training_args.cross_tokenizer_max_length is None:
+            training_args.cross_tokenizer_max_length = block_size
+    else:
+        lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column)
 
     train_dataset = eval_dataset = None
     if training_args.do_train or (cache_only and "train" in lm_datasets):
@@ -533,7 +611,8 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=default_data_collator,
+            data_collator=None if cross else default_data_collator,
+            teacher_tokenizers=teacher_tokenizers if cross else None,
         )
     except ValueError as err:  # teachers that do not fit the student or the settings
         parser.error(str(err))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM
 
 from .model_card import count_parameters
 
@@ -97,26 +97,25 @@ def check_teachers(
     student: nn.Module,
     *,
     need_hidden_states: bool,
-    specs: Sequence[nn.Module | str] = (),
-    tokenizer: Any = None,
+    cross_tokenizer: Sequence[bool] = (),
 ) -> None:
-    """Raise a clear error for a teacher on the meta device, with another vocabulary, or without hidden states."""
+    """
+    Raise a clear error for a teacher on the meta device, with another vocabulary size (unless it runs in
+    cross-tokenizer mode, `cross_tokenizer[k]`), or without hidden states.
+    """
     student_vocab = vocab_size(student)
-    for teacher, name, spec in zip(teachers, names, list(specs) or [None] * len(teachers), strict=True):
+    for teacher, name, cross in zip(teachers, names, list(cross_tokenizer) or [False] * len(teachers), strict=True):
         if any(p.device.type == "meta" for p in teacher.parameters()):
             raise ValueError(
                 f"Teacher {name!r} has parameters on the meta device, so it has no weights to run. Load it with "
                 "real weights (e.g. `from_pretrained` without `device_map='meta'` or `init_empty_weights`)."
             )
-        if isinstance(spec, (str, os.PathLike)) and isinstance(tokenizer, PreTrainedTokenizerBase):
-            _check_tokenizer(spec, name, tokenizer)
         teacher_vocab = vocab_size(teacher)
-        if teacher_vocab != student_vocab:
+        if not cross and teacher_vocab != student_vocab:
             raise ValueError(
                 f"Teacher {name!r} has a vocabulary of {teacher_vocab} tokens but the student has {student_vocab}. "
-                "Fused distillation compares next-token distributions token id by token id, so every teacher must "
-                "share the student's tokenizer and vocabulary size; teachers with other tokenizers need a "
-                "cross-tokenizer distillation mode."
+                "Fused distillation on a shared vocabulary compares next-token distributions id by id; for a teacher "
+                "with another tokenizer use `cross_tokenizer='auto'` and give its tokenizer (`teacher_tokenizers`)."
             )
         if need_hidden_states and not _accepts_kwarg(teacher, "output_hidden_states"):
             raise ValueError(
@@ -124,22 +123,6 @@ def check_teachers(
                 "neither `output_hidden_states` nor `**kwargs`. Feature alignment (`alpha_feat > 0`) needs them: "
                 "use a transformers model or set `alpha_feat=0`."
             )
-
-
-def _check_tokenizer(spec: str | os.PathLike, name: str, student_tokenizer: PreTrainedTokenizerBase) -> None:
-    """When the teacher ships a tokenizer, it must map tokens to the same ids as the student's."""
-    try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):
-        return
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab != teacher_vocab:
-        differing = len(set(student_vocab.items()) ^ set(teacher_vocab.items()))
-        raise ValueError(
-            f"Teacher {name!r} uses a different tokenizer from the student ({len(teacher_vocab)} vs "
-            f"{len(student_vocab)} tokens, {differing} token/id entries differ). Fused distillation needs one "
-            "shared tokenizer; teachers with other tokenizers need a cross-tokenizer distillation mode."
-        )
 
 
 def _accepts_kwarg(model: nn.Module, name: str) -> bool:

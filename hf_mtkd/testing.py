@@ -48,17 +48,40 @@ def synthetic_corpus(num_texts: int, seed: int = 0, domains: list[str] | None = 
     return [generators[i % len(generators)](rng) for i in range(num_texts)]
 
 
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with `<s>`, `</s>`, `<pad>` and `<unk>`."""
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+TOKENIZER_ALGORITHMS = ("bpe", "unigram", "wordpiece")
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512, algorithm: str = "bpe") -> PreTrainedTokenizerFast:
+    """
+    A tokenizer trained on `texts`, with `<s>`, `</s>`, `<pad>` and `<unk>`: byte-level BPE (`bpe`, GPT-2 style),
+    SentencePiece-style Unigram with the `▁` space marker (`unigram`) or BERT-style WordPiece with `##`
+    continuations (`wordpiece`).
+    """
+    specials = list(SPECIAL_TOKENS.values())
+    if algorithm == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif algorithm == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=SPECIAL_TOKENS["unk_token"], show_progress=False
+        )
+    elif algorithm == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    else:
+        raise ValueError(f"Unknown tokenizer algorithm {algorithm!r}; choose one of {list(TOKENIZER_ALGORITHMS)}.")
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 

@@ -23,10 +23,25 @@ from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import (
+    TEACHER_INPUTS_KEY,
+    MultiTokenizerCollator,
+    build_vocabulary_maps,
+    check_text_column,
+    max_positions,
+    resolve_teacher_tokenizers,
+    teacher_on_student_positions,
+)
 from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
-from .losses import MultiTeacherKDOutput, causal_lm_loss, feature_alignment_loss, multi_teacher_kd
+from .losses import (
+    MultiTeacherKDOutput,
+    causal_lm_loss,
+    feature_alignment_loss,
+    multi_teacher_kd,
+    universal_logit_distillation_loss,
+)
 from .model_card import create_model_card
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -53,6 +68,10 @@ PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 """File holding the projections' weights, written beside the student in every save and checkpoint."""
 
 
+_PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
+"""Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
+
+
 class MultiTeacherDistillationTrainer(Trainer):
     """
     A drop-in `Trainer` that distills one or more frozen teachers into `model` (the student).
@@ -77,11 +96,15 @@ class MultiTeacherDistillationTrainer(Trainer):
 
     Args:
         model: the student, a causal LM model or a name/path to load.
-        teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), all on the
-            student's vocabulary; or a `TeacherLogitsCache` of their top-k outputs.
+        teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), on the
+            student's vocabulary or, in cross-tokenizer mode (`cross_tokenizer`), on their own; or a
+            `TeacherLogitsCache` of their top-k outputs (on the student's vocabulary).
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache).
+            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache), or to a
+            `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
+        teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
+            use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
         **kwargs: any other `Trainer` argument.
     """
 
@@ -96,6 +119,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
+        teacher_tokenizers: Sequence[PreTrainedTokenizerBase | str | None] | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -124,39 +148,69 @@ class MultiTeacherDistillationTrainer(Trainer):
                     "projections are used outside the student's forward. Leave it unset (or False)."
                 )
             args.ddp_find_unused_parameters = False
-        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-            data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
-
         self.teacher_cache = cache
         """The teacher-logits cache trained on instead of live teachers, if any."""
-        if cache is None:
-            self.teacher_names = teacher_names(teachers, args.teacher_names)
-            with zero3_init_dtype(args.teacher_dtype):
-                self.teachers = load_teachers(
-                    teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+        if cache is not None:
+            if teacher_tokenizers is not None:
+                raise ValueError(
+                    "`teacher_tokenizers` cannot be combined with a teacher-logits cache: a cache holds teachers on "
+                    "the student's vocabulary. Pass the teachers themselves for cross-tokenizer distillation."
                 )
-            check_teachers(
-                self.teachers,
-                self.teacher_names,
-                model,
-                need_hidden_states=args.alpha_feat > 0,
-                specs=teachers,
-                tokenizer=processing_class,
-            )
-            self.teacher_records = [
-                teacher_record(t, n) for t, n in zip(self.teachers, self.teacher_names, strict=True)
-            ]
-        else:
             self.teachers = []
             self.teacher_names = teacher_names(cache.teacher_names, args.teacher_names)
             self.teacher_records = [
                 {**record, "name": name}
                 for record, name in zip(cache.manifest.teachers, self.teacher_names, strict=True)
             ]
+            self.teacher_tokenizers = self.vocabulary_maps = [None] * len(self.teacher_names)
+            self.cross_tokenizer = False
             train_dataset, eval_dataset = self._check_cache(
                 cache, args, model, processing_class, train_dataset, eval_dataset
             )
+            if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator)
+        else:
+            self.teacher_names = teacher_names(teachers, args.teacher_names)
+            with zero3_init_dtype(args.teacher_dtype):
+                self.teachers = load_teachers(
+                    teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
+                )
+            self.teacher_records = [
+                teacher_record(t, n) for t, n in zip(self.teachers, self.teacher_names, strict=True)
+            ]
+            self.teacher_tokenizers = resolve_teacher_tokenizers(
+                teachers,
+                self.teachers,
+                self.teacher_names,
+                model,
+                processing_class,
+                teacher_tokenizers,
+                args.cross_tokenizer,
+            )
+            """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
+            check_teachers(
+                self.teachers,
+                self.teacher_names,
+                model,
+                need_hidden_states=args.alpha_feat > 0,
+                cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
+            )
+            self.vocabulary_maps = build_vocabulary_maps(
+                self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
+            )
+            self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
+            if data_collator is None and self.cross_tokenizer:
+                data_collator = MultiTokenizerCollator(
+                    processing_class,
+                    self.teacher_tokenizers,
+                    max_length=args.cross_tokenizer_max_length,
+                    teacher_max_lengths=[max_positions(t) for t in self.teachers],
+                )
+            elif data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+            if self.cross_tokenizer:
+                check_text_column(data_collator, train_dataset, eval_dataset)
 
         super().__init__(
             model=model,
@@ -244,10 +298,16 @@ class MultiTeacherDistillationTrainer(Trainer):
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
 
+    # ---- extra dataset columns: the cached logits, or the raw text cross-tokenizer teachers read ----
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.teacher_cache is not None and self._signature_columns is not None:
+        if self._signature_columns is None:
+            return
+        if self.teacher_cache is not None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
+        if self.cross_tokenizer and isinstance(self.data_collator, MultiTokenizerCollator):
+            self._signature_columns = [*self._signature_columns, self.data_collator.text_column]
 
     # ---- feature projections ----
 
@@ -364,17 +424,34 @@ class MultiTeacherDistillationTrainer(Trainer):
                 else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
             )
         cached = batch_teacher_logits(inputs, self.teacher_cache.manifest.vocab_size) if self.teacher_cache else None
-        student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
 
-        teacher_logits, teacher_hidden = cached or [], []
-        if cached is None:
-            for teacher, name in zip(self.teachers, self.teacher_names, strict=True):
+        teacher_logits, teacher_hidden, aligned = cached or [], [], [None] * len(self.teacher_names)
+        own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
+        live = zip(self.teachers, self.teacher_names, self.vocabulary_maps, own_inputs, strict=True)
+        for k, (teacher, name, vocabulary_map, own) in enumerate([] if cached else live):
+            if vocabulary_map is None:
                 logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-                teacher_logits.append(logits)
-                teacher_hidden.append(hidden)
+            else:
+                if own is None:
+                    raise ValueError(
+                        f"Teacher {name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
+                        "`MultiTokenizerCollator` (the default collator in that mode) on a dataset with raw text."
+                    )
+                aligned[k] = view = teacher_on_student_positions(
+                    teacher, name, own, vocabulary_map, temperature=args.temperature, output_hidden_states=align
+                )
+                logits, hidden = view.logits, view.hidden_states
+            teacher_logits.append(logits)
+            teacher_hidden.append(hidden)
+        teacher_mask = None
+        if self.cross_tokenizer:
+            valid = torch.ones_like(labels, dtype=torch.bool)
+            teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
+        uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
         kd = multi_teacher_kd(
-            outputs.logits,
+            outputs.logits.detach() if uld else outputs.logits,
             teacher_logits,
             labels,
             temperature=args.temperature,
@@ -389,8 +466,22 @@ class MultiTeacherDistillationTrainer(Trainer):
             min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
+            teacher_mask=teacher_mask,
         )
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
+        if uld:  # the same weights, the ULD distance on each teacher's own vocabulary instead of the fused KL
+            kd.loss = universal_logit_distillation_loss(
+                outputs.logits,
+                [
+                    logits if view is None else view.own_logits
+                    for logits, view in zip(teacher_logits, aligned, strict=True)
+                ],
+                labels,
+                kd.weights,
+                temperature=args.temperature,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.loss_chunk_size,
+            )
         loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
         loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
         components = {"loss_ce": loss_ce, "loss_kd": kd.loss}
@@ -408,7 +499,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             loss = loss + args.alpha_feat * loss_feat
             components["loss_feat"] = loss_feat
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch)
+        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch, aligned)
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
@@ -423,18 +514,33 @@ class MultiTeacherDistillationTrainer(Trainer):
         kd: MultiTeacherKDOutput,
         components: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
+        aligned: Sequence[Any] = (),
     ) -> None:
-        """Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log."""
+        """
+        Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log;
+        for cross-tokenizer teachers also the aligned positions (`teacher_aligned/<name>`) and, over those, the
+        unmapped and prefix-mapped probability mass. Entropy, NLL and masses are summed over the positions where
+        the teacher is available, and later averaged over them.
+        """
         count = kd.mask.sum()
         normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
         sums = {name: value.detach() * normalizer.clamp(min=1) for name, value in components.items()}
         weights = kd.weights[:, kd.mask].sum(dim=1)
-        entropy = kd.signals.entropy.sum(dim=1)
-        nll = -kd.signals.target_log_prob.sum(dim=1)
+        available = None if kd.teacher_mask is None else kd.teacher_mask[:, kd.mask]
+        entropy, log_prob = kd.signals.entropy, kd.signals.target_log_prob
+        if available is not None:
+            entropy, log_prob = entropy.where(available, 0.0), log_prob.where(available, 0.0)
+        entropy, nll = entropy.sum(dim=1), -log_prob.sum(dim=1)
         for k, name in enumerate(self.teacher_names):
             sums[f"teacher_weight/{name}"] = weights[k]
             sums[f"teacher_entropy/{name}"] = entropy[k]
             sums[f"teacher_nll/{name}"] = nll[k]
+            view = aligned[k] if k < len(aligned) else None
+            if view is not None:
+                here = available[k]
+                sums[f"teacher_aligned/{name}"] = here.sum()
+                sums[f"teacher_unmapped_mass/{name}"] = view.unmapped_mass[kd.mask][here].sum()
+                sums[f"teacher_prefix_mapped_mass/{name}"] = view.inexact_mass[kd.mask][here].sum()
         store = self._metrics[mode]
         for key, value in {"num_tokens": count, **sums}.items():
             store[key] = store[key] + value.float() if key in store else value.float()
@@ -449,7 +555,12 @@ class MultiTeacherDistillationTrainer(Trainer):
         store.clear()
         values = dict(zip(keys, totals.tolist(), strict=True))
         count = max(values.pop("num_tokens"), 1.0)
-        means = {key: value / count for key, value in values.items()}
+        means = {}
+        for key, value in values.items():
+            kind, _, name = key.partition("/")
+            aligned = f"teacher_aligned/{name}"
+            per_aligned = kind in _PER_ALIGNED_POSITION and aligned in values
+            means[key] = value / max(values[aligned], 1.0) if per_aligned else value / count
         if mode == "eval":
             means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
         return means
@@ -497,7 +608,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError("Generation evaluation needs the tokenizer as `processing_class`.")
         metrics = evaluate_generation(
             self.accelerator.unwrap_model(self.model),
-            dict(zip(self.teacher_names, self.teachers, strict=True)) if include_teachers and self.teachers else {},
+            {  # a cross-tokenizer teacher cannot read the student's token ids
+                name: teacher
+                for name, teacher, own in zip(self.teacher_names, self.teachers, self.teacher_tokenizers, strict=True)
+                if own is None
+            }
+            if include_teachers and self.teachers
+            else {},
             self.processing_class,
             texts,
             prompt_length=prompt_length,

@@ -13,7 +13,7 @@ Strategies are registered by name in `WEIGHTINGS`; adding one touches this modul
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -122,6 +122,7 @@ def weights_from_signals(
     params: WeightingParameters = WeightingParameters(),
     granularity: str = "token",
     min_weight: float = 0.0,
+    teacher_mask: Tensor | None = None,
 ) -> Tensor:
     r"""
     Teacher weights `[K, B, T]`: $w_k = m + (1 - K m) \frac{\pi_k e^{\bar s_k}}{\sum_j \pi_j e^{\bar s_j}}$.
@@ -134,6 +135,11 @@ def weights_from_signals(
         granularity: $\bar s$ is each position's score (`token`), the mean score over a sequence's valid
             positions (`sequence`) or over all valid positions (`batch`).
         min_weight: the floor $m$ (< 1/K) below which no teacher's weight falls.
+        teacher_mask: `[K, B, T]` bool, where each teacher is available (cross-tokenizer teachers are not where
+            their tokens do not line up with the student's). Sums and pools above run over the available teachers
+            A(b, t) only: an unavailable teacher's weight is 0, the others' are renormalised (with $|A|$ in place of
+            K in the floor), its signals at unavailable positions count as no evidence (score 0 for `posterior`,
+            left out of `sequence`/`batch` means), and where no teacher is available every weight is 0.
 
     Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a sequence with no
     valid position gets the prior.
@@ -147,17 +153,41 @@ def weights_from_signals(
     if not 0 <= min_weight * num_teachers < 1:
         raise ValueError(f"`min_weight` must be in [0, 1/K) = [0, {1 / num_teachers:.4g}), got {min_weight}.")
     batch_size, seq_len = mask.shape
+    available = None if teacher_mask is None else teacher_mask[:, mask]
+    if available is not None:  # unavailable signals carry no evidence
+        signals = replace(
+            signals,
+            entropy=signals.entropy.where(available, 0.0),
+            target_log_prob=signals.target_log_prob.where(available, 0.0),
+        )
     scores = WEIGHTINGS[weighting](signals, params)
     if granularity == "token":
         pooled = scores.new_zeros(num_teachers, batch_size, seq_len)
         pooled[:, mask] = scores
     elif granularity == "sequence":
         rows = mask.nonzero()[:, 0]
-        sums = scores.new_zeros(num_teachers, batch_size).index_add_(1, rows, scores)
-        means = sums / mask.sum(dim=1).clamp(min=1)
+        counted = scores if available is None else scores.where(available, 0.0)
+        sums = scores.new_zeros(num_teachers, batch_size).index_add_(1, rows, counted)
+        if available is None:
+            counts = mask.sum(dim=1).expand(num_teachers, batch_size)
+        else:
+            counts = scores.new_zeros(num_teachers, batch_size).index_add_(1, rows, available.to(scores.dtype))
+        means = sums / counts.clamp(min=1)
         pooled = means[:, :, None].expand(num_teachers, batch_size, seq_len)
     else:
-        means = scores.mean(dim=1) if scores.shape[1] > 0 else scores.new_zeros(num_teachers)
+        if available is None:
+            means = scores.mean(dim=1) if scores.shape[1] > 0 else scores.new_zeros(num_teachers)
+        else:
+            means = scores.where(available, 0.0).sum(dim=1) / available.sum(dim=1).clamp(min=1)
         pooled = means[:, None, None].expand(num_teachers, batch_size, seq_len)
-    weights = torch.softmax(prior.to(scores.dtype).log()[:, None, None] + pooled, dim=0)
-    return min_weight + (1 - num_teachers * min_weight) * weights if min_weight > 0 else weights
+    logits = prior.to(scores.dtype).log()[:, None, None] + pooled
+    if teacher_mask is None:
+        weights = torch.softmax(logits, dim=0)
+        return min_weight + (1 - num_teachers * min_weight) * weights if min_weight > 0 else weights
+    any_available = teacher_mask.any(dim=0)
+    weights = torch.softmax(logits.masked_fill(~teacher_mask, -torch.inf), dim=0).nan_to_num(0.0)
+    weights = weights.where(teacher_mask & any_available, 0.0)
+    if min_weight > 0:
+        num_available = teacher_mask.sum(dim=0).to(weights.dtype)
+        weights = (min_weight + (1 - num_available * min_weight) * weights).where(teacher_mask, 0.0)
+    return weights

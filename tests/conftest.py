@@ -95,3 +95,33 @@ def student_dir(tmp_path_factory, tokenizer):
     tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+CROSS_TEACHERS = [("bpe300", "gpt2"), ("unigram", "llama"), ("wordpiece", "gpt_neox")]
+"""Cross-tokenizer teachers: (tokenizer, architecture); the student keeps the byte-level BPE of 512 tokens."""
+
+
+@pytest.fixture(scope="session")
+def cross_tokenizers(corpus):
+    """The student's byte-level BPE (512) and three teachers' tokenizers of other sizes and algorithms."""
+    return {
+        "student": train_tiny_tokenizer(corpus),
+        "bpe300": train_tiny_tokenizer(corpus, 300),
+        "unigram": train_tiny_tokenizer(corpus, 200, algorithm="unigram"),
+        "wordpiece": train_tiny_tokenizer(corpus, 200, algorithm="wordpiece"),
+    }
+
+
+@pytest.fixture(scope="session")
+def cross_teacher_dirs(tmp_path_factory, corpus, cross_tokenizers):
+    """Three teachers, each on its own tokenizer (CROSS_TEACHERS), fitted briefly and saved with it."""
+    dirs = []
+    for k, (name, kind) in enumerate(CROSS_TEACHERS):
+        tok = cross_tokenizers[name]
+        model = tiny_causal_lm(kind, tok, seed=10 + k, hidden_size=48, num_layers=2)
+        fit_causal_lm(model, tok, corpus, steps=40, seed=k)
+        path = tmp_path_factory.mktemp(f"teacher_{name}")
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs.append(str(path))
+    return dirs

@@ -115,6 +115,36 @@ def test_cli_end_to_end_on_jsonl_with_generation_eval(tmp_path, teacher_dirs, st
     assert "hf-mtkd distill --teacher_model_name_or_path" in card  # the command, as the user typed it
 
 
+def test_script_with_three_teachers_on_three_other_tokenizers(tmp_path, cross_teacher_dirs, student_dir, text_files):
+    train, validation = text_files["txt"]
+    output_dir = tmp_path / "out"
+    names = ["bpe300", "unigram", "wordpiece"]
+    run_main([
+        "--teacher_model_name_or_path", *cross_teacher_dirs, "--teacher_names", *names,
+        "--model_name_or_path", student_dir, "--train_file", train, "--validation_file", validation,
+        "--do_train", "--do_eval", "--output_dir", str(output_dir), *QUICK, "--max_steps", "12",
+        "--logging_steps", "4", "--learning_rate", "5e-3",
+    ])  # fmt: skip
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["train_samples"] == 200  # one example per text line, not token blocks
+    for name in names:
+        assert 0 < results[f"eval_teacher_aligned/{name}"] <= 1
+        assert 0 <= results[f"eval_teacher_unmapped_mass/{name}"] < 1
+        assert 0 < results[f"eval_teacher_weight/{name}"] <= results[f"eval_teacher_aligned/{name}"]
+    logs = [log for log in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in log]
+    assert len(logs) == 3 and logs[-1]["loss_kd"] < logs[0]["loss_kd"] and logs[-1]["loss"] < logs[0]["loss"]
+    assert {f"teacher_aligned/{name}" for name in names} <= set(logs[0])
+
+
+def test_script_refuses_a_wrong_number_of_teacher_tokenizers(teacher_dirs, student_dir, text_files, capsys):
+    with pytest.raises(SystemExit):
+        run_main([
+            "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_tokenizer_name", teacher_dirs[0],
+            "--model_name_or_path", student_dir, "--train_file", text_files["txt"][0], "--output_dir", "unused",
+        ])  # fmt: skip
+    assert "--teacher_tokenizer_name has 1 entries but there are 2 teachers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("file_format", ["json", "yaml"])
 def test_arguments_file_and_a_new_student_from_a_config(file_format, tmp_path, teacher_dirs, text_files):
     train, _ = text_files["txt"]

@@ -230,7 +230,10 @@ def test_error_teacher_path_with_another_tokenizer(tmp_path, make_student, datas
     path = tmp_path / "other"
     tiny_causal_lm("gpt2", other).save_pretrained(path)
     other.save_pretrained(path)
-    with pytest.raises(ValueError, match="different tokenizer from the student"):
+    with pytest.raises(ValueError, match=r"different tokenizer from the student.*cross_tokenizer='auto'"):
+        make_trainer(tmp_path, make_student(), [str(path)], dataset, tokenizer, cross_tokenizer="never")
+    # by default the teacher runs in cross-tokenizer mode, which needs the raw text this tokenized dataset dropped
+    with pytest.raises(ValueError, match="needs the raw text"):
         make_trainer(tmp_path, make_student(), [str(path)], dataset, tokenizer)
 
 

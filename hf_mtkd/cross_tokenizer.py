@@ -1,0 +1,576 @@
+r"""Teachers with other tokenizers: position alignment by character offsets and a sparse vocabulary map.
+
+Every model tokenizes the same raw text with its own tokenizer (`MultiTokenizerCollator`); a teacher's predictions
+are then brought to the student's positions and vocabulary before they enter the usual loss:
+
+* **Positions** (exact). Student position t (which predicts token t+1) is aligned with teacher position j when both
+  contexts end at the same character and both next tokens start at the same character (leading whitespace of the
+  next token skipped, so tokenizers that leave whitespace out of their offsets still line up):
+  `(end(t), start(t+1)) == (end'(j), start'(j+1))`. Both models then condition on the same text and predict a token
+  that starts at the same place. A student position without such a twin gets weight 0 for that teacher.
+* **Vocabulary** (exact where strings match, approximate elsewhere). Each token is decoded to the bytes it stands
+  for, normalising byte-level BPE (`Ġ` = space), SentencePiece/Metaspace (`▁` = space, `<0xAB>` byte fallback) and
+  WordPiece (`##` continuation) conventions. A teacher token goes to the student token with the same bytes
+  (exact); failing that, to the student token whose bytes are the longest prefix of its own, i.e. the student
+  token that begins its decoding (an approximation: the rest of the teacher token is dropped); failing that (or
+  for special tokens other than bos/eos/pad/unk, which map by role) it is unmapped. The teacher's tempered
+  distribution is summed onto the student's vocabulary, $\tilde p_k(s) = \sum_{v \to s} p_k(v) / (1 - u_k)$, the
+  unmapped mass $u_k$ being renormalised away (and reported).
+
+Temperature: the map is applied to $p_k = \mathrm{softmax}(z_k/\tau)$ and the result is handed to the loss as the
+logits $\tau \log \tilde p_k$, so the loss's $\mathrm{softmax}(\cdot/\tau)$ recovers $\tilde p_k$ exactly; the
+entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read $\log \tilde p_k$ at temperature 1
+as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map is one-to-one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from .teachers import teacher_forward, vocab_size
+
+logger = logging.get_logger(__name__)
+
+CROSS_TOKENIZER_MODES = ("auto", "always", "never")
+CROSS_TOKENIZER_LOSSES = ("kl", "uld")
+TEACHER_INPUTS_KEY = "teacher_inputs"
+"""Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
+LOG_ZERO = -100.0
+"""
+Log-probability given to student tokens that no teacher token maps to: exp(-100) < 4e-44, nothing next to any real
+probability, while log-probabilities (the teacher's NLL, label-aware weightings) stay finite and bounded.
+"""
+
+_SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+# ---- decoded bytes of each token ----
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable character byte-level BPE uses for each byte (the GPT-2 convention), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _components(spec: Any) -> list[dict[str, Any]]:
+    """Every typed component (decoder, pre-tokenizer, ...) nested in a tokenizer.json section."""
+    if isinstance(spec, dict):
+        found = [spec] if "type" in spec else []
+        return found + [c for value in spec.values() for c in _components(value)]
+    if isinstance(spec, list):
+        return [c for value in spec for c in _components(value)]
+    return []
+
+
+@dataclass(frozen=True)
+class _Conventions:
+    byte_level: bool = False
+    space_marker: str | None = None
+    byte_fallback: bool = False
+    continuation_prefix: str | None = None
+
+
+def _conventions(tokenizer: PreTrainedTokenizerBase) -> _Conventions:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    components = _components([spec.get("decoder"), spec.get("pre_tokenizer")])
+    types = {c["type"] for c in components}
+    marker = next((c.get("replacement", "▁") for c in components if c["type"] == "Metaspace"), None)
+    for c in components:  # SentencePiece decoders written as Replace("▁", " ")
+        if c["type"] == "Replace" and c.get("content") == " " and isinstance(c.get("pattern"), dict):
+            marker = marker or c["pattern"].get("String")
+    prefix = next((c.get("prefix", "##") for c in components if c["type"] == "WordPiece"), None)
+    return _Conventions("ByteLevel" in types, marker, "ByteFallback" in types, prefix)
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
+    """
+    The bytes each token id of `tokenizer` stands for in text, None for special tokens and empty tokens.
+
+    Byte-level tokens are mapped back through the byte alphabet; SentencePiece's space marker becomes a space and
+    `<0xAB>` byte-fallback tokens their byte; a WordPiece continuation `##ing` is `ing` and a word-initial `the` is
+    ` the` (an approximation: WordPiece does not record whether a space preceded the word).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; its vocabulary cannot be decoded.")
+    conventions = _conventions(tokenizer)
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
+    result: list[bytes | None] = []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if token is None or i in special or token == "":
+            result.append(None)
+        elif conventions.byte_level and all(c in _BYTE_LEVEL for c in token):
+            result.append(bytes(_BYTE_LEVEL[c] for c in token))
+        elif conventions.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(token)):
+            result.append(bytes([int(match.group(1), 16)]))
+        else:
+            if conventions.space_marker:
+                token = token.replace(conventions.space_marker, " ")
+            if conventions.continuation_prefix:
+                prefix = conventions.continuation_prefix
+                token = token[len(prefix) :] if token.startswith(prefix) else " " + token
+            result.append(token.encode("utf-8") or None)
+    return result
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """
+    Whether two tokenizers share one vocabulary (the same token for every id), so that a teacher can read the
+    student's ids and score the student's vocabulary directly. Their pre-tokenization rules may still differ (a
+    tokenizer class may rebuild them from the vocabulary), as for any teacher fed the student's tokens.
+    """
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+# ---- the vocabulary map ----
+
+
+@dataclass
+class MappedTeacher:
+    """A teacher's tempered distribution on the student's vocabulary, with what the map lost or approximated."""
+
+    logits: Tensor
+    """`[..., V_s]` $\\tau \\log \\tilde p$: the loss's `softmax(logits / tau)` gives back $\\tilde p$."""
+    unmapped_mass: Tensor
+    """`[...]` teacher probability (at temperature tau) on tokens with no student counterpart, renormalised away."""
+    inexact_mass: Tensor
+    """`[...]` teacher probability on tokens mapped to a student token that only begins their text."""
+    has_mass: Tensor
+    """`[...]` bool, False where all of the teacher's mass was unmapped (the teacher is then unavailable there)."""
+
+
+class VocabularyMap:
+    """
+    A sparse map from a teacher's token ids to the student's: `index[v]` is the student id of teacher token v (or
+    -1, unmapped) and `exact[v]` says whether their texts are equal; see the module docstring.
+    """
+
+    def __init__(self, index: Tensor, exact: Tensor, student_vocab_size: int) -> None:
+        self.index, self.exact, self.student_vocab_size = index, exact, student_vocab_size
+        self.mapped = index >= 0
+
+    @classmethod
+    def build(
+        cls,
+        teacher_tokenizer: PreTrainedTokenizerBase,
+        student_tokenizer: PreTrainedTokenizerBase,
+        *,
+        teacher_vocab_size: int | None = None,
+        student_vocab_size: int | None = None,
+    ) -> VocabularyMap:
+        """
+        The map between two tokenizers. The vocabulary sizes are the widths of the models' logits (default: the
+        tokenizers' lengths); logit rows beyond a tokenizer's length stay unmapped.
+        """
+        teacher_size = teacher_vocab_size or len(teacher_tokenizer)
+        student_size = student_vocab_size or len(student_tokenizer)
+        index = torch.full((teacher_size,), -1, dtype=torch.long)
+        exact = torch.zeros(teacher_size, dtype=torch.bool)
+        if same_tokenizer(teacher_tokenizer, student_tokenizer):
+            shared = min(teacher_size, student_size, len(teacher_tokenizer))
+            index[:shared] = torch.arange(shared)
+            exact[:shared] = True
+            return cls(index, exact, student_size)
+        lookup: dict[bytes, int] = {}
+        for i, text in enumerate(token_bytes(student_tokenizer)):
+            if text is not None and i < student_size:
+                lookup.setdefault(text, i)
+        longest = max(map(len, lookup), default=0)
+        for v, text in enumerate(token_bytes(teacher_tokenizer)[:teacher_size]):
+            if text is None:
+                continue
+            if text in lookup:
+                index[v], exact[v] = lookup[text], True
+                continue
+            for n in range(min(len(text) - 1, longest), 0, -1):
+                if text[:n] in lookup:
+                    index[v] = lookup[text[:n]]
+                    break
+        for role in _SPECIAL_ROLES:
+            t, s = getattr(teacher_tokenizer, role, None), getattr(student_tokenizer, role, None)
+            if t is not None and s is not None and t < teacher_size and s < student_size:
+                index[t], exact[t] = s, True
+        return cls(index, exact, student_size)
+
+    def coverage(self) -> dict[str, float]:
+        """Fractions of the teacher's vocabulary mapped exactly, approximately (by prefix) and not at all."""
+        size = max(self.index.numel(), 1)
+        exact = int(self.exact.sum())
+        mapped = int(self.mapped.sum())
+        return {"exact": exact / size, "prefix": (mapped - exact) / size, "unmapped": 1 - mapped / size}
+
+    def project(self, teacher_logits: Tensor, temperature: float = 1.0) -> MappedTeacher:
+        r"""$\tilde p(s) = \sum_{v \to s} p(v) / \sum_{v\ mapped} p(v)$, $p = \mathrm{softmax}(z/\tau)$, as logits."""
+        if teacher_logits.shape[-1] != self.index.numel():
+            raise ValueError(
+                f"Teacher logits have {teacher_logits.shape[-1]} entries per position but the vocabulary map was "
+                f"built for {self.index.numel()}."
+            )
+        device = teacher_logits.device
+        if self.index.device != device:
+            self.index, self.exact, self.mapped = self.index.to(device), self.exact.to(device), self.mapped.to(device)
+        logits = teacher_logits.float() if teacher_logits.dtype != torch.float64 else teacher_logits
+        probs = torch.softmax(logits / temperature, dim=-1)
+        mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
+        mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
+        total = mapped.sum(dim=-1, keepdim=True)
+        log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
+        return MappedTeacher(
+            logits=temperature * log_probs,
+            unmapped_mass=probs[..., ~self.mapped].sum(dim=-1),
+            inexact_mass=probs[..., self.mapped & ~self.exact].sum(dim=-1),
+            has_mass=total[..., 0] > 0,
+        )
+
+
+# ---- position alignment ----
+
+
+def boundary_keys(text: str, offsets: Sequence[Sequence[int]], special: Sequence[int] | None = None) -> list[Any]:
+    """
+    For each position j of one tokenized text, `(end of its context, start of the next token)` in characters, or
+    None where position j predicts nothing alignable: the next token is special or missing, or shares a character
+    with token j (the pieces of a character split into bytes). A leading special token (BOS) ends an empty context.
+    """
+    special = special or [0] * len(offsets)
+    keys: list[Any] = [None] * len(offsets)
+    seen_text = False
+    for j in range(len(offsets) - 1):
+        if special[j]:
+            end = 0 if not seen_text else None
+        else:
+            seen_text, end = True, offsets[j][1]
+        if end is None or special[j + 1]:
+            continue
+        start, stop = offsets[j + 1]
+        first = start
+        while first < stop and text[first].isspace():
+            first += 1
+        if first == stop:  # a whitespace-only token starts where it starts
+            first = start
+        if start < end:
+            continue
+        keys[j] = (end, first)
+    return keys
+
+
+def align_positions(
+    text: str,
+    student_offsets: Sequence[Sequence[int]],
+    teacher_offsets: Sequence[Sequence[int]],
+    student_special: Sequence[int] | None = None,
+    teacher_special: Sequence[int] | None = None,
+) -> list[int]:
+    """For each student position, the teacher position with the same context end and next-token start, or -1."""
+    teacher_positions: dict[Any, int] = {}
+    for j, key in enumerate(boundary_keys(text, teacher_offsets, teacher_special)):
+        if key is not None:
+            teacher_positions.setdefault(key, j)
+    return [
+        -1 if key is None else teacher_positions.get(key, -1)
+        for key in boundary_keys(text, student_offsets, student_special)
+    ]
+
+
+# ---- the collator ----
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(
+        len(rows), width
+    )
+
+
+class MultiTokenizerCollator:
+    """
+    Batches raw text for cross-tokenizer distillation: the student's `input_ids`, `attention_mask` and `labels`,
+    and under `teacher_inputs` one dict per teacher with its own `input_ids`, `attention_mask` and `position_map`
+    (`[B, T_student]`, the teacher position aligned with each student position, -1 where none), or None for a
+    teacher that shares the student's tokenizer.
+
+    The contract: each example holds its raw text under `text_column`. The student's tokens are truncated to
+    `max_length`; every teacher then tokenizes the same character span (the text up to the end of the student's
+    last token), so all models see the same text; a teacher's tokens beyond its `teacher_max_lengths` entry are cut
+    and its positions there stay unaligned. Padding is on the right; labels are -100 on padding.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        teacher_tokenizers: Sequence[PreTrainedTokenizerBase | None],
+        *,
+        max_length: int | None = None,
+        teacher_max_lengths: Sequence[int | None] | None = None,
+        text_column: str = "text",
+    ) -> None:
+        for name, tok in [
+            ("the student", tokenizer),
+            *((f"teacher {k}", t) for k, t in enumerate(teacher_tokenizers)),
+        ]:
+            if tok is not None and not getattr(tok, "is_fast", False):
+                raise ValueError(f"The tokenizer of {name} is not a fast tokenizer: {_FAST_HINT}")
+        self.tokenizer, self.teacher_tokenizers = tokenizer, list(teacher_tokenizers)
+        self.max_length, self.text_column = max_length, text_column
+        self.teacher_max_lengths = list(teacher_max_lengths or [None] * len(self.teacher_tokenizers))
+
+    def _encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None) -> Any:
+        return tokenizer(
+            texts,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if any(self.text_column not in f for f in features):
+            raise ValueError(
+                f"Cross-tokenizer distillation tokenizes raw text for every model, but an example has no "
+                f"{self.text_column!r} field (it has {sorted(features[0])}). Keep the raw text in the dataset, "
+                "unlike the usual pre-tokenized blocks."
+            )
+        texts = [f[self.text_column] for f in features]
+        student = self._encode(self.tokenizer, texts, self.max_length)
+        spans = [
+            max((end for (_, end), s in zip(offsets, special, strict=True) if not s), default=0)
+            for offsets, special in zip(student["offset_mapping"], student["special_tokens_mask"], strict=True)
+        ]
+        input_ids = _pad(student["input_ids"], self.tokenizer.pad_token_id or 0)
+        attention_mask = _pad(student["attention_mask"], 0)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }
+        teacher_inputs: list[dict[str, Tensor] | None] = []
+        for tokenizer, max_length in zip(self.teacher_tokenizers, self.teacher_max_lengths, strict=True):
+            if tokenizer is None:
+                teacher_inputs.append(None)
+                continue
+            cut = [text[:end] for text, end in zip(texts, spans, strict=True)]
+            teacher = self._encode(tokenizer, cut, max_length)
+            maps = [
+                align_positions(text, s_off, t_off, s_special, t_special)
+                for text, s_off, t_off, s_special, t_special in zip(
+                    cut,
+                    student["offset_mapping"],
+                    teacher["offset_mapping"],
+                    student["special_tokens_mask"],
+                    teacher["special_tokens_mask"],
+                    strict=True,
+                )
+            ]
+            teacher_inputs.append(
+                {
+                    "input_ids": _pad(teacher["input_ids"], tokenizer.pad_token_id or 0),
+                    "attention_mask": _pad(teacher["attention_mask"], 0),
+                    "position_map": _pad(maps, -1),
+                }
+            )
+        batch[TEACHER_INPUTS_KEY] = teacher_inputs
+        return batch
+
+
+# ---- choosing the mode and running a cross-tokenizer teacher ----
+
+_FAST_HINT = (
+    "cross-tokenizer alignment needs character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load "
+    "it with `AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
+)
+
+
+def resolve_teacher_tokenizers(
+    specs: Sequence[nn.Module | str | os.PathLike],
+    teachers: Sequence[nn.Module],
+    names: Sequence[str],
+    student: nn.Module,
+    student_tokenizer: Any,
+    teacher_tokenizers: Sequence[PreTrainedTokenizerBase | str | None] | None,
+    mode: str = "auto",
+) -> list[PreTrainedTokenizerBase | None]:
+    """
+    Each teacher's tokenizer when it runs in cross-tokenizer mode, None when it shares the student's ids.
+
+    Tokenizers come from `teacher_tokenizers` (tokenizers or names/paths, None to look them up), else from the
+    teacher's own directory when it was given as a path. `mode`: `auto` uses cross-tokenizer mode for a teacher
+    whose tokenizer differs from the student's; `always` for every teacher; `never` for none (a different
+    tokenizer is then an error).
+    """
+    if mode not in CROSS_TOKENIZER_MODES:
+        raise ValueError(f"Unknown `cross_tokenizer` {mode!r}; choose one of {list(CROSS_TOKENIZER_MODES)}.")
+    if teacher_tokenizers is not None and len(teacher_tokenizers) != len(teachers):
+        raise ValueError(
+            f"`teacher_tokenizers` has {len(teacher_tokenizers)} entries but there are {len(teachers)} teachers: give "
+            "one per teacher (None to use the teacher's own)."
+        )
+    given = list(teacher_tokenizers or [None] * len(teachers))
+    student_is_tokenizer = isinstance(student_tokenizer, PreTrainedTokenizerBase)
+    resolved: list[PreTrainedTokenizerBase | None] = []
+    for spec, teacher, name, tokenizer in zip(specs, teachers, names, given, strict=True):
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        elif tokenizer is None and isinstance(spec, (str, os.PathLike)):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(spec)
+            except (OSError, ValueError):
+                tokenizer = None
+        differs = tokenizer is not None and student_is_tokenizer and not same_tokenizer(tokenizer, student_tokenizer)
+        sizes_differ = vocab_size(teacher) != vocab_size(student)
+        if mode == "never":
+            if differs:
+                raise ValueError(
+                    f"Teacher {name!r} uses a different tokenizer from the student ({len(tokenizer)} vs "
+                    f"{len(student_tokenizer)} tokens) and `cross_tokenizer='never'`. Set `cross_tokenizer='auto'` "
+                    "to align it by character offsets and map its vocabulary, or use a teacher with the student's "
+                    "tokenizer."
+                )
+            resolved.append(None)
+            continue
+        cross = mode == "always" or differs or sizes_differ
+        if not cross:
+            resolved.append(None)
+            continue
+        if not student_is_tokenizer:
+            raise ValueError(
+                f"Teacher {name!r} needs the cross-tokenizer mode (its tokenizer or vocabulary differs from the "
+                "student's), which tokenizes raw text for every model: pass the student's tokenizer as "
+                "`processing_class`."
+            )
+        if tokenizer is None:
+            raise ValueError(
+                f"Teacher {name!r} has a vocabulary of {vocab_size(teacher)} tokens but the student has "
+                f"{vocab_size(student)}. The cross-tokenizer mode can distill it, but its tokenizer is missing "
+                "(it was given as a model, or its directory holds none): pass it in `teacher_tokenizers=[...]` "
+                "(one entry per teacher, None for the others), or `--teacher_tokenizer_name` in the example script."
+            )
+        for owner, tok in (("the student", student_tokenizer), (f"teacher {name!r}", tokenizer)):
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(
+                    f"The tokenizer of {owner} ({type(tok).__name__}) is not a fast tokenizer: {_FAST_HINT}"
+                )
+        resolved.append(tokenizer)
+    return resolved
+
+
+@dataclass
+class AlignedTeacher:
+    """A cross-tokenizer teacher's outputs at the student's positions and on the student's vocabulary."""
+
+    logits: Tensor
+    """`[B, T, V_s]` mapped logits (see `VocabularyMap.project`)."""
+    own_logits: Tensor
+    """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss)."""
+    hidden_states: tuple[Tensor, ...] | None
+    """Each `[B, T, D_k]`, at the aligned positions, when asked."""
+    available: Tensor
+    """`[B, T]` bool, where the teacher is aligned (and has mapped mass)."""
+    unmapped_mass: Tensor
+    """`[B, T]` see `MappedTeacher`."""
+    inexact_mass: Tensor
+    """`[B, T]` see `MappedTeacher`."""
+
+
+def teacher_on_student_positions(
+    teacher: nn.Module,
+    name: str,
+    inputs: Mapping[str, Tensor],
+    vocabulary_map: VocabularyMap,
+    *,
+    temperature: float,
+    output_hidden_states: bool,
+) -> AlignedTeacher:
+    """Run a teacher on its own tokens and gather its predictions at the student's positions (`position_map`)."""
+    logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=output_hidden_states)
+    position_map = inputs["position_map"]
+    available = position_map >= 0
+    rows = torch.arange(position_map.shape[0], device=position_map.device)[:, None]
+    index = position_map.clamp(min=0)
+    own = logits[rows, index]
+    mapped = vocabulary_map.project(own, temperature)
+    return AlignedTeacher(
+        logits=mapped.logits,
+        own_logits=own,
+        hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
+        available=available & mapped.has_mass,
+        unmapped_mass=mapped.unmapped_mass,
+        inexact_mass=mapped.inexact_mass,
+    )
+
+
+def build_vocabulary_maps(
+    teachers: Sequence[nn.Module],
+    names: Sequence[str],
+    teacher_tokenizers: Sequence[PreTrainedTokenizerBase | None],
+    student: nn.Module,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> list[VocabularyMap | None]:
+    """One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged."""
+    maps: list[VocabularyMap | None] = []
+    for teacher, name, tokenizer in zip(teachers, names, teacher_tokenizers, strict=True):
+        if tokenizer is None:
+            maps.append(None)
+            continue
+        vocabulary_map = VocabularyMap.build(
+            tokenizer,
+            student_tokenizer,
+            teacher_vocab_size=vocab_size(teacher),
+            student_vocab_size=vocab_size(student),
+        )
+        coverage = vocabulary_map.coverage()
+        logger.info(
+            "Teacher %r runs in cross-tokenizer mode: of its %d tokens, %.1f%% map exactly onto the student's "
+            "vocabulary, %.1f%% to the student token that begins their text, %.1f%% nowhere.",
+            name,
+            vocabulary_map.index.numel(),
+            100 * coverage["exact"],
+            100 * coverage["prefix"],
+            100 * coverage["unmapped"],
+        )
+        maps.append(vocabulary_map)
+    return maps
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input a model accepts (`max_position_embeddings` of its text config), if it says."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def check_text_column(collator: Any, *datasets: Any) -> None:
+    """A cross-tokenizer collator reads raw text: refuse up front a dataset of token ids only."""
+    if not isinstance(collator, MultiTokenizerCollator):
+        return
+    for dataset in datasets:
+        for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            columns = getattr(split, "column_names", None)
+            if columns is not None and collator.text_column not in columns:
+                raise ValueError(
+                    f"Cross-tokenizer distillation needs the raw text, but the dataset has no "
+                    f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "
+                    "tokenizer, so keep the text column instead of pre-tokenized ids; the collator truncates it."
+                )
