@@ -53,6 +53,12 @@ from hf_mtkd import (  # noqa: E402
 )
 from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer  # noqa: E402
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+try:  # a benchmark-only dependency: pip install "hf-mtkd[benchmark]"
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+except ImportError:
+    GKDConfig = GKDTrainer = None
+
 TEACHER_SHAPES = {  # (architecture, hidden size, layers, heads), heterogeneous like the demo's teachers
     "tiny": [("gpt2", 128, 2, 4), ("llama", 128, 3, 4), ("gpt_neox", 96, 2, 4)],
     "small": [("gpt2", 384, 4, 6), ("llama", 384, 4, 6), ("gpt_neox", 320, 4, 4)],
@@ -186,9 +192,7 @@ def make_steps(
         "cached": trainer_step(cached, cached_batch),
         "plain": trainer_step(plain, batch),
     }
-    if setting.num_teachers == 1:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-
+    if setting.num_teachers == 1 and GKDTrainer is not None:
         gkd_args = GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0, max_length=setting.seq_len)
         gkd = GKDTrainer(
             model=student,
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     settings = QUICK if args.quick else FULL
     repeats = args.repeats or (2 if args.quick else 5)
+    if GKDTrainer is None:
+        print("TRL is not installed (pip install 'hf-mtkd[benchmark]'): no TRL column.", file=sys.stderr)
     tokenizer = train_tiny_tokenizer(synthetic_corpus(64), vocab_size=300)
     rows = []
     for setting in settings:

@@ -103,12 +103,17 @@ def reference_kd(student, teachers, labels, tau, weighting, gamma, prior, fusion
     return tau**2 * total / (n if n is not None else max(len(valid), 1))
 
 
+def random_logits(seed, b=B, t=T, v=V):
+    """float64 student logits, three teachers of growing sharpness, labels, and the generator (for more draws)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    teachers = [torch.randn(b, t, v, generator=g, dtype=torch.float64) * s for s in (0.5, 2.0, 4.0)]
+    return student, teachers, torch.randint(0, v, (b, t), generator=g), g
+
+
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    student = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
-    teachers = [torch.randn(B, T, V, generator=g, dtype=torch.float64) * s for s in (0.5, 2.0, 4.0)]
-    labels = torch.randint(0, V, (B, T), generator=g)
+    student, teachers, labels, _ = random_logits(0)
     labels[0, 4:] = -100  # right padding
     labels[1, :3] = -100  # an ignored prompt
     return student, teachers, labels

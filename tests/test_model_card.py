@@ -167,7 +167,7 @@ def test_push_uploads_the_student_and_card_without_projections(pushed_run):
 
 @pytest.fixture
 def make_trainer(tmp_path, make_student, teacher_dirs, dataset, tokenizer):
-    def make(student=None, **config):
+    def make(student=None, teachers=None, **config):
         args = MultiTeacherDistillationConfig(
             output_dir=str(tmp_path / "out"),
             max_steps=1,
@@ -180,7 +180,7 @@ def make_trainer(tmp_path, make_student, teacher_dirs, dataset, tokenizer):
         )
         return MultiTeacherDistillationTrainer(
             model=student or make_student(),
-            teachers=teacher_dirs[:2],
+            teachers=teachers or teacher_dirs[:2],
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -202,10 +202,11 @@ def test_push_projector_only_on_request(push_projector, make_trainer):
     assert ("they are uploaded with the student" in card) == push_projector
 
 
-def test_hub_teachers_and_datasets_go_into_the_front_matter(make_trainer):
-    trainer = make_trainer()
-    for teacher, repo in zip(trainer.teachers, ["org/teacher-a", "org/teacher-b"], strict=True):
+def test_hub_teachers_and_datasets_go_into_the_front_matter(make_trainer, teacher_dirs):
+    teachers = [AutoModelForCausalLM.from_pretrained(path) for path in teacher_dirs[:2]]
+    for teacher, repo in zip(teachers, ["org/teacher-a", "org/teacher-b"], strict=True):
         teacher.config._name_or_path = repo  # as `from_pretrained("org/teacher-a")` leaves it
+    trainer = make_trainer(teachers=teachers)
     trainer.create_model_card(dataset_tags=["Salesforce/wikitext", trainer.args.output_dir], tags="mine")
     card = Path(trainer.args.output_dir, "README.md").read_text()
     meta = front_matter(card)

@@ -4,23 +4,11 @@ import math
 
 import pytest
 import torch
+from test_losses import entropy, random_logits, softmax, valid_positions
 
 from hf_mtkd.losses import compute_teacher_weights, multi_teacher_kd, universal_logit_distillation_loss
 
 B, T, V, K = 3, 7, 9, 3
-
-
-def softmax(x):
-    e = [math.exp(v - max(x)) for v in x]
-    return [v / sum(e) for v in e]
-
-
-def entropy(p):
-    return -sum(v * math.log(v) for v in p if v > 0)
-
-
-def valid_positions(labels):
-    return [(b, t) for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != -100]
 
 
 def reference_masked_weights(teachers, labels, available, tau, weighting, prior, granularity, min_weight=0.0):
@@ -61,10 +49,7 @@ def reference_masked_weights(teachers, labels, available, tau, weighting, prior,
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    student = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
-    teachers = [torch.randn(B, T, V, generator=g, dtype=torch.float64) * s for s in (0.5, 2.0, 4.0)]
-    labels = torch.randint(0, V, (B, T), generator=g)
+    student, teachers, labels, g = random_logits(1, B, T, V)
     labels[0, 5:] = -100
     available = torch.rand(K, B, T, generator=g) < 0.6
     available[:, 2, 3] = False  # no teacher at all at one valid position

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_losses import OPTIONS, reference_kd, valid_positions
+from test_losses import OPTIONS, random_logits, reference_kd, valid_positions
 
 from hf_mtkd.losses import compute_teacher_weights, multi_teacher_kd, multi_teacher_kd_loss
 from hf_mtkd.topk import TopKLogits
@@ -14,10 +14,7 @@ B, T, V = 3, 6, 11
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    student = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
-    teachers = [torch.randn(B, T, V, generator=g, dtype=torch.float64) * s for s in (0.5, 2.0, 4.0)]
-    labels = torch.randint(0, V, (B, T), generator=g)
+    student, teachers, labels, _ = random_logits(1, B, T, V)
     labels[0, 4:] = -100
     labels[1, :3] = -100
     return student, teachers, labels
