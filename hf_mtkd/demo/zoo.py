@@ -50,9 +50,9 @@ SCALES = {
     "full": Scale("full", 1024, 64, 16, 250, 120, 96, (0, 1, 2), 48),
     # With a pretrained teacher (`--pretrained_teacher`): its tokenizer (vocab_size is unused), longer blocks that
     # give it context, narrow models so that the student's and specialists' ~49k-row embeddings stay cheap, and
-    # fewer steps and held-out blocks, because a 135M teacher's forward pass costs ~3 s per batch on one CPU core.
-    "pretrained": Scale("pretrained", 0, 128, 8, 250, 60, 12, (0,), 32),
-    "pretrained-full": Scale("pretrained-full", 0, 128, 8, 250, 60, 24, (0, 1, 2), 32),
+    # fewer steps and held-out blocks: a 135M teacher costs 3-10 s per batch on one (shared) CPU core.
+    "pretrained": Scale("pretrained", 0, 128, 8, 250, 30, 12, (0,), 32),
+    "pretrained-full": Scale("pretrained-full", 0, 128, 8, 250, 30, 24, (0, 1, 2), 32),
 }
 PRETRAINED_SCALES = {"quick": "quick", "default": "pretrained", "full": "pretrained-full"}
 """The scale a `--quick`/default/`--full` run uses when it has a pretrained teacher."""
