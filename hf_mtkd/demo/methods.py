@@ -39,3 +39,26 @@ def demo_methods(domains: tuple[str, ...]) -> list[Method]:
         Method("posterior", domains, {"teacher_weighting": "posterior"}, posterior),
         Method("entropy+posterior", domains, {"teacher_weighting": "entropy+posterior"}, posterior),
     ]
+
+
+def pretrained_methods(methods: list[Method]) -> list[Method]:
+    """
+    The pretrained-teacher scenario's default rows out of `methods` (its teacher is slow on CPU): no teacher, each
+    single teacher, the static ensemble, `entropy` and `entropy+posterior`.
+    """
+    kept = ("no teacher (CE only)", "static ensemble", "entropy", "entropy+posterior")
+    return [m for m in methods if m.name in kept or len(m.teachers) == 1]
+
+
+def tuned_hparams(tuned: dict[str, Any], method: Method) -> tuple[dict[str, Any], str]:
+    """
+    The hyperparameters `method` runs with and where they come from: its own entry of `tuned` (chosen on the
+    validation split); else, for a single teacher, the entry every tuned single teacher agreed on; else τ = 2,
+    `alpha_kd` = 0.5.
+    """
+    if method.name in tuned:
+        return tuned[method.name]["hparams"], "tuned"
+    singles = [entry["hparams"] for name, entry in tuned.items() if name.startswith("single: ")]
+    if len(method.teachers) == 1 and singles and all(h == singles[0] for h in singles):
+        return singles[0], "shared by the tuned single teachers"
+    return {"temperature": 2.0, "alpha_kd": 0.5}, "untuned default"

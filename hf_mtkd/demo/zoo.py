@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
@@ -47,7 +48,14 @@ SCALES = {
     "quick": Scale("quick", 512, 64, 8, 60, 40, 16, (0,), 32),
     "default": Scale("default", 1024, 64, 16, 250, 120, 48, (0,), 48),
     "full": Scale("full", 1024, 64, 16, 250, 120, 96, (0, 1, 2), 48),
+    # With a pretrained teacher (`--pretrained_teacher`): its tokenizer (vocab_size is unused), longer blocks that
+    # give it context, narrow models so that the student's and specialists' ~49k-row embeddings stay cheap, and
+    # fewer steps and held-out blocks: a 135M teacher costs 3-10 s per batch on one (shared) CPU core.
+    "pretrained": Scale("pretrained", 0, 128, 8, 250, 30, 12, (0,), 32),
+    "pretrained-full": Scale("pretrained-full", 0, 128, 8, 250, 30, 24, (0, 1, 2), 32),
 }
+PRETRAINED_SCALES = {"quick": "quick", "default": "pretrained", "full": "pretrained-full"}
+"""The scale a `--quick`/default/`--full` run uses when it has a pretrained teacher."""
 
 TEACHER_SCALE_FIELDS = ("vocab_size", "block_size", "batch_size", "teacher_steps", "width")
 """What a teacher depends on: two scales that agree on these share cached teachers."""
@@ -83,7 +91,7 @@ def training_settings(output_dir: Path, steps: int, batch_size: int, seed: int) 
 
 
 def build_model(
-    spec: tuple[str, float, int], tokenizer: PreTrainedTokenizerFast, scale: Scale, seed: int
+    spec: tuple[str, float, int], tokenizer: PreTrainedTokenizerBase, scale: Scale, seed: int
 ) -> PreTrainedModel:
     """A randomly initialised model of `spec` (architecture, width factor, depth) at `scale`."""
     model_type, width_factor, layers = spec
@@ -98,7 +106,7 @@ def build_model(
     )
 
 
-def to_blocks(text: str, tokenizer: PreTrainedTokenizerFast, block_size: int, limit: int | None = None) -> Dataset:
+def to_blocks(text: str, tokenizer: PreTrainedTokenizerBase, block_size: int, limit: int | None = None) -> Dataset:
     """Consecutive `block_size`-token blocks of `text` (at most `limit`, evenly spread), labels = input_ids."""
     ids = tokenizer(text)["input_ids"]
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
@@ -110,22 +118,28 @@ def to_blocks(text: str, tokenizer: PreTrainedTokenizerFast, block_size: int, li
 
 @dataclass
 class DemoData:
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerBase
     train: dict[str, Dataset]
     validation: dict[str, Dataset]
     test: dict[str, Dataset]
 
 
-def prepare_data(domains: dict[str, list[str]], scale: Scale, cache_dir: Path) -> DemoData:
-    """Split every domain, train (or load) the tokenizer on the training text, and cut everything into blocks."""
+def prepare_data(
+    domains: dict[str, list[str]], scale: Scale, cache_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> DemoData:
+    """
+    Split every domain, train (or load) the tokenizer on the training text unless one is given (a pretrained
+    teacher's), and cut everything into blocks.
+    """
     splits = {domain: split_works(works) for domain, works in domains.items()}
-    corpus_hash = hashlib.sha256("".join(s["train"] for s in splits.values()).encode()).hexdigest()[:12]
-    tokenizer_dir = cache_dir / f"tokenizer-{scale.vocab_size}-{corpus_hash}"
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = train_tiny_tokenizer([s["train"] for s in splits.values()], vocab_size=scale.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
+    if tokenizer is None:
+        corpus_hash = hashlib.sha256("".join(s["train"] for s in splits.values()).encode()).hexdigest()[:12]
+        tokenizer_dir = cache_dir / f"tokenizer-{scale.vocab_size}-{corpus_hash}"
+        if (tokenizer_dir / "tokenizer.json").is_file():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        else:
+            tokenizer = train_tiny_tokenizer([s["train"] for s in splits.values()], vocab_size=scale.vocab_size)
+            tokenizer.save_pretrained(tokenizer_dir)
     by_split = {
         split: {
             domain: to_blocks(s[split], tokenizer, scale.block_size, None if split == "train" else scale.eval_blocks)
