@@ -12,7 +12,8 @@ Step time and memory of multi-teacher distillation, side by side on the same mod
 Times are medians over `--repeats` steps (after a warm-up), the methods interleaved so that drift hits all alike.
 Memory is the peak resident-set growth during one step above the resident set before it (Linux: VmHWM after a
 reset through /proc/self/clear_refs), with glibc's mmap threshold pinned so large tensors go back to the system as
-soon as they are freed; the loss-only rows run the loss and its backward on ready logits.
+soon as they are freed; the loss-only columns run the loss and its backward on ready random logits of
+4 x 256 positions (the smoke run: its own batch).
 
     python benchmarks/bench_step.py                 # the full grid, about 10 minutes on 2 CPU cores
     python benchmarks/bench_step.py --quick         # a smoke run in seconds
@@ -74,6 +75,8 @@ class Setting:
     batch_size: int = 4
     seq_len: int = 128
     top_k: int = 64
+    loss_shape: tuple[int, int] = (4, 256)
+    """Batch and length of the loss-only columns: 1020 valid positions, so chunking (256 at once) has work to do."""
 
 
 FULL = [
@@ -86,7 +89,10 @@ FULL = [
     Setting("small", 32768, 1),
     Setting("small", 32768, 3),
 ]
-QUICK = [Setting("tiny", 1024, 1, seq_len=32, top_k=16), Setting("tiny", 1024, 2, seq_len=32, top_k=16)]
+QUICK = [
+    Setting("tiny", 1024, 1, seq_len=32, top_k=16, loss_shape=(4, 32)),
+    Setting("tiny", 1024, 2, seq_len=32, top_k=16, loss_shape=(4, 32)),
+]
 
 
 # ---- memory ----
@@ -209,7 +215,7 @@ def make_steps(
 def loss_only(setting: Setting, repeats: int) -> dict[str, float | None]:
     """Time and peak memory of the KD loss and its backward alone, ours (chunked) against the naive version."""
     generator = torch.Generator().manual_seed(1)
-    shape = (setting.batch_size, setting.seq_len, setting.vocab_size)
+    shape = (*setting.loss_shape, setting.vocab_size)
     student_logits = torch.randn(shape, generator=generator).requires_grad_(True)
     teacher_logits = [torch.randn(shape, generator=generator) for _ in range(setting.num_teachers)]
     labels = torch.randint(0, setting.vocab_size, shape[:2], generator=generator)
