@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .teachers import teacher_forward, vocab_size
+from .teachers import pad_rows, teacher_forward, vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -298,13 +298,6 @@ def align_positions(
 # ---- the collator ----
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(
-        len(rows), width
-    )
-
-
 class MultiTokenizerCollator:
     """
     Batches raw text for cross-tokenizer distillation: the student's `input_ids`, `attention_mask` and `labels`,
@@ -359,8 +352,8 @@ class MultiTokenizerCollator:
             max((end for (_, end), s in zip(offsets, special, strict=True) if not s), default=0)
             for offsets, special in zip(student["offset_mapping"], student["special_tokens_mask"], strict=True)
         ]
-        input_ids = _pad(student["input_ids"], self.tokenizer.pad_token_id or 0)
-        attention_mask = _pad(student["attention_mask"], 0)
+        input_ids = pad_rows(student["input_ids"], self.tokenizer.pad_token_id or 0)
+        attention_mask = pad_rows(student["attention_mask"], 0)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -386,9 +379,9 @@ class MultiTokenizerCollator:
             ]
             teacher_inputs.append(
                 {
-                    "input_ids": _pad(teacher["input_ids"], tokenizer.pad_token_id or 0),
-                    "attention_mask": _pad(teacher["attention_mask"], 0),
-                    "position_map": _pad(maps, -1),
+                    "input_ids": pad_rows(teacher["input_ids"], tokenizer.pad_token_id or 0),
+                    "attention_mask": pad_rows(teacher["attention_mask"], 0),
+                    "position_map": pad_rows(maps, -1),
                 }
             )
         batch[TEACHER_INPUTS_KEY] = teacher_inputs

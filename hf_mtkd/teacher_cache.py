@@ -39,6 +39,7 @@ from .teachers import (
     TEACHER_INPUT_KEYS,
     check_finite,
     load_teachers,
+    pad_rows,
     teacher_forward,
     teacher_names,
     teacher_record,
@@ -350,9 +351,11 @@ def _cache_columns(
     for start in range(0, len(rows), batch_size):
         examples = rows[start : start + batch_size]
         lengths = [len(ids) for ids in examples["input_ids"]]
-        inputs = {key: _pad(examples[key], max(lengths), device) for key in present}
-        inputs.setdefault("attention_mask", _pad([[1] * n for n in lengths], max(lengths), device))
-        valid = _pad([[1] * (n - 1) for n in lengths], max(lengths), device).bool()
+        inputs = {key: pad_rows(examples[key]).to(device) for key in present}
+        positions = torch.arange(max(lengths), device=device)[None, :]
+        counts = torch.tensor(lengths, device=device)[:, None]
+        inputs.setdefault("attention_mask", (positions < counts).long())
+        valid = positions < counts - 1  # the positions that have a next token
         per_teacher = []
         for model, name in zip(models, names, strict=True):
             logits, _ = teacher_forward(model, name, inputs, output_hidden_states=False)
@@ -368,14 +371,6 @@ def _cache_columns(
             )
         update(len(lengths))
     return columns
-
-
-def _pad(values: Sequence[Sequence[int]], length: int, device: torch.device) -> Tensor:
-    """Right-pad lists of ints with 0 into a `[n, length]` long tensor."""
-    out = torch.zeros(len(values), length, dtype=torch.long)
-    for i, row in enumerate(values):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out.to(device)
 
 
 class TeacherCacheCollator:

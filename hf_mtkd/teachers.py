@@ -155,6 +155,14 @@ def teacher_forward(
     return logits, hidden_states
 
 
+def pad_rows(rows: Sequence[Sequence[int]], value: int = 0) -> Tensor:
+    """Lists of ints right-padded with `value` to the longest into a `[n, width]` long tensor."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(
+        len(rows), width
+    )
+
+
 def check_finite(per_position: Tensor, names: Sequence[str]) -> None:
     """
     Raise when teachers' logits held NaN or inf: `per_position` `[K, N]` is a statistic of each teacher's logits at

@@ -123,7 +123,10 @@ class SparseRows:
 
     def at(self, tokens: Tensor, temperature: float) -> Tensor:
         """Tempered log-probabilities `[n, m]` of the tokens `[n, m]`."""
-        top, tail = self.tempered(temperature)
+        return self.lookup(tokens, *self.tempered(temperature))
+
+    def lookup(self, tokens: Tensor, top: Tensor, tail: Tensor) -> Tensor:
+        """`top[i, j]` where `tokens[i, m]` is the j-th top-k token, else `tail[i]`: values `[n, m]` at `tokens`."""
         position = torch.searchsorted(self.indices, tokens).clamp(max=self.indices.shape[-1] - 1)
         found = self.indices.gather(-1, position) == tokens
         return torch.where(found, top.gather(-1, position), tail[:, None])
@@ -154,8 +157,9 @@ def sparse_fused_kl(
         weights: `[K, n]` teacher weights.
     """
     union, first = _union(torch.cat([t.indices for t in teachers], dim=-1))
-    at_union = torch.stack([t.at(union, temperature) for t in teachers])  # [K, n, m]
-    at_tail = torch.stack([t.tempered(temperature)[1] for t in teachers])  # [K, n]
+    tempered = [t.tempered(temperature) for t in teachers]
+    at_union = torch.stack([t.lookup(union, *lp) for t, lp in zip(teachers, tempered, strict=True)])  # [K, n, m]
+    at_tail = torch.stack([tail for _, tail in tempered])  # [K, n]
     weights = weights.to(at_union.dtype)
     outside = (student_log_probs.shape[-1] - first.sum(dim=-1)).to(at_union.dtype)  # M
     if fusion == "probability":
