@@ -9,11 +9,12 @@ Step time and memory of multi-teacher distillation, side by side on the same mod
   (f) naive     the KD loss written with whole-batch tensors (log-softmax of every teacher over [B, T, V]), for the
                 loss's own memory and time beside ours.
 
-Times are medians over `--repeats` steps (after a warm-up), the methods interleaved so that drift hits all alike.
-Memory is the peak resident-set growth during one step above the resident set before it (Linux: VmHWM after a
-reset through /proc/self/clear_refs), with glibc's mmap threshold pinned so large tensors go back to the system as
-soon as they are freed; the loss-only columns run the loss and its backward on ready random logits of
-4 x 256 positions (the smoke run: its own batch).
+Times are medians over `--repeats` steps (after a warm-up), the methods interleaved so that drift hits all alike,
+with the allocator as users run it. Memory is measured in a second process: the peak resident-set growth during
+one step above the resident set before it (Linux: VmHWM after a reset through /proc/self/clear_refs), with glibc's
+mmap threshold pinned there so that freed tensors leave the resident set at once (which would slow the timed steps
+down: every large tensor would be faulted in afresh). The loss-only columns run the loss and its backward on ready
+random logits of 4 x 256 positions (the smoke run: its own batch).
 
     python benchmarks/bench_step.py                 # the full grid, about 10 minutes on 2 CPU cores
     python benchmarks/bench_step.py --quick         # a smoke run in seconds
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,24 +37,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-MMAP_THRESHOLD = "65536"
-if sys.platform.startswith("linux") and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
-    # Pin glibc's threshold before torch allocates anything, so freed tensors leave the resident set.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
+import torch
+import torch.nn.functional as F
+import transformers
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
-
-from hf_mtkd import (  # noqa: E402
+from hf_mtkd import (
     MultiTeacherDistillationConfig,
     MultiTeacherDistillationTrainer,
     cache_teacher_logits,
     multi_teacher_kd_loss,
 )
-from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer  # noqa: E402
+from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
+
+MMAP_THRESHOLD = "65536"
+"""glibc's mmap threshold in the memory process: freed tensors go back to the system, so VmHWM sees each peak."""
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 try:  # a benchmark-only dependency: pip install "hf-mtkd[benchmark]"
@@ -212,8 +212,8 @@ def make_steps(
     return steps
 
 
-def loss_only(setting: Setting, repeats: int) -> dict[str, float | None]:
-    """Time and peak memory of the KD loss and its backward alone, ours (chunked) against the naive version."""
+def loss_only(setting: Setting, repeats: int, memory: bool) -> dict[str, float | None]:
+    """Time (or peak memory) of the KD loss and its backward alone, ours (chunked) against the naive version."""
     generator = torch.Generator().manual_seed(1)
     shape = (*setting.loss_shape, setting.vocab_size)
     student_logits = torch.randn(shape, generator=generator).requires_grad_(True)
@@ -228,12 +228,8 @@ def loss_only(setting: Setting, repeats: int) -> dict[str, float | None]:
         return step
 
     ours = run(lambda s, t, y: multi_teacher_kd_loss(s, t, y, temperature=2.0, weighting="entropy"))
-    naive = run(naive_kd_loss)
-    result: dict[str, float | None] = {}
-    for name, step in (("loss_ours", ours), ("loss_naive", naive)):
-        result[f"{name}_peak_mb"] = peak_memory_mb(step)
-        result[f"{name}_ms"] = 1e3 * statistics.median(_timed(step) for _ in range(repeats))
-    return result
+    steps = {"loss_ours": ours, "loss_naive": run(naive_kd_loss)}
+    return _measure_steps(steps, repeats, memory)
 
 
 def _timed(step: Callable[[], Any]) -> float:
@@ -242,32 +238,46 @@ def _timed(step: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(setting: Setting, tokenizer: Any, repeats: int) -> dict[str, Any]:
+def _measure_steps(steps: dict[str, Callable[[], Any]], repeats: int, memory: bool) -> dict[str, float | None]:
+    """`<name>_peak_mb` of each step (`memory`), or `<name>_ms`, the median of interleaved timed runs."""
+    for step in steps.values():  # warm-up
+        step()
+    if memory:
+        return {f"{name}_peak_mb": peak_memory_mb(step) for name, step in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(_timed(step))
+    return {f"{name}_ms": 1e3 * statistics.median(values) for name, values in times.items()}
+
+
+def measure(setting: Setting, tokenizer: Any, repeats: int, memory: bool = False) -> dict[str, Any]:
+    """One table row: every method's step time (or, with `memory`, its peak memory)."""
     student, teachers, batch = build(setting, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         steps = make_steps(setting, student, teachers, batch, tokenizer, tmp)
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for step in steps.values():  # warm-up
-            step()
-        for _ in range(repeats):
-            for name, step in steps.items():
-                times[name].append(_timed(step))
-        memory = {f"{name}_peak_mb": peak_memory_mb(step) for name, step in steps.items()}
-    row: dict[str, Any] = {
-        **asdict(setting),
-        "student_params_m": sum(p.numel() for p in student.parameters()) / 1e6,
-        "teacher_params_m": [round(sum(p.numel() for p in t.parameters()) / 1e6, 2) for t in teachers],
-        **{f"{name}_ms": 1e3 * statistics.median(values) for name, values in times.items()},
-        **memory,
-        **loss_only(setting, repeats),
-    }
+        row: dict[str, Any] = {**asdict(setting), **_measure_steps(steps, repeats, memory)}
+    row.update(loss_only(setting, repeats, memory))
+    if memory:
+        return row
+    row["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6
+    row["teacher_params_m"] = [round(sum(p.numel() for p in t.parameters()) / 1e6, 2) for t in teachers]
     row["mtkd_over_floor"] = row["mtkd_ms"] / row["floor_ms"]
     row["cached_over_plain"] = row["cached_ms"] / row["plain_ms"]
     row["mtkd_over_trl"] = row["mtkd_ms"] / row["trl_ms"] if "trl_ms" in row else None
-    row["loss_memory_ours_over_naive"] = (
-        row["loss_ours_peak_mb"] / row["loss_naive_peak_mb"] if row["loss_naive_peak_mb"] else None
-    )
     return row
+
+
+def memory_rows(argv: list[str]) -> list[dict[str, Any]]:
+    """The memory columns, measured by this script in a child process with glibc's mmap threshold pinned."""
+    if not sys.platform.startswith("linux"):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+        subprocess.run([sys.executable, __file__, *argv, "--memory_json", path], env=env, check=True)
+        with open(path) as file:
+            return json.load(file)
 
 
 # ---- report ----
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="Two tiny settings, for a smoke run.")
     parser.add_argument("--repeats", type=int, default=None, help="Timed steps per method (default 5; quick 2).")
     parser.add_argument("--output", default=None, help="Write <output>.json and <output>.md.")
+    parser.add_argument("--memory_json", default=None, help=argparse.SUPPRESS)  # the memory process's output
     args = parser.parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
     settings = QUICK if args.quick else FULL
@@ -312,10 +323,21 @@ def main(argv: list[str] | None = None) -> None:
     if GKDTrainer is None:
         print("TRL is not installed (pip install 'hf-mtkd[benchmark]'): no TRL column.", file=sys.stderr)
     tokenizer = train_tiny_tokenizer(synthetic_corpus(64), vocab_size=300)
+    if args.memory_json:
+        rows = [measure(setting, tokenizer, repeats, memory=True) for setting in settings]
+        with open(args.memory_json, "w") as file:
+            json.dump(rows, file)
+        return
     rows = []
     for setting in settings:
-        print(f"measuring {setting} ...", file=sys.stderr, flush=True)
+        print(f"timing {setting} ...", file=sys.stderr, flush=True)
         rows.append(measure(setting, tokenizer, repeats))
+    print("measuring peak memory in a second process ...", file=sys.stderr, flush=True)
+    for row, memory in zip(rows, memory_rows(["--quick"] if args.quick else []), strict=False):
+        row.update({key: value for key, value in memory.items() if key.endswith("_peak_mb")})
+    for row in rows:
+        naive = row.get("loss_naive_peak_mb")
+        row["loss_memory_ours_over_naive"] = row["loss_ours_peak_mb"] / naive if naive else None
     environment = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,

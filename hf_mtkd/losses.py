@@ -14,6 +14,7 @@ Everything is computed in float32 (or the input's wider dtype) and in log-space 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .topk import TeacherLogits, TopKLogits, sparse_fused_kl, take_rows
-from .weighting import TeacherSignals, WeightingParameters, normalize_prior, weights_from_signals
+from .topk import SparseRows, TeacherLogits, TopKLogits, sparse_fused_kl, take_rows
+from .weighting import (
+    POSITION_LOCAL_WEIGHTINGS,
+    TeacherSignals,
+    WeightingParameters,
+    normalize_prior,
+    weights_from_signals,
+)
 
 FUSIONS = ("probability", "logit")
-DEFAULT_CHUNK_SIZE = 256
+CHUNK_ELEMENTS = 2**22
+"""With `chunk_size=None`, positions are read `CHUNK_ELEMENTS // V` at a time: each `[chunk, V]` float32 tensor is
+16 MiB, small enough to be reused from the allocator's cache instead of faulted in afresh, large enough that the
+per-chunk overhead is negligible."""
 FEATURE_LOSSES = ("mse", "cosine")
 
 
@@ -51,59 +61,16 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def tempered_log_probs(logits: Tensor, temperature: float) -> Tensor:
-    r"""$\log \mathrm{softmax}(z/\tau)$ over the last dimension, in float32 (float64 stays float64)."""
-    return torch.log_softmax(_upcast(logits) / temperature, dim=-1)
-
-
-def _finite(log_probs: Tensor) -> Tensor:
-    r"""-inf raised to the dtype's lowest finite value, so that $0 \cdot \log 0$ multiplies out to 0, not NaN."""
-    return log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
-
-
-def entropy_from_log_probs(log_probs: Tensor) -> Tensor:
-    r"""$H = -\sum_v p(v) \log p(v)$ over the last dimension, with $0 \log 0 = 0$."""
-    return -(log_probs.exp() * _finite(log_probs)).sum(dim=-1)
-
-
-def fuse_log_probs(
-    teacher_log_probs: Sequence[Tensor], weights: Tensor, fusion: str = "probability"
-) -> tuple[Tensor, Tensor]:
-    r"""
-    The fused target as $(\log \bar p, \bar p)$, each `[N, V]`, from teacher log-probabilities `K x [N, V]` and
-    weights `[K, N]`.
-
-    * `probability`: $\bar p = \sum_k w_k p_k$ (summed as probabilities: a term below float range contributes
-      nothing to the KL either);
-    * `logit`: $\log \bar p = \log\mathrm{softmax}(\sum_k w_k \log p_k)$, which equals
-      $\log\mathrm{softmax}(\sum_k w_k z_k / \tau)$ because $\log p_k$ and $z_k/\tau$ differ by a constant per position
-      and the weights sum to 1.
-    """
-    weights = weights.to(teacher_log_probs[0].dtype)[:, :, None]
-    if fusion == "probability":
-        target = sum(w * log_probs.exp() for w, log_probs in zip(weights, teacher_log_probs, strict=True))
-        return target.log(), target
-    if fusion == "logit":
-        log_target = torch.log_softmax(sum(w * lp for w, lp in zip(weights, teacher_log_probs, strict=True)), dim=-1)
-        return log_target, log_target.exp()
-    raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
-
-
-def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor, target: Tensor | None = None) -> Tensor:
-    r"""
-    $\mathrm{KL}(\bar p \,\|\, q) = \sum_v \bar p(v) (\log \bar p(v) - \log q(v))$ per row, with $0 \log 0 = 0$
-    (`target`: $\bar p$ when the caller already has it).
-    """
-    target = target_log_probs.exp() if target is None else target
-    return (target * (_finite(target_log_probs) - student_log_probs)).sum(dim=-1)
-
-
 @dataclass
 class MultiTeacherKDOutput:
-    """The KD loss with what it was computed from, for logging and the feature loss."""
+    """The distillation loss with what it was computed from, for logging and the feature loss."""
 
     loss: Tensor
-    """Scalar $\\tau^2 \\cdot \\frac{1}{N} \\sum_{valid} \\mathrm{KL}(\\bar p \\| q)$."""
+    """Scalar $\\alpha_{kd} L_{kd} + \\alpha_{ce} L_{ce}$, the one differentiable output ($L_{kd}$ by default)."""
+    loss_kd: Tensor
+    """Scalar $L_{kd} = \\tau^2 \\cdot \\frac{1}{N} \\sum_{valid} \\mathrm{KL}(\\bar p \\| q)$, detached."""
+    loss_ce: Tensor | None
+    """Scalar $L_{ce}$, detached (None unless `alpha_ce` was given)."""
     weights: Tensor
     """`[K, B, T]` teacher weights (constants for the gradient)."""
     signals: TeacherSignals
@@ -130,20 +97,135 @@ def _check_logits(student_logits: Tensor | None, teacher_logits: Sequence[Teache
             )
 
 
-def _row_chunks(mask: Tensor, chunk_size: int | None) -> list[Tensor]:
-    """Flat indices (into B x T) of the valid positions, in row-major order, in chunks of at most `chunk_size`."""
-    index = mask.flatten().nonzero().squeeze(1)
-    return list(index.split(max(index.numel() if chunk_size is None else chunk_size, 1)))
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk when `chunk_size` is None: `CHUNK_ELEMENTS // vocab_size`, at least 1."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def _dense_rows(logits: TeacherLogits, index: Tensor) -> Tensor:
-    """A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `index`."""
-    return logits.dense(index) if isinstance(logits, TopKLogits) else _upcast(take_rows(logits.detach(), index))
+@dataclass(frozen=True)
+class _Chunk:
+    """A run of flat positions (into B x T) that the loss reads at once, as views of the `[B, T, V]` tensors."""
+
+    rows: slice
+    """Positions `[start, stop)`: the first and last are valid, those between may not be (padding, row ends)."""
+    valid: Tensor
+    """`[stop - start]` bool, the valid positions of the run."""
+    all_valid: bool
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    def select(self, values: Tensor) -> Tensor:
+        """`values[..., n]` at the valid positions only."""
+        return values if self.all_valid else values[..., self.valid]
+
+
+def _chunks(mask: Tensor, chunk_size: int | None, vocab_size: int) -> list[_Chunk]:
+    """
+    The valid positions of `mask` in runs of at most `chunk_size` consecutive flat positions (None:
+    `auto_chunk_size(vocab_size)`), each starting and ending at a valid one, so that a chunk is a view, not a copy.
+    """
+    size = auto_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    flat = mask.flatten()
+    positions = flat.nonzero().squeeze(1).tolist()
+    chunks, i = [], 0
+    while i < len(positions):
+        start = positions[i]
+        j = bisect.bisect_left(positions, start + size, lo=i)
+        stop = positions[j - 1] + 1
+        chunks.append(_Chunk(slice(start, stop), flat[start:stop], all_valid=j - i == stop - start))
+        i = j
+    return chunks
+
+
+def _dense_rows(logits: TeacherLogits, rows: slice) -> Tensor:
+    """A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `rows` (a view)."""
+    return logits.dense(rows) if isinstance(logits, TopKLogits) else _upcast(take_rows(logits.detach(), rows))
 
 
 def _all_sparse(teacher_logits: Sequence[TeacherLogits]) -> bool:
     """Whether every teacher is in top-k form, so the sparse path applies (mixed inputs are read densely)."""
     return all(isinstance(logits, TopKLogits) for logits in teacher_logits)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    r"""$\sum_v a_v b_v$ per row of two `[n, V]` tensors."""
+    return (a * b).sum(dim=-1)
+
+
+@dataclass
+class _DenseTeacher:
+    """One teacher at the n positions of a chunk: tempered log-probabilities (finite) and probabilities `[n, V]`."""
+
+    log_probs: Tensor
+    probs: Tensor
+
+
+def _chunk_teachers(
+    teacher_logits: Sequence[TeacherLogits], rows: slice, targets: Tensor, temperature: float
+) -> tuple[list[_DenseTeacher] | list[SparseRows], Tensor, Tensor]:
+    """
+    The K teachers at the flat positions `rows`, read once: their rows (`_DenseTeacher`, or `SparseRows` when
+    every teacher is cached), entropies `[K, n]` at `temperature` and log-probabilities `[K, n]` of `targets` `[n]`
+    (valid token ids) at temperature 1 (`TeacherSignals`).
+    """
+    y = targets[:, None]
+    if _all_sparse(teacher_logits):
+        sparse = [logits.rows(rows) for logits in teacher_logits]
+        entropy = torch.stack([r.entropy(temperature) for r in sparse])
+        return sparse, entropy, torch.stack([r.at(y, 1.0)[:, 0] for r in sparse])
+    dense, entropy, target_log_prob = [], [], []
+    for logits in teacher_logits:
+        raw = _dense_rows(logits, rows)
+        if temperature != 1:
+            target_log_prob.append(raw.gather(-1, y)[:, 0] - raw.logsumexp(dim=-1))
+        log_probs = torch.log_softmax(raw if temperature == 1 else raw / temperature, dim=-1)
+        del raw
+        if temperature == 1:
+            target_log_prob.append(log_probs.gather(-1, y)[:, 0])
+        probs = log_probs.exp()
+        log_probs.clamp_(min=torch.finfo(log_probs.dtype).min)  # 0 log 0 = 0 below
+        entropy.append(-_rowdot(probs, log_probs))
+        dense.append(_DenseTeacher(log_probs, probs))
+    return dense, torch.stack(entropy), torch.stack(target_log_prob)
+
+
+@dataclass
+class _DenseTarget:
+    """The fused target $\\bar p$ of a chunk, `[n, V]`."""
+
+    probs: Tensor
+
+    def subtract_from(self, grad: Tensor, scale: Tensor) -> None:
+        """`grad -= scale * p̄` in place, with `scale` `[n, 1]`."""
+        grad.addcmul_(self.probs, scale, value=-1)
+
+
+def _dense_fused_kl(
+    student_log_probs: Tensor, teachers: Sequence[_DenseTeacher], entropy: Tensor, weights: Tensor, fusion: str
+) -> tuple[Tensor, _DenseTarget]:
+    r"""
+    $\mathrm{KL}(\bar p \| q) = \sum_v \bar p_v \log \bar p_v - \sum_v \bar p_v \log q_v$ per position `[n]`, and
+    the target $\bar p$; the first sum is $-H$ with one teacher.
+    """
+    if len(teachers) == 1:
+        target, neg_entropy = teachers[0].probs, -entropy[0]
+    else:
+        w = weights.to(student_log_probs.dtype)[:, :, None]
+        if fusion == "probability":
+            target = teachers[0].probs * w[0]
+            for k in range(1, len(teachers)):
+                target.addcmul_(teachers[k].probs, w[k])
+            log_target = target.log().clamp_(min=torch.finfo(target.dtype).min)
+        else:
+            mixed = teachers[0].log_probs * w[0]
+            for k in range(1, len(teachers)):
+                mixed.addcmul_(teachers[k].log_probs, w[k])
+            log_target = torch.log_softmax(mixed, dim=-1).clamp_(min=torch.finfo(mixed.dtype).min)
+            target = log_target.exp()
+        neg_entropy = _rowdot(target, log_target)
+    return neg_entropy - _rowdot(target, student_log_probs), _DenseTarget(target)
 
 
 def _teacher_statistics(
@@ -152,105 +234,196 @@ def _teacher_statistics(
     *,
     temperature: float,
     position_ids: Tensor | None,
-    weighting: str,
-    teacher_weights: Sequence[float] | Tensor | None,
-    params: WeightingParameters,
-    granularity: str,
-    min_weight: float,
     chunk_size: int | None,
-    teacher_mask: Tensor | None = None,
-) -> tuple[TeacherSignals, Tensor]:
-    """The teachers' `TeacherSignals` at the valid positions and weights `[K, B, T]`, `chunk_size` rows at once."""
+) -> TeacherSignals:
+    """The teachers' `TeacherSignals` at the valid positions, read `chunk_size` positions at once."""
     targets = shift_labels(labels)
     mask = targets != -100
-    num_teachers = len(teacher_logits)
+    flat_targets = targets.flatten().clamp(min=0)
     entropy, target_log_prob = [], []
-    sparse = _all_sparse(teacher_logits)
     with torch.no_grad():
-        for index in _row_chunks(mask, chunk_size):
-            y = take_rows(targets, index)[:, None]
-            if sparse:
-                chunk = [logits.rows(index) for logits in teacher_logits]
-                entropy.append(torch.stack([z.entropy(temperature) for z in chunk]))
-                target_log_prob.append(torch.stack([z.at(y, 1.0)[:, 0] for z in chunk]))
-                continue
-            chunk = [_dense_rows(logits, index) for logits in teacher_logits]
-            entropy.append(torch.stack([entropy_from_log_probs(tempered_log_probs(z, temperature)) for z in chunk]))
-            target_log_prob.append(torch.stack([z.gather(-1, y)[:, 0] - z.logsumexp(dim=-1) for z in chunk]))
-        empty = torch.zeros(num_teachers, 0, device=mask.device)
-        signals = TeacherSignals(
-            entropy=torch.cat(entropy, dim=1) if entropy else empty,
-            target_log_prob=torch.cat(target_log_prob, dim=1) if target_log_prob else empty,
-            mask=mask,
-            segment_starts=None if position_ids is None else position_ids == 0,
-        )
-        weights = weights_from_signals(
+        for chunk in _chunks(mask, chunk_size, teacher_logits[0].shape[-1]):
+            _, chunk_entropy, chunk_log_prob = _chunk_teachers(
+                teacher_logits, chunk.rows, flat_targets[chunk.rows], temperature
+            )
+            entropy.append(chunk.select(chunk_entropy))
+            target_log_prob.append(chunk.select(chunk_log_prob))
+    return _signals(entropy, target_log_prob, mask, position_ids, len(teacher_logits))
+
+
+def _signals(
+    entropy: list[Tensor], target_log_prob: list[Tensor], mask: Tensor, position_ids: Tensor | None, k: int
+) -> TeacherSignals:
+    empty = torch.zeros(k, 0, device=mask.device)
+    return TeacherSignals(
+        entropy=torch.cat(entropy, dim=1) if entropy else empty,
+        target_log_prob=torch.cat(target_log_prob, dim=1) if target_log_prob else empty,
+        mask=mask,
+        segment_starts=None if position_ids is None else position_ids == 0,
+    )
+
+
+@dataclass(frozen=True)
+class _Weighting:
+    """How the teachers are weighted: the arguments of `weights_from_signals` besides the signals."""
+
+    weighting: str
+    prior: Tensor
+    params: WeightingParameters
+    granularity: str
+    min_weight: float
+
+    @property
+    def local(self) -> bool:
+        """Whether a position's weights depend only on that position's signals (so they can be made per chunk)."""
+        return self.granularity == "token" and self.weighting in POSITION_LOCAL_WEIGHTINGS
+
+    def __call__(self, signals: TeacherSignals, teacher_mask: Tensor | None) -> Tensor:
+        return weights_from_signals(
             signals,
-            weighting=weighting,
-            prior=normalize_prior(teacher_weights, num_teachers, device=mask.device),
-            params=params,
-            granularity=granularity,
-            min_weight=min_weight,
+            weighting=self.weighting,
+            prior=self.prior,
+            params=self.params,
+            granularity=self.granularity,
+            min_weight=self.min_weight,
             teacher_mask=teacher_mask,
         )
-    return signals, weights
+
+    def chunk(self, entropy: Tensor, target_log_prob: Tensor, teacher_mask: Tensor | None) -> Tensor:
+        """Weights `[K, n]` of n positions from their own signals (only when `local`)."""
+        everywhere = torch.ones(1, entropy.shape[1], dtype=torch.bool, device=entropy.device)
+        signals = TeacherSignals(entropy, target_log_prob, everywhere)
+        return self(signals, None if teacher_mask is None else teacher_mask[:, None, :])[:, 0, :]
 
 
-class _FusedKLDivergence(torch.autograd.Function):
+class _Distillation(torch.autograd.Function):
     r"""
-    $\tau^2 \sum_{valid} \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau))$, computed `chunk_size` positions at a time.
+    $\alpha_{kd} \tau^2 \frac{1}{N} \sum \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau)) + \alpha_{ce}
+    \frac{1}{N} \sum -\log \mathrm{softmax}(z_s)_y$ over the valid positions, in one pass over chunks of positions.
 
-    The gradient, $\tau (q - \bar p)$ per valid position, is written chunk by chunk during the forward pass, so no
-    `[N, V]` intermediate outlives its chunk: the extra memory is O(chunk_size x V x K), not O(N x V x K). When every
-    teacher is in top-k form, `hf_mtkd.topk.sparse_fused_kl` computes the same without any `[chunk, V]` teacher
-    tensor.
+    Each chunk reads every teacher once: its statistics, its weights (when they depend on the position alone; else
+    `weights` are given), the fused target, the KL, the cross-entropy and the gradient,
+    $\frac{1}{N}(\alpha_{kd} \tau (q_\tau - \bar p) + \alpha_{ce} (q_1 - e_y))$, written into one `[B, T, V]`
+    buffer during the forward. No `[N, V]` intermediate outlives its chunk, and the student's log-softmax serves
+    both terms when τ = 1. When every teacher is in top-k form, `hf_mtkd.topk.sparse_fused_kl` replaces the dense
+    fusion.
+
+    Returns the loss and, as constants, $L_{kd}$, $L_{ce}$ (0 without `alpha_ce`), and the teachers' entropies and
+    target log-probabilities `[K, N]`.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         student_logits: Tensor,
-        weights: Tensor,
-        temperature: float,
-        fusion: str,
-        mask: Tensor,
-        chunk_size: int | None,
+        labels: Tensor,
+        normalizer: Tensor,
+        weights: Tensor | None,
+        weigh: _Weighting,
+        teacher_mask: Tensor | None,
+        options: tuple[float, str, float, float | None, int | None],
         *teacher_logits: TeacherLogits,
-    ) -> Tensor:
-        need_grad = ctx.needs_input_grad[0]
-        sparse = _all_sparse(teacher_logits)
-        grad = student_logits.new_zeros(student_logits.shape) if need_grad else None
-        total = _upcast(student_logits.new_zeros(()))
-        start = 0
+    ) -> tuple[Tensor, ...]:
+        temperature, fusion, alpha_kd, alpha_ce, chunk_size = options
+        targets = shift_labels(labels)
+        mask = targets != -100
+        flat_targets = targets.flatten().clamp(min=0)
+        need_grad = ctx.needs_input_grad[0] and (alpha_kd != 0 or bool(alpha_ce))
+        chunks = _chunks(mask, chunk_size, student_logits.shape[-1])
+        grad = student_logits.new_empty(student_logits.shape) if need_grad else None
+        flat_student = student_logits.view(-1, student_logits.shape[-1])
         flat_grad = None if grad is None else grad.view(-1, grad.shape[-1])
-        for index in _row_chunks(mask, chunk_size):
-            chunk_weights = weights[:, start : start + index.numel()]
-            start += index.numel()
-            student = tempered_log_probs(take_rows(student_logits, index), temperature)
-            if sparse:
-                teachers = [logits.rows(index) for logits in teacher_logits]
-                kl, chunk_grad = sparse_fused_kl(student, teachers, chunk_weights, temperature, fusion, need_grad)
-                total = total + kl.sum()
-                if need_grad:
-                    flat_grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
-                continue
-            teachers = [tempered_log_probs(_dense_rows(logits, index), temperature) for logits in teacher_logits]
-            if len(teachers) == 1:
-                fused, target = teachers[0], teachers[0].exp()
+        if need_grad:  # positions outside every chunk get no gradient
+            edges = [0, *(edge for chunk in chunks for edge in (chunk.rows.start, chunk.rows.stop)), len(flat_grad)]
+            for start, stop in zip(edges[::2], edges[1::2], strict=True):
+                flat_grad[start:stop] = 0
+        flat_mask = None if teacher_mask is None else teacher_mask.flatten(1)
+        flat_weights = None if weights is None else weights.flatten(1)
+        kl_total = ce_total = _upcast(student_logits.new_zeros(()))
+        normalizer = normalizer.to(kl_total.dtype)
+        kd_scale = alpha_kd * temperature / normalizer
+        ce_scale = (alpha_ce or 0.0) / normalizer
+        entropy, target_log_prob = [], []
+        for chunk in chunks:
+            rows, valid = chunk.rows, chunk.valid
+            y = flat_targets[rows]
+            teachers, chunk_entropy, chunk_log_prob = _chunk_teachers(teacher_logits, rows, y, temperature)
+            entropy.append(chunk.select(chunk_entropy))
+            target_log_prob.append(chunk.select(chunk_log_prob))
+            available = None if flat_mask is None else flat_mask[:, rows]
+            if flat_weights is None:
+                chunk_weights = weigh.chunk(chunk_entropy, chunk_log_prob, available)
             else:
-                fused, target = fuse_log_probs(teachers, chunk_weights, fusion)
-            total = total + kl_divergence(fused, student, target).sum()
+                chunk_weights = flat_weights[:, rows]
+            # the KD term counts at valid positions where some teacher has weight
+            counted = valid if available is None else valid & (chunk_weights > 0).any(dim=0)
+
+            logits = _upcast(flat_student[rows])
+            ce_log_probs = torch.log_softmax(logits, dim=-1) if alpha_ce is not None and temperature != 1 else None
+            student = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+            del logits
+            if alpha_ce is not None:
+                ce_log_probs = student if ce_log_probs is None else ce_log_probs
+                ce_total = ce_total - chunk.select(ce_log_probs.gather(-1, y[:, None])[:, 0]).sum()
+            if isinstance(teachers[0], SparseRows):
+                kl, target = sparse_fused_kl(student, teachers, chunk_weights, temperature, fusion)
+            else:
+                kl, target = _dense_fused_kl(student, teachers, chunk_entropy, chunk_weights, fusion)
+            del teachers
+            kl_total = kl_total + kl.where(counted, 0.0).sum()
             if need_grad:
-                flat_grad.index_copy_(0, index, (temperature * (student.exp() - target)).to(grad.dtype))
-        ctx.num_teachers = len(teacher_logits)
+                row_kd = (kd_scale * counted).to(student.dtype)[:, None]
+                if alpha_ce is not None and temperature == 1:  # q_1 = q_τ: one exp for both terms
+                    chunk_grad = student.exp_().mul_(row_kd + ce_scale)
+                else:
+                    chunk_grad = student.exp_().mul_(row_kd)
+                    if ce_log_probs is not None:
+                        chunk_grad.add_(ce_log_probs.exp_().mul_(ce_scale))
+                target.subtract_from(chunk_grad, row_kd)
+                if alpha_ce is not None:
+                    ce_step = (-ce_scale).to(student.dtype).reshape(1, 1).expand(chunk.size, 1)
+                    chunk_grad.scatter_add_(-1, y[:, None], ce_step)
+                if not chunk.all_valid:  # padding and row ends inside the run get no gradient
+                    chunk_grad.masked_fill_(~valid[:, None], 0)
+                flat_grad[rows] = chunk_grad
+        ctx.num_inputs = 7 + len(teacher_logits)
         ctx.save_for_backward(grad)
-        return temperature**2 * total
+        loss_kd = temperature**2 * kl_total / normalizer
+        loss_ce = ce_total / normalizer
+        loss = alpha_kd * loss_kd + (alpha_ce or 0.0) * loss_ce
+        signals = _signals(entropy, target_log_prob, mask, None, len(teacher_logits))
+        outputs = (loss_kd, loss_ce, signals.entropy, signals.target_log_prob)
+        ctx.mark_non_differentiable(*outputs)
+        return (loss, *outputs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype), *[None] * (5 + ctx.num_teachers))
+        if grad is not None and not bool(grad_loss == 1):
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad, *[None] * (ctx.num_inputs - 1))
+
+
+def _weighting(
+    weighting: str,
+    teacher_weights: Sequence[float] | Tensor | None,
+    num_teachers: int,
+    device: torch.device,
+    *,
+    entropy_temperature: float,
+    label_temperature: float,
+    posterior_decay: float,
+    granularity: str,
+    min_weight: float,
+) -> _Weighting:
+    return _Weighting(
+        weighting=weighting,
+        prior=normalize_prior(teacher_weights, num_teachers, device=device),
+        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
+        granularity=granularity,
+        min_weight=min_weight,
+    )
 
 
 def compute_teacher_weights(
@@ -266,7 +439,7 @@ def compute_teacher_weights(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
 ) -> Tensor:
     r"""
@@ -282,24 +455,26 @@ def compute_teacher_weights(
         labels: `[B, T]`, -100 where ignored.
         entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
         position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
-        chunk_size: positions processed at once (None: all), which bounds the extra memory.
+        chunk_size: positions processed at once, which bounds the extra memory (None: `auto_chunk_size(V)`).
         teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). An unavailable
             teacher's weight is 0 and the others' are renormalised; where none is available all weights are 0.
     """
     _check_logits(None, teacher_logits)
-    return _teacher_statistics(
-        teacher_logits,
-        labels,
-        temperature=temperature,
-        position_ids=position_ids,
-        weighting=weighting,
-        teacher_weights=teacher_weights,
-        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
+    weigh = _weighting(
+        weighting,
+        teacher_weights,
+        len(teacher_logits),
+        labels.device,
+        entropy_temperature=entropy_temperature,
+        label_temperature=label_temperature,
+        posterior_decay=posterior_decay,
         granularity=granularity,
         min_weight=min_weight,
-        chunk_size=chunk_size,
-        teacher_mask=teacher_mask,
-    )[1]
+    )
+    signals = _teacher_statistics(
+        teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
+    )
+    return weigh(signals, teacher_mask)
 
 
 def multi_teacher_kd(
@@ -318,38 +493,63 @@ def multi_teacher_kd(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
+    alpha_kd: float = 1.0,
+    alpha_ce: float | None = None,
 ) -> MultiTeacherKDOutput:
     r"""
-    Multi-teacher KD loss with its weights and teacher signals; see `multi_teacher_kd_loss` for the formula and
-    `compute_teacher_weights` for the weighting arguments.
+    The distillation loss $\alpha_{kd} L_{kd} + \alpha_{ce} L_{ce}$ with its terms, weights and teacher signals;
+    see `multi_teacher_kd_loss` for $L_{kd}$, `causal_lm_loss` for $L_{ce}$ and `compute_teacher_weights` for the
+    weighting arguments.
+
+    Both terms and the gradient come from one pass over chunks of positions, which reads each teacher once when
+    the weights of a position depend on it alone (`granularity="token"` with `static`, `entropy` or
+    `correctness`); otherwise a first pass computes the teachers' statistics. Without `alpha_ce`, $L_{ce}$ is
+    neither computed nor part of the loss.
     """
     _check_logits(student_logits, teacher_logits)
     if fusion not in FUSIONS:
         raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
-    signals, weights = _teacher_statistics(
-        teacher_logits,
-        labels,
-        temperature=temperature,
-        position_ids=position_ids,
-        weighting=weighting,
-        teacher_weights=teacher_weights,
-        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
+    weigh = _weighting(
+        weighting,
+        teacher_weights,
+        len(teacher_logits),
+        labels.device,
+        entropy_temperature=entropy_temperature,
+        label_temperature=label_temperature,
+        posterior_decay=posterior_decay,
         granularity=granularity,
         min_weight=min_weight,
-        chunk_size=chunk_size,
-        teacher_mask=teacher_mask,
     )
-    mask = signals.mask
-    # Positions where no teacher has weight (none available) get no KD term but still count in N.
-    kd_mask = mask if teacher_mask is None else mask & (weights > 0).any(dim=0)
+    mask = next_token_mask(labels)
+    weights = None
+    if not weigh.local:
+        signals = _teacher_statistics(
+            teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
+        )
+        weights = weigh(signals, teacher_mask)
     teachers = [logits.detach() for logits in teacher_logits]
-    kl = _FusedKLDivergence.apply(
-        student_logits, weights[:, kd_mask], temperature, fusion, kd_mask, chunk_size, *teachers
+    loss, loss_kd, loss_ce, entropy, target_log_prob = _Distillation.apply(
+        student_logits,
+        labels,
+        _normalizer(mask, num_items_in_batch),
+        weights,
+        weigh,
+        teacher_mask,
+        (temperature, fusion, alpha_kd, alpha_ce, chunk_size),
+        *teachers,
     )
+    if weights is None:
+        signals = TeacherSignals(entropy, target_log_prob, mask, None if position_ids is None else position_ids == 0)
+        weights = weigh(signals, teacher_mask)
     return MultiTeacherKDOutput(
-        loss=kl / _normalizer(mask, num_items_in_batch), weights=weights, signals=signals, teacher_mask=teacher_mask
+        loss=loss,
+        loss_kd=loss_kd,
+        loss_ce=None if alpha_ce is None else loss_ce,
+        weights=weights,
+        signals=signals,
+        teacher_mask=teacher_mask,
     )
 
 
@@ -369,7 +569,7 @@ def multi_teacher_kd_loss(
     posterior_decay: float = 0.9,
     min_weight: float = 0.0,
     position_ids: Tensor | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
 ) -> Tensor:
     r"""
@@ -387,8 +587,9 @@ def multi_teacher_kd_loss(
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
         weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,
             min_weight, position_ids: how teachers are weighted, see `compute_teacher_weights`.
-        chunk_size: positions processed at once (None: all). The result does not depend on it; the extra memory
-            is O(chunk_size x V x K) instead of O(N x V x K), and the gradient is computed during the forward.
+        chunk_size: positions processed at once (None: `auto_chunk_size(V)`, about 16 MiB per `[chunk, V]` float32
+            tensor). The result does not depend on it; the extra memory is O(chunk_size x V x K) instead of
+            O(N x V x K), and the gradient is computed during the forward.
         teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). At each position the
             fusion runs over the available teachers with renormalised weights; a position where none is available
             adds no KD term but still counts in N (so the loss stays a mean over the same positions as `L_ce`).
@@ -417,8 +618,7 @@ def causal_lm_loss(student_logits: Tensor, labels: Tensor, num_items_in_batch: T
     r"""$L_{ce} = -\frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \log \mathrm{softmax}(z_s)_{b,t}[y_{b,t+1}]$."""
     targets = shift_labels(labels)
     mask = targets != -100
-    index = mask.flatten().nonzero().squeeze(1)
-    total = F.cross_entropy(_upcast(take_rows(student_logits, index)), take_rows(targets, index), reduction="sum")
+    total = F.cross_entropy(_upcast(student_logits.flatten(0, 1)), targets.flatten(), reduction="sum")
     return total / _normalizer(mask, num_items_in_batch)
 
 
@@ -477,7 +677,7 @@ def universal_logit_distillation_loss(
     *,
     temperature: float = 1.0,
     num_items_in_batch: Tensor | int | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""
     Weighted ULD loss (Universal Logit Distillation), which needs no shared vocabulary:
@@ -495,19 +695,20 @@ def universal_logit_distillation_loss(
         labels: `[B, T]`, -100 where ignored.
         weights: `[K, B, T]` teacher weights; 0 where a teacher is unavailable.
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
-        chunk_size: positions sorted at once (None: all).
+        chunk_size: positions sorted at once (None: `auto_chunk_size` of the largest vocabulary).
     """
     if len(teacher_logits) != weights.shape[0]:
         raise ValueError(f"{len(teacher_logits)} teacher logits but weights for {weights.shape[0]} teachers.")
     mask = next_token_mask(labels)
     total = _upcast(student_logits.new_zeros(()))
     flat_weights = weights.flatten(1)
-    for index in _row_chunks(mask, chunk_size):
-        student = torch.softmax(_upcast(take_rows(student_logits, index)) / temperature, dim=-1).sort(
+    vocab_size = max(student_logits.shape[-1], *(logits.shape[-1] for logits in teacher_logits))
+    for chunk in _chunks(mask, chunk_size, vocab_size):
+        student = torch.softmax(_upcast(take_rows(student_logits, chunk.rows)) / temperature, dim=-1).sort(
             dim=-1, descending=True
         )
         for k, logits in enumerate(teacher_logits):
-            teacher = torch.softmax(_dense_rows(logits, index) / temperature, dim=-1)
+            teacher = torch.softmax(_dense_rows(logits, chunk.rows) / temperature, dim=-1)
             teacher = teacher.sort(dim=-1, descending=True).values
             width = max(teacher.shape[-1], student.values.shape[-1])
             distance = (
@@ -518,5 +719,5 @@ def universal_logit_distillation_loss(
                 .abs()
                 .sum(dim=-1)
             )
-            total = total + (flat_weights[k, index].to(distance.dtype) * distance).sum()
+            total = total + chunk.select(flat_weights[k, chunk.rows].to(distance.dtype) * distance).sum()
     return total / _normalizer(mask, num_items_in_batch)

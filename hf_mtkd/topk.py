@@ -73,7 +73,7 @@ class TopKLogits:
     def k(self) -> int:
         return self.indices.shape[-1]
 
-    def dense(self, index: Tensor) -> Tensor:
+    def dense(self, index: slice | Tensor) -> Tensor:
         """Dense log-probabilities $\\log \\hat p$ `[n, V]` at flat positions `index` (into B x T), float32/64."""
         rows = self.rows(index)
         dense = rows.tail[:, None].expand(-1, self.vocab_size).clone()
@@ -83,7 +83,7 @@ class TopKLogits:
         """Itself: cached log-probabilities carry no graph."""
         return self
 
-    def rows(self, index: Tensor) -> SparseRows:
+    def rows(self, index: slice | Tensor) -> SparseRows:
         """The flat positions `index` (into B x T) in sparse form, without any `[n, V]` tensor."""
         dtype = _compute_dtype(self.log_probs)
         indices, order = take_rows(self.indices, index).long().sort(dim=-1)
@@ -132,17 +132,34 @@ class SparseRows:
         return torch.where(found, top.gather(-1, position), tail[:, None])
 
 
+@dataclass(frozen=True)
+class SparseTarget:
+    r"""
+    A fused target $\bar p$ `[n, V]` kept sparse: `probs` `[n, m]` at the sorted tokens `union` `[n, m]` (counted
+    where `first`) and `c` `[n]` at every other token.
+    """
+
+    union: Tensor
+    first: Tensor
+    probs: Tensor
+    c: Tensor
+
+    def subtract_from(self, grad: Tensor, scale: Tensor) -> None:
+        """`grad -= scale * p̄` in place, for a dense `grad` `[n, V]` and `scale` `[n, 1]`."""
+        grad.sub_(scale * self.c[:, None])
+        grad.scatter_add_(-1, self.union, (-scale * (self.probs - self.c[:, None])).masked_fill(~self.first, 0))
+
+
 def sparse_fused_kl(
     student_log_probs: Tensor,
     teachers: Sequence[SparseRows],
     weights: Tensor,
     temperature: float,
     fusion: str,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, SparseTarget]:
     r"""
-    Per position, $\mathrm{KL}(\bar p \| q)$ `[n]` and (with `need_grad`) $\tau (q - \bar p)$ `[n, V]`, for
-    teachers in sparse form, without any `[n, V]` teacher tensor.
+    Per position, $\mathrm{KL}(\bar p \| q)$ `[n]` and the fused target $\bar p$ (sparse), for teachers in sparse
+    form, without any `[n, V]` teacher tensor.
 
     Every teacher is flat outside its top-k, so the fused target $\bar p$ takes one value c on every token outside
     the union U of the teachers' top-k sets (M = V - |U| tokens), and the KL splits into the sum over U and
@@ -177,11 +194,7 @@ def sparse_fused_kl(
     kl = (target_union * (log_union - student_union)).sum(dim=-1)
     student_outside = student_log_probs.sum(dim=-1) - student_union.masked_fill(~first, 0).sum(dim=-1)
     kl = kl + outside * c * log_c - c * student_outside
-    if not need_grad:
-        return kl, None
-    grad = student_log_probs.exp() - c[:, None]
-    grad.scatter_add_(-1, union, -(target_union - c[:, None]).masked_fill(~first, 0))
-    return kl, temperature * grad
+    return kl, SparseTarget(union, first, target_union, c)
 
 
 def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,9 +205,9 @@ def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return tokens, first
 
 
-def take_rows(tensor: Tensor, index: Tensor) -> Tensor:
-    """`tensor.flatten(0, 1)[index]` for a `[B, T, ...]` tensor and flat positions `index` (an `index_select`)."""
-    return tensor.reshape(-1, *tensor.shape[2:]).index_select(0, index)
+def take_rows(tensor: Tensor, rows: slice | Tensor) -> Tensor:
+    """`tensor.flatten(0, 1)[rows]` for a `[B, T, ...]` tensor: a view for a `slice` of flat positions."""
+    return tensor.reshape(-1, *tensor.shape[2:])[rows]
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:

@@ -37,7 +37,6 @@ from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import (
     MultiTeacherKDOutput,
-    causal_lm_loss,
     feature_alignment_loss,
     multi_teacher_kd,
     universal_logit_distillation_loss,
@@ -451,7 +450,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
         uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
         kd = multi_teacher_kd(
-            outputs.logits.detach() if uld else outputs.logits,
+            outputs.logits,
             teacher_logits,
             labels,
             temperature=args.temperature,
@@ -467,10 +466,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
+            alpha_kd=0.0 if uld else args.alpha_kd,
+            alpha_ce=args.alpha_ce,
         )
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
+        loss, loss_kd = kd.loss, kd.loss_kd
         if uld:  # the same weights, the ULD distance on each teacher's own vocabulary instead of the fused KL
-            kd.loss = universal_logit_distillation_loss(
+            loss_kd = universal_logit_distillation_loss(
                 outputs.logits,
                 [
                     logits if view is None else view.own_logits
@@ -482,9 +484,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=args.loss_chunk_size,
             )
-        loss_ce = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
-        loss = args.alpha_ce * loss_ce + args.alpha_kd * kd.loss
-        components = {"loss_ce": loss_ce, "loss_kd": kd.loss}
+            loss = loss + args.alpha_kd * loss_kd
+        components = {"loss_ce": kd.loss_ce, "loss_kd": loss_kd}
         if align:
             pairs = self.projector.pairs
             loss_feat = feature_alignment_loss(

@@ -101,6 +101,10 @@ WEIGHTINGS: dict[str, WeightingFn] = {
     "entropy+posterior": entropy_posterior_scores,
 }
 
+POSITION_LOCAL_WEIGHTINGS = ("static", "entropy", "correctness")
+"""The weightings whose score at a position reads that position's signals only: at `token` granularity the loss
+computes their weights chunk by chunk, in the same pass as the KL."""
+
 
 def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teachers: int, device=None) -> Tensor:
     """The static prior $\\pi$ as a float64 tensor `[K]` summing to 1 (uniform when `teacher_weights` is None)."""

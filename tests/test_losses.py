@@ -407,3 +407,81 @@ def test_chunked_loss_in_low_precision_matches_float64(batch, dtype):
     torch.testing.assert_close(loss.double(), exact, rtol=tolerance, atol=tolerance)
     loss.backward()
     assert s.grad.dtype == dtype and torch.isfinite(s.grad.float()).all()
+
+
+def plain_distillation(student, teachers, labels, weights, tau, fusion, alpha_kd, alpha_ce):
+    """alpha_kd * L_kd + alpha_ce * L_ce written with whole-batch torch ops, for autograd to differentiate."""
+    valid = valid_positions(labels)
+    kd, ce = 0.0, 0.0
+    for b, t in valid:
+        w = torch.tensor([weights[k, b, t] for k in range(len(teachers))], dtype=torch.float64)
+        zs = torch.stack([z[b, t] for z in teachers])
+        if fusion == "probability":
+            target = (w[:, None] * torch.softmax(zs / tau, dim=-1)).sum(0)
+        else:
+            target = torch.softmax((w[:, None] * zs).sum(0) / tau, dim=-1)
+        kd = kd + (target * (target.log() - torch.log_softmax(student[b, t] / tau, dim=-1))).sum()
+        ce = ce - torch.log_softmax(student[b, t], dim=-1)[labels[b, t + 1]]
+    return alpha_kd * tau**2 * kd / len(valid) + alpha_ce * ce / len(valid)
+
+
+FUSED_OPTIONS = [("entropy", "token"), ("correctness", "token"), ("posterior", "token"), ("entropy", "sequence")]
+
+
+@pytest.mark.parametrize("fusion", ["probability", "logit"])
+@pytest.mark.parametrize(("weighting", "granularity"), FUSED_OPTIONS)
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_fused_ce_and_kd_match_the_two_losses(batch, tau, weighting, granularity, fusion):
+    student, teachers, labels = batch
+    options = dict(temperature=tau, weighting=weighting, granularity=granularity, fusion=fusion)
+    s = student.clone().requires_grad_(True)
+    out = multi_teacher_kd(s, teachers, labels, alpha_kd=0.7, alpha_ce=0.4, chunk_size=4, **options)
+    expected_kd = reference_kd(student, teachers, labels, tau, weighting, 1.0, [1, 1, 1], fusion, granularity)
+    valid = valid_positions(labels)
+    expected_ce = -sum(math.log(softmax(student[b, t].tolist())[labels[b, t + 1]]) for b, t in valid) / len(valid)
+    assert out.loss_kd.item() == pytest.approx(expected_kd, rel=1e-10)
+    assert out.loss_ce.item() == pytest.approx(expected_ce, rel=1e-10)
+    assert out.loss.item() == pytest.approx(0.7 * expected_kd + 0.4 * expected_ce, rel=1e-10)
+    assert not out.loss_kd.requires_grad and not out.loss_ce.requires_grad
+    (grad,) = torch.autograd.grad(out.loss, s)
+    weights = reference_weights(teachers, labels, tau, weighting, 1.0, [1, 1, 1], granularity)
+    r = student.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(plain_distillation(r, teachers, labels, weights, tau, fusion, 0.7, 0.4), r)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+def test_gradcheck_fused_ce_and_kd(batch, tau):
+    student, teachers, labels = batch
+    student = student[:2, :4, :7].clone().requires_grad_(True)
+    teachers = [t[:2, :4, :7] for t in teachers]
+    labels = labels[:2, :4].clamp(max=6)
+
+    def fn(s):
+        return multi_teacher_kd(s, teachers, labels, temperature=tau, alpha_kd=0.6, alpha_ce=0.3).loss
+
+    assert torch.autograd.gradcheck(fn, (student,))
+
+
+def test_upstream_gradient_scales_the_fused_gradient(batch):
+    student, teachers, labels = batch
+    s = student.clone().requires_grad_(True)
+    out = multi_teacher_kd(s, teachers, labels, temperature=1.5, alpha_ce=0.5)
+    (once,) = torch.autograd.grad(out.loss, s, retain_graph=True)
+    (scaled,) = torch.autograd.grad(-2.5 * out.loss, s)
+    torch.testing.assert_close(scaled, -2.5 * once)
+    assert out.loss_ce is not None
+    assert multi_teacher_kd(s, teachers, labels).loss_ce is None  # no alpha_ce: no cross-entropy
+
+
+def test_chunks_are_views_of_the_valid_runs():
+    from hf_mtkd.losses import _chunks
+
+    mask = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    chunks = _chunks(mask, 3, vocab_size=10)
+    # flat positions 0 1 | 5 6: a run never starts or ends on an invalid position, and never exceeds 3
+    assert [(c.rows.start, c.rows.stop, c.all_valid) for c in chunks] == [(0, 2, True), (5, 7, True)]
+    wide = _chunks(mask, 7, vocab_size=10)
+    assert [(c.rows.start, c.rows.stop, c.all_valid) for c in wide] == [(0, 7, False)]
+    assert wide[0].valid.tolist() == [True, True, False, False, False, True, True]
+    assert _chunks(torch.zeros(2, 3, dtype=torch.bool), None, 10) == []

@@ -6,7 +6,12 @@ import pytest
 import torch
 from test_losses import entropy, random_logits, softmax, valid_positions
 
-from hf_mtkd.losses import compute_teacher_weights, multi_teacher_kd, universal_logit_distillation_loss
+from hf_mtkd.losses import (
+    causal_lm_loss,
+    compute_teacher_weights,
+    multi_teacher_kd,
+    universal_logit_distillation_loss,
+)
 
 B, T, V, K = 3, 7, 9, 3
 
@@ -109,6 +114,14 @@ def test_position_without_teachers_has_no_gradient(batch):
     multi_teacher_kd(student, teachers, labels, teacher_mask=available).loss.backward()
     assert (student.grad[2, 3] == 0).all()  # valid, but no teacher is available there
     assert student.grad[2, 4].abs().sum() > 0
+    # with the cross-entropy in the same pass, such a position learns from its label alone
+    s = student.detach().clone().requires_grad_(True)
+    out = multi_teacher_kd(s, teachers, labels, teacher_mask=available, temperature=1.5, alpha_kd=0.5, alpha_ce=0.4)
+    out.loss.backward()
+    ce_only = student.detach().clone().requires_grad_(True)
+    (0.4 * causal_lm_loss(ce_only, labels)).backward()
+    torch.testing.assert_close(s.grad[2, 3], ce_only.grad[2, 3], rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(s.grad[2, 4], ce_only.grad[2, 4])
 
 
 def test_full_mask_equals_no_mask(batch):

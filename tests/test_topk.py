@@ -155,12 +155,14 @@ def densified(cached: TopKLogits) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)
-@pytest.mark.parametrize("k", [1, 4])
-def test_sparse_path_equals_the_densified_teachers(batch, weighting, fusion, granularity, k):
+@pytest.mark.parametrize(("k", "tau", "alpha_ce"), [(1, 1.7, None), (4, 1.7, None), (4, 1.0, 0.3), (4, 1.7, 0.3)])
+def test_sparse_path_equals_the_densified_teachers(batch, weighting, fusion, granularity, k, tau, alpha_ce):
     """With every teacher in top-k form the loss never builds [n, V] teacher rows; it must not change a thing."""
     student, teachers, labels = batch
     cached = [TopKLogits.from_logits(z, k) for z in teachers]
-    kwargs = dict(temperature=1.7, weighting=weighting, fusion=fusion, granularity=granularity, chunk_size=5)
+    kwargs = dict(
+        temperature=tau, weighting=weighting, fusion=fusion, granularity=granularity, chunk_size=5, alpha_ce=alpha_ce
+    )
     s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
     sparse = multi_teacher_kd(s1, cached, labels, **kwargs)
     dense = multi_teacher_kd(s2, [densified(c) for c in cached], labels, **kwargs)
