@@ -19,8 +19,10 @@ from hf_mtkd import (
     cache_teacher_logits,
     load_teacher_cache,
 )
+from hf_mtkd.teacher_cache import batch_teacher_logits
 from hf_mtkd.teachers import load_teachers
 from hf_mtkd.testing import tiny_causal_lm, train_tiny_tokenizer
+from hf_mtkd.topk import TopKLogits
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +255,35 @@ def test_nan_teacher_logits_are_refused_when_caching(tmp_path, teachers, small_d
         cache_teacher_logits(
             [teachers[0], NaNTeacher(teachers[1])], small_data, str(tmp_path), k=4, names=["ok", "broken"]
         )
+
+
+def test_teacher_selection_batches_exactly_the_selected_teachers_top_k(tmp_path, teacher_dirs, small_data, tokenizer):
+    """A view of some teachers, in any order, batches the rows of their own live top-k, without copying the cache."""
+    models = load_teachers(teacher_dirs)
+    cache = cache_teacher_logits(models, small_data, str(tmp_path), k=6, names=["a", "b", "c"], shard_size=10)
+    view = cache.select_teachers(["c", "a"])
+    assert view.teacher_names == ["c", "a"] and view.teacher_indices == (2, 0) and view.dataset is cache.dataset
+    nested = view.select_teachers(["a"])  # positions resolve against the view, indices against the stored axis
+    assert nested.teacher_names == ["a"] and nested.teacher_indices == (0,)
+    assert cache.select_teachers([1]).teacher_names == ["b"] and cache.teacher_indices is None
+    rows = [0, 13, 7]  # different lengths, across shards
+    collator = TeacherCacheCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False), view.teacher_indices)
+    batch = collator([cache.dataset[i] for i in rows])
+    cached = batch_teacher_logits(dict(batch), cache.manifest.vocab_size)
+    assert len(cached) == 2
+    for i, row in enumerate(rows):
+        ids = torch.tensor([small_data[row]["input_ids"]])
+        n = ids.shape[1] - 1
+        for selected, model in zip(cached, (models[2], models[0]), strict=True):
+            with torch.no_grad():
+                live = TopKLogits.from_logits(model(ids).logits[:, :-1], 6)
+            assert torch.equal(selected.indices[i, :n].long(), live.indices[0])
+            torch.testing.assert_close(selected.log_probs[i, :n], live.log_probs[0])
+            torch.testing.assert_close(selected.log_tail_mass[i, :n], live.log_tail_mass[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"has no teacher 'd': it has \['a', 'b', 'c'\]"):
+        cache.select_teachers(["d"])
+    with pytest.raises(ValueError, match="each once"):
+        cache.select_teachers(["a", "a"])
+    with pytest.raises(ValueError, match="out of range"):
+        view.select_teachers([2])
+
