@@ -287,3 +287,36 @@ def test_teacher_selection_batches_exactly_the_selected_teachers_top_k(tmp_path,
     with pytest.raises(ValueError, match="out of range"):
         view.select_teachers([2])
 
+
+def test_trainer_on_a_teacher_selection_matches_the_live_teacher(
+    full_cache, teachers, tokenizer, make_student, tmp_path
+):
+    """With k = V, training on a view of the second teacher alone gives the loss and gradient of that live teacher."""
+    args = MultiTeacherDistillationConfig(output_dir=str(tmp_path), report_to="none", temperature=2.0)
+    view = full_cache.select_teachers([1])
+    cached = MultiTeacherDistillationTrainer(
+        model=make_student(), teachers=view, args=args, processing_class=tokenizer
+    )
+    live = MultiTeacherDistillationTrainer(
+        model=make_student(), teachers=[teachers[1]], args=args, processing_class=tokenizer
+    )
+    assert cached.teacher_names == live.teacher_names
+    rows = [2, 9, 4]
+    batch = _batch(cached, rows)
+    assert batch["mtkd_topk_log_probs"].shape[0] == 1
+    live_batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
+        [{"input_ids": full_cache.dataset[i]["input_ids"]} for i in rows]
+    )
+    results = []
+    for trainer, inputs in ((live, live_batch), (cached, batch)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=None)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="selects other teachers"):
+        MultiTeacherDistillationTrainer(
+            model=make_student(), teachers=view, args=args, eval_dataset=full_cache, processing_class=tokenizer
+        )
