@@ -9,6 +9,8 @@ import zipfile
 import pytest
 import torch
 
+import hf_mtkd.teacher_cache as teacher_cache
+import hf_mtkd.trainer as trainer
 from hf_mtkd.demo import pretrained
 from hf_mtkd.demo.corpus import (
     CorpusUnavailableError,
@@ -188,8 +190,11 @@ def test_tuned_hparams_fall_back_to_what_the_single_teachers_agreed_on():
     assert tuned_hparams(tuned, methods["single: new"]) == untuned
 
 
-def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path):
-    """A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches."""
+def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path, monkeypatch):
+    """
+    A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches, from
+    a cache of every teacher's top-k computed once; a second run reuses that cache and runs no teacher for it.
+    """
     corpus = tmp_path / "corpus"
     for k, domain in enumerate(("comedies", "histories", "tragedies", "poems")):
         (corpus / domain).mkdir(parents=True)
@@ -219,7 +224,27 @@ def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path):
     assert len(list(cache.glob("teacher-*"))) == 3
     weights = results["methods"]["entropy"]["summary"]
     assert sum(weights[f"overall/weight/{k}"]["mean"] for k in range(4)) == pytest.approx(1.0, abs=1e-6)
-    assert "Pretrained teacher: local model" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "Pretrained teacher: local model" in report and "cache of their top-64 logits" in report
+    assert results["teacher_top_k"] == 64 and results["teacher_cache"].startswith(str(cache / "logits-top64-"))
+    for name, entry in results["methods"].items():
+        for key, summary in entry["summary"].items():
+            assert math.isfinite(summary["mean"]), (name, key)
+        assert all(0 < entry["summary"][f"{d}/kd_loss"]["mean"] for d in ("comedies", "poems", "overall")), name
+
+    # Again, with every teacher forward that training or caching could use made to fail: all is read from the cache.
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher ran although its logits are cached")
+
+    monkeypatch.setattr(teacher_cache, "teacher_forward", no_teacher)
+    monkeypatch.setattr(trainer, "teacher_forward", no_teacher)
+    again = tmp_path / "again"
+    methods = ["single: tiny-llama", "entropy+posterior"]
+    main([*argv, "--cache_dir", str(cache), "--output_dir", str(again), "--methods", *methods])
+    second = json.loads((again / "results.json").read_text())
+    assert second["teacher_cache"] == results["teacher_cache"] and len(list(cache.glob("logits-top*"))) == 1
+    for name in methods:  # same rows, same seed, same cached teachers: the same students
+        assert second["methods"][name]["runs"][0]["test"] == results["methods"][name]["runs"][0]["test"]
 
 
 @pytest.mark.slow

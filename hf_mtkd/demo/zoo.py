@@ -175,6 +175,7 @@ def load_teachers(data: DemoData, scale: Scale, cache_dir: Path) -> dict[str, Pr
         trainer = Trainer(model=model, args=args, train_dataset=data.train[domain], data_collator=collator)
         trainer.train()
         model.save_pretrained(path)
+        model.config.name_or_path = str(path)  # as if loaded from the cache, so its records do not change
         teachers[domain] = model
     for model in teachers.values():
         model.eval()
