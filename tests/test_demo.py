@@ -190,15 +190,34 @@ def test_tuned_hparams_fall_back_to_what_the_single_teachers_agreed_on():
     assert tuned_hparams(tuned, methods["single: new"]) == untuned
 
 
+def synthetic_domains(corpus, lines=1500):
+    """The demo's four domains as synthetic text files under `corpus`."""
+    for k, domain in enumerate(("comedies", "histories", "tragedies", "poems")):
+        (corpus / domain).mkdir(parents=True)
+        (corpus / domain / "work.txt").write_text("\n".join(synthetic_corpus(lines, seed=k)))
+    return corpus
+
+
+def test_main_demo_from_a_teacher_cache_on_request(tmp_path):
+    """`--teacher_top_k`: the main demo's methods train from the cache; feature alignment runs its teachers live."""
+    corpus = synthetic_domains(tmp_path / "corpus", lines=600)
+    methods = ["no teacher (CE only)", "entropy + features", "posterior"]
+    argv = ["--quick", "--steps", "4", "--teacher_top_k", "8", "--corpus_dir", str(corpus), "--methods", *methods]
+    main([*argv, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["teacher_top_k"] == 8 and list(results["methods"]) == methods
+    for name, entry in results["methods"].items():
+        assert all(math.isfinite(s["mean"]) for s in entry["summary"].values()), name
+    with pytest.raises(ValueError, match="--teacher_top_k -1 must be 0"):
+        main([*argv[:4], "-1", *argv[5:], "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)])
+
+
 def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path, monkeypatch):
     """
     A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches, from
     a cache of every teacher's top-k computed once; a second run reuses that cache and runs no teacher for it.
     """
-    corpus = tmp_path / "corpus"
-    for k, domain in enumerate(("comedies", "histories", "tragedies", "poems")):
-        (corpus / domain).mkdir(parents=True)
-        (corpus / domain / "work.txt").write_text("\n".join(synthetic_corpus(1500, seed=k)))
+    corpus = synthetic_domains(tmp_path / "corpus")
     tokenizer = train_tiny_tokenizer(synthetic_corpus(300, seed=9), vocab_size=300)
     stand_in = tmp_path / "tiny-llama"
     tiny_causal_lm("llama", tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3).save_pretrained(stand_in)
