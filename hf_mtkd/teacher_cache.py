@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import datasets
@@ -128,15 +128,46 @@ class CacheManifest:
 
 @dataclass
 class TeacherLogitsCache:
-    """A loaded cache: its manifest and the dataset (the original columns plus the cached teacher columns)."""
+    """
+    A loaded cache: its manifest and the dataset (the original columns plus the cached teacher columns), or a view
+    of some of its teachers (`select_teachers`).
+    """
 
     path: str
     manifest: CacheManifest
+    """The teachers this cache (or view) stands for; a view's manifest lists only the selected ones."""
     dataset: Dataset
+    teacher_indices: tuple[int, ...] | None = None
+    """Where the teachers of a view lie on the stored teacher axis, in the view's order; None: all, as stored."""
 
     @property
     def teacher_names(self) -> list[str]:
         return self.manifest.teacher_names
+
+    def select_teachers(self, teachers: Sequence[str | int]) -> TeacherLogitsCache:
+        """
+        A view of some of the teachers (by name or position, in the order given): the same files and dataset, the
+        selection applied when rows are batched (`TeacherCacheCollator(teachers=view.teacher_indices)`, which the
+        trainer sets up), so nothing is recomputed or copied.
+        """
+        names = self.teacher_names
+        positions = []
+        for teacher in teachers:
+            if isinstance(teacher, str) and teacher not in names:
+                raise ValueError(
+                    f"The teacher-logits cache in {self.path} has no teacher {teacher!r}: it has {names}."
+                )
+            if not isinstance(teacher, str) and not 0 <= teacher < len(names):
+                raise ValueError(f"Teacher position {teacher} is out of range: the cache has {len(names)} teachers.")
+            positions.append(names.index(teacher) if isinstance(teacher, str) else int(teacher))
+        if not positions or len(set(positions)) != len(positions):
+            raise ValueError(f"Select at least one teacher, each once (got {list(teachers)}) out of {names}.")
+        stored = self.teacher_indices or tuple(range(len(names)))
+        return replace(
+            self,
+            manifest=replace(self.manifest, teachers=[self.manifest.teachers[p] for p in positions]),
+            teacher_indices=tuple(stored[p] for p in positions),
+        )
 
 
 def data_fingerprint(dataset: Dataset) -> str:
@@ -378,10 +409,15 @@ class TeacherCacheCollator:
     Collate examples of a teacher-logits cache: `collator` batches the dataset's own columns (padding them), and
     the cached columns are padded to the same positions as `[K, B, T, k]` / `[K, B, T]` tensors under their column
     names (rows past an example's end are zeros; the loss never reads them, since they have no next-token label).
+    With `teachers`, only those teachers' columns are batched (a view of some of a cache's teachers).
     """
 
-    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+    def __init__(
+        self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], teachers: Sequence[int] | None = None
+    ) -> None:
         self.collator = collator
+        self.teachers = None if teachers is None else list(teachers)
+        """Positions on the stored teacher axis to batch, in this order (`TeacherLogitsCache.teacher_indices`)."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         missing = [name for name in CACHE_COLUMNS if name not in features[0]]
@@ -390,7 +426,7 @@ class TeacherCacheCollator:
                 f"The examples have no cached teacher logits ({', '.join(missing)}); with a teacher-logits cache, "
                 "train and evaluate on `cache.dataset` (or a `select`/`shuffle`/`train_test_split` of it)."
             )
-        cached = [{name: np.asarray(f[name]) for name in CACHE_COLUMNS} for f in features]
+        cached = [{name: self._select(np.asarray(f[name])) for name in CACHE_COLUMNS} for f in features]
         batch = self.collator([{key: v for key, v in f.items() if key not in CACHE_COLUMNS} for f in features])
         input_ids = batch["input_ids"]
         num_teachers, k = cached[0][INDICES].shape[1:]
@@ -405,6 +441,17 @@ class TeacherCacheCollator:
             for name, values in columns.items():
                 out[name][:, i, start : start + n] = torch.from_numpy(values).to(out[name].dtype).transpose(0, 1)
         return {**batch, **out}
+
+    def _select(self, values: np.ndarray) -> np.ndarray:
+        """An example's cached column `[L - 1, K, ...]` restricted to the selected teachers."""
+        if self.teachers is None:
+            return values
+        if values.ndim < 2 or max(self.teachers) >= values.shape[1]:
+            raise ValueError(
+                f"The examples hold {values.shape[1] if values.ndim >= 2 else 0} cached teachers but the collator "
+                f"selects positions {self.teachers}: collate a view's rows with the cache the view was made from."
+            )
+        return values[:, self.teachers]
 
 
 def _offset(padded: Tensor, ids: Sequence[int]) -> int:

@@ -168,7 +168,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
-            data_collator = TeacherCacheCollator(data_collator or default_data_collator)
+            data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
             self.teacher_names = teacher_names(teachers, args.teacher_names)
             with zero3_init_dtype(args.teacher_dtype):
@@ -280,10 +280,15 @@ class MultiTeacherDistillationTrainer(Trainer):
             if isinstance(dataset, dict):
                 return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
             if isinstance(dataset, TeacherLogitsCache):
-                if dataset.manifest.teachers != cache.manifest.teachers or dataset.manifest.k != cache.manifest.k:
+                if (dataset.manifest.teachers, dataset.manifest.k, dataset.teacher_indices) != (
+                    cache.manifest.teachers,
+                    cache.manifest.k,
+                    cache.teacher_indices,
+                ):
                     raise ValueError(
                         f"The {role} cache ({dataset.path}) was written with other teachers or another k than the "
-                        f"training cache ({cache.path}); cache both with the same teachers."
+                        f"training cache ({cache.path}), or selects other teachers; cache both with the same teachers "
+                        "and select the same ones."
                     )
                 dataset = dataset.dataset
             columns = getattr(dataset, "column_names", None)

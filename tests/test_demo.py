@@ -9,6 +9,8 @@ import zipfile
 import pytest
 import torch
 
+import hf_mtkd.teacher_cache as teacher_cache
+import hf_mtkd.trainer as trainer
 from hf_mtkd.demo import pretrained
 from hf_mtkd.demo.corpus import (
     CorpusUnavailableError,
@@ -188,12 +190,34 @@ def test_tuned_hparams_fall_back_to_what_the_single_teachers_agreed_on():
     assert tuned_hparams(tuned, methods["single: new"]) == untuned
 
 
-def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path):
-    """A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches."""
-    corpus = tmp_path / "corpus"
+def synthetic_domains(corpus, lines=1500):
+    """The demo's four domains as synthetic text files under `corpus`."""
     for k, domain in enumerate(("comedies", "histories", "tragedies", "poems")):
         (corpus / domain).mkdir(parents=True)
-        (corpus / domain / "work.txt").write_text("\n".join(synthetic_corpus(1500, seed=k)))
+        (corpus / domain / "work.txt").write_text("\n".join(synthetic_corpus(lines, seed=k)))
+    return corpus
+
+
+def test_main_demo_from_a_teacher_cache_on_request(tmp_path):
+    """`--teacher_top_k`: the main demo's methods train from the cache; feature alignment runs its teachers live."""
+    corpus = synthetic_domains(tmp_path / "corpus", lines=600)
+    methods = ["no teacher (CE only)", "entropy + features", "posterior"]
+    argv = ["--quick", "--steps", "4", "--teacher_top_k", "8", "--corpus_dir", str(corpus), "--methods", *methods]
+    main([*argv, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["teacher_top_k"] == 8 and list(results["methods"]) == methods
+    for name, entry in results["methods"].items():
+        assert all(math.isfinite(s["mean"]) for s in entry["summary"].values()), name
+    with pytest.raises(ValueError, match="--teacher_top_k -1 must be 0"):
+        main([*argv[:4], "-1", *argv[5:], "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)])
+
+
+def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path, monkeypatch):
+    """
+    A tiny Llama saved with its own tokenizer plays SmolLM2: its tokenizer replaces the demo's, and it teaches, from
+    a cache of every teacher's top-k computed once; a second run reuses that cache and runs no teacher for it.
+    """
+    corpus = synthetic_domains(tmp_path / "corpus")
     tokenizer = train_tiny_tokenizer(synthetic_corpus(300, seed=9), vocab_size=300)
     stand_in = tmp_path / "tiny-llama"
     tiny_causal_lm("llama", tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3).save_pretrained(stand_in)
@@ -219,7 +243,27 @@ def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path):
     assert len(list(cache.glob("teacher-*"))) == 3
     weights = results["methods"]["entropy"]["summary"]
     assert sum(weights[f"overall/weight/{k}"]["mean"] for k in range(4)) == pytest.approx(1.0, abs=1e-6)
-    assert "Pretrained teacher: local model" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "Pretrained teacher: local model" in report and "cache of their top-64 logits" in report
+    assert results["teacher_top_k"] == 64 and results["teacher_cache"].startswith(str(cache / "logits-top64-"))
+    for name, entry in results["methods"].items():
+        for key, summary in entry["summary"].items():
+            assert math.isfinite(summary["mean"]), (name, key)
+        assert all(0 < entry["summary"][f"{d}/kd_loss"]["mean"] for d in ("comedies", "poems", "overall")), name
+
+    # Again, with every teacher forward that training or caching could use made to fail: all is read from the cache.
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher ran although its logits are cached")
+
+    monkeypatch.setattr(teacher_cache, "teacher_forward", no_teacher)
+    monkeypatch.setattr(trainer, "teacher_forward", no_teacher)
+    again = tmp_path / "again"
+    methods = ["single: tiny-llama", "entropy+posterior"]
+    main([*argv, "--cache_dir", str(cache), "--output_dir", str(again), "--methods", *methods])
+    second = json.loads((again / "results.json").read_text())
+    assert second["teacher_cache"] == results["teacher_cache"] and len(list(cache.glob("logits-top*"))) == 1
+    for name in methods:  # same rows, same seed, same cached teachers: the same students
+        assert second["methods"][name]["runs"][0]["test"] == results["methods"][name]["runs"][0]["test"]
 
 
 @pytest.mark.slow

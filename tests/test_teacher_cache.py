@@ -19,8 +19,10 @@ from hf_mtkd import (
     cache_teacher_logits,
     load_teacher_cache,
 )
+from hf_mtkd.teacher_cache import batch_teacher_logits
 from hf_mtkd.teachers import load_teachers
 from hf_mtkd.testing import tiny_causal_lm, train_tiny_tokenizer
+from hf_mtkd.topk import TopKLogits
 
 
 @pytest.fixture(scope="module")
@@ -252,4 +254,69 @@ def test_nan_teacher_logits_are_refused_when_caching(tmp_path, teachers, small_d
     with pytest.raises(FloatingPointError, match="Teacher 'broken' produced NaN/inf logits"):
         cache_teacher_logits(
             [teachers[0], NaNTeacher(teachers[1])], small_data, str(tmp_path), k=4, names=["ok", "broken"]
+        )
+
+
+def test_teacher_selection_batches_exactly_the_selected_teachers_top_k(tmp_path, teacher_dirs, small_data, tokenizer):
+    """A view of some teachers, in any order, batches the rows of their own live top-k, without copying the cache."""
+    models = load_teachers(teacher_dirs)
+    cache = cache_teacher_logits(models, small_data, str(tmp_path), k=6, names=["a", "b", "c"], shard_size=10)
+    view = cache.select_teachers(["c", "a"])
+    assert view.teacher_names == ["c", "a"] and view.teacher_indices == (2, 0) and view.dataset is cache.dataset
+    nested = view.select_teachers(["a"])  # positions resolve against the view, indices against the stored axis
+    assert nested.teacher_names == ["a"] and nested.teacher_indices == (0,)
+    assert cache.select_teachers([1]).teacher_names == ["b"] and cache.teacher_indices is None
+    rows = [0, 13, 7]  # different lengths, across shards
+    collator = TeacherCacheCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False), view.teacher_indices)
+    batch = collator([cache.dataset[i] for i in rows])
+    cached = batch_teacher_logits(dict(batch), cache.manifest.vocab_size)
+    assert len(cached) == 2
+    for i, row in enumerate(rows):
+        ids = torch.tensor([small_data[row]["input_ids"]])
+        n = ids.shape[1] - 1
+        for selected, model in zip(cached, (models[2], models[0]), strict=True):
+            with torch.no_grad():
+                live = TopKLogits.from_logits(model(ids).logits[:, :-1], 6)
+            assert torch.equal(selected.indices[i, :n].long(), live.indices[0])
+            torch.testing.assert_close(selected.log_probs[i, :n], live.log_probs[0])
+            torch.testing.assert_close(selected.log_tail_mass[i, :n], live.log_tail_mass[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"has no teacher 'd': it has \['a', 'b', 'c'\]"):
+        cache.select_teachers(["d"])
+    with pytest.raises(ValueError, match="each once"):
+        cache.select_teachers(["a", "a"])
+    with pytest.raises(ValueError, match="out of range"):
+        view.select_teachers([2])
+
+
+def test_trainer_on_a_teacher_selection_matches_the_live_teacher(
+    full_cache, teachers, tokenizer, make_student, tmp_path
+):
+    """With k = V, training on a view of the second teacher alone gives the loss and gradient of that live teacher."""
+    args = MultiTeacherDistillationConfig(output_dir=str(tmp_path), report_to="none", temperature=2.0)
+    view = full_cache.select_teachers([1])
+    cached = MultiTeacherDistillationTrainer(
+        model=make_student(), teachers=view, args=args, processing_class=tokenizer
+    )
+    live = MultiTeacherDistillationTrainer(
+        model=make_student(), teachers=[teachers[1]], args=args, processing_class=tokenizer
+    )
+    assert cached.teacher_names == live.teacher_names
+    rows = [2, 9, 4]
+    batch = _batch(cached, rows)
+    assert batch["mtkd_topk_log_probs"].shape[0] == 1
+    live_batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
+        [{"input_ids": full_cache.dataset[i]["input_ids"]} for i in rows]
+    )
+    results = []
+    for trainer, inputs in ((live, live_batch), (cached, batch)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=None)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="selects other teachers"):
+        MultiTeacherDistillationTrainer(
+            model=make_student(), teachers=view, args=args, eval_dataset=full_cache, processing_class=tokenizer
         )

@@ -11,41 +11,50 @@ from datasets import Dataset
 from torch import nn
 
 from ..losses import causal_lm_loss, compute_teacher_weights, multi_teacher_kd_loss
+from ..teacher_cache import TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits
+from ..teachers import pad_rows
+from ..topk import TeacherLogits
 
 
 @torch.no_grad()
 def evaluate_domains(
     model: nn.Module,
     datasets: Mapping[str, Dataset],
-    reference_teachers: Sequence[nn.Module],
+    teachers: Sequence[nn.Module] | TeacherLogitsCache,
     *,
-    weighted_teachers: Sequence[nn.Module] = (),
+    weighted: Sequence[int] = (),
     weighting: Mapping[str, Any] | None = None,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """
-    Per domain (and `overall`, token-weighted): the model's `perplexity`; `kd_loss`, KL(p̄ ‖ q) at temperature 1
-    against the uniform probability mixture of `reference_teachers` (the same target for every method); and, when
-    `weighting` is given, the mean weight each of `weighted_teachers` gets under it (`weight/<index>`).
+    Per domain (and `overall`, token-weighted): the model's `perplexity` (exact: it needs only the model);
+    `kd_loss`, KL(p̄ ‖ q) at temperature 1 against the uniform probability mixture p̄ of all `teachers` (the same
+    target for every method); and, when `weighting` is given, the mean weight each of the teachers at positions
+    `weighted` gets under it (`weight/<index>`).
+
+    `teachers` are models run on every batch, or a teacher-logits cache whose rows `datasets` are (subsets of
+    `cache.dataset`). From a cache, each teacher is its top-k form (`hf_mtkd.topk.TopKLogits`: its k most likely
+    tokens exact, the rest of its mass spread evenly over the other tokens), so `kd_loss` is then the KL from the
+    mixture of the teachers' top-k forms, not from their full distributions, and the weights are those of the
+    top-k forms too.
     """
     model.eval()
+    device = next(model.parameters()).device
     totals: dict[str, dict[str, float]] = {}
     for domain, dataset in datasets.items():
         sums: dict[str, float] = {}
         for start in range(0, len(dataset), batch_size):
-            input_ids = torch.tensor(dataset[start : start + batch_size]["input_ids"])
+            input_ids, teacher_logits = _batch(dataset, start, min(start + batch_size, len(dataset)), teachers, device)
             labels = input_ids
             logits = model(input_ids=input_ids).logits
-            teacher_logits = {id(t): t(input_ids=input_ids).logits for t in [*reference_teachers, *weighted_teachers]}
-            reference = [teacher_logits[id(t)] for t in reference_teachers]
             count = float(input_ids.shape[0] * (input_ids.shape[1] - 1))
             batch = {
                 "tokens": count,
                 "ce": causal_lm_loss(logits, labels).item() * count,
-                "kd_loss": multi_teacher_kd_loss(logits, reference, labels, weighting="static").item() * count,
+                "kd_loss": multi_teacher_kd_loss(logits, teacher_logits, labels, weighting="static").item() * count,
             }
             if weighting is not None:
-                own = [teacher_logits[id(t)] for t in weighted_teachers]
+                own = [teacher_logits[k] for k in weighted]
                 weights = compute_teacher_weights(own, labels, **weighting)[:, :, :-1]
                 for k, w in enumerate(weights.sum(dim=(1, 2)).tolist()):
                     batch[f"weight/{k}"] = w
@@ -54,6 +63,20 @@ def evaluate_domains(
         totals[domain] = sums
     totals["overall"] = {key: sum(t.get(key, 0.0) for t in totals.values()) for key in next(iter(totals.values()))}
     return {domain: _means(sums) for domain, sums in totals.items()}
+
+
+def _batch(
+    dataset: Dataset, start: int, stop: int, teachers: Sequence[nn.Module] | TeacherLogitsCache, device: torch.device
+) -> tuple[torch.Tensor, list[TeacherLogits]]:
+    """Rows `start:stop` as `[B, T]` input ids, and every teacher's logits on them (run, or read from the cache)."""
+    if not isinstance(teachers, TeacherLogitsCache):
+        input_ids = torch.tensor(dataset[start:stop]["input_ids"], device=device)
+        return input_ids, [teacher(input_ids=input_ids).logits for teacher in teachers]
+    collator = TeacherCacheCollator(
+        lambda rows: {"input_ids": pad_rows([r["input_ids"] for r in rows])}, teachers.teacher_indices
+    )
+    batch = {key: value.to(device) for key, value in collator([dataset[i] for i in range(start, stop)]).items()}
+    return batch["input_ids"], batch_teacher_logits(batch, teachers.manifest.vocab_size)
 
 
 def _means(sums: dict[str, float]) -> dict[str, float]:

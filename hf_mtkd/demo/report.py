@@ -152,6 +152,14 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
         sections[1:1] = ["", f"Robustness scenario: the {results['bad_teacher']} teacher is confidently wrong."]
     if results.get("pretrained_teacher"):
         sections[1:1] = ["", f"Pretrained teacher: {results['pretrained_teacher']}, beside the specialists."]
+    if results.get("teacher_top_k"):
+        sections[1:1] = [
+            "",
+            f"Teachers read from a cache of their top-{results['teacher_top_k']} logits, computed once: every method "
+            "and seed trains on the same training blocks, and the KD loss is the KL from the mixture of the teachers' "
+            "top-k forms (their k most likely tokens exact, the rest of their mass spread evenly over the other "
+            "tokens); perplexity is exact.",
+        ]
     for method in ("entropy", "correctness", "posterior"):
         weights = weights_table(results, method)
         if weights:

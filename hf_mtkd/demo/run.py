@@ -29,6 +29,7 @@ from .evaluation import evaluate_domains
 from .methods import GRID, Method, demo_methods, pretrained_methods, tuned_hparams
 from .pretrained import load_pretrained_teacher
 from .report import write_report
+from .teacher_logits import CachedTeachers, cache_scenario
 from .zoo import (
     PRETRAINED_SCALES,
     SCALES,
@@ -44,14 +45,28 @@ from .zoo import (
 
 logger = logging.get_logger(__name__)
 
+DEFAULT_TOP_K = 64
+"""Teacher top-k cached by default in the pretrained-teacher scenario (`--teacher_top_k`)."""
+
 
 def distill(
-    method: Method, hparams: dict[str, Any], seed: int, data: DemoData, teachers: dict, scale: Scale, output_dir: Path
+    method: Method,
+    hparams: dict[str, Any],
+    seed: int,
+    data: DemoData,
+    teachers: dict,
+    scale: Scale,
+    output_dir: Path,
+    cached: CachedTeachers | None = None,
 ) -> tuple[nn.Module, float]:
-    """Train a fresh student with `method`; return it and the training throughput in tokens per second."""
+    """
+    Train a fresh student with `method`; return it and the training throughput in tokens per second. With `cached`,
+    every method trains on its fixed training rows, and the teachers are read from its cache (except for feature
+    alignment, which needs their hidden states: those teachers run live on the same rows).
+    """
     student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
-    train = concatenate_datasets(list(data.train.values()))
+    train = concatenate_datasets(list(data.train.values())) if cached is None else cached.train_rows
     collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
     if not method.teachers:
         trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=collator)
@@ -60,11 +75,12 @@ def distill(
         args = MultiTeacherDistillationConfig(
             **common, alpha_ce=round(1 - config["alpha_kd"], 6), teacher_names=list(method.teachers), **config
         )
+        live = cached is None or args.alpha_feat > 0
         trainer = MultiTeacherDistillationTrainer(
             model=student,
-            teachers=[teachers[d] for d in method.teachers],
+            teachers=[teachers[d] for d in method.teachers] if live else cached.teachers(method.teachers),
             args=args,
-            train_dataset=train,
+            train_dataset=train if live else cached.train,
             data_collator=collator,
         )
     start = time.perf_counter()
@@ -83,19 +99,34 @@ def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | No
 
 
 def evaluate(
-    student: nn.Module, method: Method, hparams: dict[str, Any], datasets: dict, teachers: dict, batch_size: int
+    student: nn.Module,
+    method: Method,
+    hparams: dict[str, Any],
+    datasets: dict,
+    teachers: dict,
+    batch_size: int,
+    cached: CachedTeachers | None = None,
 ) -> dict[str, dict[str, float]]:
+    """`evaluate_domains` against every teacher, run live or read from `cached` (then `datasets` are its parts)."""
+    names = list(teachers)
     return evaluate_domains(
         student,
         datasets,
-        list(teachers.values()),
-        weighted_teachers=[teachers[d] for d in method.teachers],
+        list(teachers.values()) if cached is None else cached.cache,
+        weighted=[names.index(d) for d in method.teachers],
         weighting=weighting_of(method, hparams),
         batch_size=batch_size,
     )
 
 
-def tune(methods: Sequence[Method], data: DemoData, teachers: dict, scale: Scale, work_dir: Path) -> dict[str, Any]:
+def tune(
+    methods: Sequence[Method],
+    data: DemoData,
+    teachers: dict,
+    scale: Scale,
+    work_dir: Path,
+    cached: CachedTeachers | None = None,
+) -> dict[str, Any]:
     """Each method's hyperparameters, chosen by overall validation perplexity (never the test split)."""
     chosen: dict[str, Any] = {}
     for method in tqdm(methods, desc="tuning methods"):
@@ -105,10 +136,9 @@ def tune(methods: Sequence[Method], data: DemoData, teachers: dict, scale: Scale
         tried: list[tuple[float, dict[str, Any]]] = []
 
         def score(hparams: dict[str, Any], method: Method = method, tried: list = tried) -> None:
-            student, _ = distill(method, hparams, 0, data, teachers, scale, work_dir)
-            perplexity = evaluate(student, method, hparams, data.validation, teachers, scale.batch_size)["overall"][
-                "perplexity"
-            ]
+            student, _ = distill(method, hparams, 0, data, teachers, scale, work_dir, cached)
+            validation = evaluate(student, method, hparams, data.validation, teachers, scale.batch_size, cached)
+            perplexity = validation["overall"]["perplexity"]
             tried.append((perplexity, hparams))
 
         for values in itertools.product(*GRID.values()):
@@ -146,6 +176,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = Path(args.pretrained_teacher).name
         teachers = {name: pretrained, **teachers}
         architectures = {name: pretrained.config.model_type, **architectures}
+    top_k = args.teacher_top_k if args.teacher_top_k is not None else (DEFAULT_TOP_K if pretrained is not None else 0)
+    if top_k < 0:
+        raise ValueError(f"--teacher_top_k {top_k} must be 0 (live teachers) or a positive number of tokens.")
+    cached = None
+    if top_k > 0:
+        cached = cache_scenario(teachers, data, scale, top_k, cache_dir)
+        data = dataclasses.replace(data, validation=cached.validation, test=cached.test)
     methods = demo_methods(tuple(teachers))
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
@@ -154,8 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     command = "hf-mtkd demo " + shlex.join(sys.argv[1:] if args.command is None else args.command)
 
     if args.tune:
-        chosen = tune(methods, data, teachers, scale, output_dir / "runs")
-        result = {"scale": scale.name, "command": command, "methods": chosen}
+        chosen = tune(methods, data, teachers, scale, output_dir / "runs", cached)
+        result = {"scale": scale.name, "command": command, "teacher_top_k": top_k or None, "methods": chosen}
         (output_dir / "hparams.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return result
@@ -173,6 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
         "bad_teacher": args.bad_teacher,
         "pretrained_teacher": description,
+        "teacher_top_k": top_k or None,
+        "teacher_cache": None if cached is None else cached.cache.path,
         "domains": list(data.test),
         "teachers": {},
         "student": {
@@ -182,7 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "methods": {},
     }
     for domain, teacher in teachers.items():
-        test = evaluate_domains(teacher, data.test, list(teachers.values()), batch_size=scale.batch_size)
+        reference = list(teachers.values()) if cached is None else cached.cache
+        test = evaluate_domains(teacher, data.test, reference, batch_size=scale.batch_size)
         results["teachers"][domain] = {
             "architecture": architectures[domain],
             "parameters": count_parameters(teacher),
@@ -191,13 +231,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
         hparams, source = tuned_hparams(tuned, method)
-        student, tokens_per_second = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs")
+        student, tokens_per_second = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs", cached)
         entry = results["methods"].setdefault(method.name, {"hparams": hparams, "hparams_source": source, "runs": []})
         entry["runs"].append(
             {
                 "seed": seed,
                 "tokens_per_second": tokens_per_second,
-                "test": evaluate(student, method, hparams, data.test, teachers, scale.batch_size),
+                "test": evaluate(student, method, hparams, data.test, teachers, scale.batch_size, cached),
             }
         )
     write_report(results, output_dir)
@@ -221,6 +261,16 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     parser.add_argument("--hparams", default=None, help="Tuned hyperparameters (default: the shipped ones).")
     parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (by name).")
     parser.add_argument("--steps", type=int, default=None, help="Override the number of distillation steps.")
+    parser.add_argument(
+        "--teacher_top_k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Compute the teachers' top-K logits once (on the steps x batch training blocks the budget reads, drawn "
+        "once with a fixed seed, and on the held-out blocks), cache them in the cache dir, and train and evaluate "
+        f"every method and seed from them. 0: run the teachers live on every step. Default: {DEFAULT_TOP_K} with "
+        "--pretrained_teacher, else 0 (the README's main tables ran live).",
+    )
     parser.add_argument(
         "--bad_teacher",
         choices=list(TEACHERS),
