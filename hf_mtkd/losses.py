@@ -405,27 +405,6 @@ class _Distillation(torch.autograd.Function):
         return (grad, *[None] * (ctx.num_inputs - 1))
 
 
-def _weighting(
-    weighting: str,
-    teacher_weights: Sequence[float] | Tensor | None,
-    num_teachers: int,
-    device: torch.device,
-    *,
-    entropy_temperature: float,
-    label_temperature: float,
-    posterior_decay: float,
-    granularity: str,
-    min_weight: float,
-) -> _Weighting:
-    return _Weighting(
-        weighting=weighting,
-        prior=normalize_prior(teacher_weights, num_teachers, device=device),
-        params=WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
-        granularity=granularity,
-        min_weight=min_weight,
-    )
-
-
 def compute_teacher_weights(
     teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
@@ -460,16 +439,12 @@ def compute_teacher_weights(
             teacher's weight is 0 and the others' are renormalised; where none is available all weights are 0.
     """
     _check_logits(None, teacher_logits)
-    weigh = _weighting(
+    weigh = _Weighting(
         weighting,
-        teacher_weights,
-        len(teacher_logits),
-        labels.device,
-        entropy_temperature=entropy_temperature,
-        label_temperature=label_temperature,
-        posterior_decay=posterior_decay,
-        granularity=granularity,
-        min_weight=min_weight,
+        normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
+        WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
+        granularity,
+        min_weight,
     )
     signals = _teacher_statistics(
         teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
@@ -511,16 +486,12 @@ def multi_teacher_kd(
     _check_logits(student_logits, teacher_logits)
     if fusion not in FUSIONS:
         raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
-    weigh = _weighting(
+    weigh = _Weighting(
         weighting,
-        teacher_weights,
-        len(teacher_logits),
-        labels.device,
-        entropy_temperature=entropy_temperature,
-        label_temperature=label_temperature,
-        posterior_decay=posterior_decay,
-        granularity=granularity,
-        min_weight=min_weight,
+        normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
+        WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
+        granularity,
+        min_weight,
     )
     mask = next_token_mask(labels)
     weights = None
