@@ -157,6 +157,10 @@ def default_hparams_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.teacher_top_k is not None and args.teacher_top_k < 0:  # before any corpus, teacher or cache work
+        raise ValueError(
+            f"--teacher_top_k {args.teacher_top_k} must be 0 (live teachers) or a positive number of tokens."
+        )
     scale = SCALES[PRETRAINED_SCALES[args.scale] if args.pretrained_teacher else args.scale]
     if args.steps is not None:
         scale = dataclasses.replace(scale, distill_steps=args.steps)
@@ -177,8 +181,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         teachers = {name: pretrained, **teachers}
         architectures = {name: pretrained.config.model_type, **architectures}
     top_k = args.teacher_top_k if args.teacher_top_k is not None else (DEFAULT_TOP_K if pretrained is not None else 0)
-    if top_k < 0:
-        raise ValueError(f"--teacher_top_k {top_k} must be 0 (live teachers) or a positive number of tokens.")
     cached = None
     if top_k > 0:
         cached = cache_scenario(teachers, data, scale, top_k, cache_dir)
