@@ -49,7 +49,12 @@ def run(command: list[str], timeout: int = 600) -> str:
         # a rerun: launch once more, and fail on anything else, or on a second abort.
         if result.returncode == 0 or ABORT not in output or attempt == 1:
             break
-        warnings.warn(f"A worker aborted ({ABORT!r}); launching {command[-1]} once more.", stacklevel=2)
+        script = next((Path(part).name for part in command if part.endswith(".py")), command[0])
+        warnings.warn(
+            f"A worker of {script} aborted ({ABORT!r}); launching it once more. The aborted run's output ended with:"
+            f"\n{output[-2000:]}",
+            stacklevel=2,
+        )
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
     return output
 
