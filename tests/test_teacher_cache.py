@@ -129,6 +129,21 @@ def _batch(trainer, rows):
     return trainer.data_collator([trainer.train_dataset[i] for i in rows])
 
 
+def _live_and_cached_steps(live, cached, cached_batch, tokenizer, full_cache, rows):
+    """(loss, gradients, logged metrics) of one step of each trainer, the live one on the same rows, uncached."""
+    live_batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
+        [{"input_ids": full_cache.dataset[i]["input_ids"]} for i in rows]
+    )
+    results = []
+    for trainer, inputs in ((live, live_batch), (cached, cached_batch)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=None)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        results.append((loss.item(), grads, trainer._pop_metrics("train")))
+    return results
+
+
 def test_full_cache_trains_exactly_like_live_teachers(full_cache, teachers, tokenizer, make_student, tmp_path):
     """With k = V the cached loss and its gradient equal the live-teacher ones on the same batch."""
     args = MultiTeacherDistillationConfig(
@@ -147,18 +162,9 @@ def test_full_cache_trains_exactly_like_live_teachers(full_cache, teachers, toke
     rows = [3, 0, 17, 8]  # different lengths: padded on the right
     batch = _batch(cached, rows)
     assert batch["mtkd_topk_log_probs"].shape[:3] == (2, *batch["input_ids"].shape)
-    live_batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
-        [{"input_ids": full_cache.dataset[i]["input_ids"]} for i in rows]
+    (live_loss, live_grads, live_metrics), (cached_loss, cached_grads, cached_metrics) = _live_and_cached_steps(
+        live, cached, batch, tokenizer, full_cache, rows
     )
-    losses = []
-    for trainer, inputs in ((live, live_batch), (cached, batch)):
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=None)
-        loss.backward()
-        losses.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()]))
-        kd = trainer._pop_metrics("train")
-        losses[-1] += (kd,)
-    (live_loss, live_grads, live_metrics), (cached_loss, cached_grads, cached_metrics) = losses
     assert cached_loss == pytest.approx(live_loss, rel=1e-5)
     for a, b in zip(cached_grads, live_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -304,15 +310,7 @@ def test_trainer_on_a_teacher_selection_matches_the_live_teacher(
     rows = [2, 9, 4]
     batch = _batch(cached, rows)
     assert batch["mtkd_topk_log_probs"].shape[0] == 1
-    live_batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
-        [{"input_ids": full_cache.dataset[i]["input_ids"]} for i in rows]
-    )
-    results = []
-    for trainer, inputs in ((live, live_batch), (cached, batch)):
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=None)
-        loss.backward()
-        results.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters()]))
+    results = _live_and_cached_steps(live, cached, batch, tokenizer, full_cache, rows)
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     for a, b in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
