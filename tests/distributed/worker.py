@@ -43,6 +43,20 @@ def holdings(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def add_gradient_noise(parameters: list[torch.nn.Parameter], scale: float) -> None:
+    """
+    Add noise drawn uniformly from [-scale, scale] to every gradient coordinate of `parameters` as it is computed: a
+    stand-in for the rounding of another reduction order (processes, micro-batches, threads), for one process.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def perturb(grad: torch.Tensor) -> torch.Tensor:
+        return grad + scale * (2 * torch.rand(grad.shape, generator=generator, dtype=grad.dtype) - 1)
+
+    for parameter in parameters:
+        parameter.register_hook(perturb)
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as file:
         spec = json.load(file)
@@ -62,7 +76,10 @@ def main(spec_path: str) -> None:
         per_device_train_batch_size=spec["per_device_train_batch_size"],
         gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1),
         per_device_eval_batch_size=4,
-        learning_rate=3e-3,
+        learning_rate=spec["learning_rate"],
+        optim=spec["optim"],
+        optim_args=spec.get("optim_args"),
+        adam_epsilon=spec.get("adam_epsilon", 1e-8),
         alpha_feat=0.1,
         teacher_names=spec.get("teacher_names"),
         teacher_dtype=spec.get("teacher_dtype", "auto"),
@@ -83,6 +100,8 @@ def main(spec_path: str) -> None:
         eval_dataset=tokenized(tokenizer, 16, seed=4),
         processing_class=tokenizer,
     )
+    if spec.get("gradient_noise"):
+        add_gradient_noise([*trainer.model.parameters(), *trainer.projector.parameters()], spec["gradient_noise"])
     report: dict = {"world_size": args.world_size, "teacher_types": [type(t).__name__ for t in trainer.teachers]}
     if spec["action"] == "evaluate":
         trainer.projector.load_state_dict(load_file(os.path.join(spec["student"], PROJECTOR_WEIGHTS_NAME)))
