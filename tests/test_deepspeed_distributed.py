@@ -12,6 +12,7 @@ AdamW (together about 1-3 minutes on 2 cores), cached in DeepSpeed's torch-exten
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -44,10 +45,13 @@ ADAMW = {"optim": "adamw_torch", "adam_epsilon": ADAM_EPSILON}
 GRADIENT_RTOL = 1e-5
 
 
-def run(command: list[str], timeout: int = 600) -> str:
-    """Run `command` with the worktree importable and DeepSpeed on CPU; return its output, fail with its tail."""
+def run(command: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> str:
+    """
+    Run `command` with the worktree importable, DeepSpeed on CPU and `env`; return its output, fail with its tail.
+    """
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -71,9 +75,32 @@ def run(command: list[str], timeout: int = 600) -> str:
     return output
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher(name: str) -> list[str]:
+    """
+    The README's launchers on `NUM_PROCESSES` CPU processes: `torchrun`, `accelerate launch` (which without GPUs starts
+    one process unless given `--multi_gpu`) and the `deepspeed` launcher (which passes `--local_rank` to the script),
+    each on a free port where it would otherwise take the fixed 29500.
+    """
+    scripts = Path(sys.executable).parent
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}"]
+    if name == "accelerate":
+        return [
+            str(scripts / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(NUM_PROCESSES),
+            "--main_process_port", str(free_port()),
+        ]  # fmt: skip
+    assert name == "deepspeed", name
+    return [str(scripts / "deepspeed"), "--num_gpus", str(NUM_PROCESSES), "--master_port", str(free_port())]
+
+
 def torchrun(script: Path, *args: str) -> str:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}"]
-    return run([*launcher, str(script), *args])
+    return run([*launcher("torchrun"), str(script), *args])
 
 
 def launch(tmp: Path, name: str, distributed: bool = True, **spec) -> tuple[dict, str]:
@@ -288,19 +315,27 @@ def test_teachers_run_in_teacher_dtype(runs, kind):
     assert loss["loss"] == pytest.approx(reference["loss"], rel=1e-3)
 
 
-def test_example_script_with_a_short_config_name(runs, tmp_path, teacher_dirs):
-    """The README's multi-GPU command, scaled down: `--deepspeed zero3` on examples/run_clm_distill.py."""
+@pytest.mark.parametrize("name", ["torchrun", "accelerate", "deepspeed"])
+def test_example_script_under_each_launcher(runs, tmp_path, teacher_dirs, name):
+    """
+    The README's multi-GPU commands, scaled down to 2 CPU processes: `--deepspeed zero3` (a shipped config's short
+    name) on examples/run_clm_distill.py, launched with `torchrun`, `accelerate launch` and `deepspeed`.
+    """
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in synthetic_corpus(64, seed=5)))
     student = runs["tmp"] / "student"
     output_dir = tmp_path / "out"
-    torchrun(
-        ROOT / "examples" / "run_clm_distill.py",
+    command = [
+        *launcher(name), str(ROOT / "examples" / "run_clm_distill.py"),
         *["--model_name_or_path", str(student), "--teacher_model_name_or_path", *teacher_dirs],
         *["--train_file", str(data), "--block_size", "32", "--do_train", "--deepspeed", "zero3", "--use_cpu"],
         *["--max_steps", "2", "--per_device_train_batch_size", "2", "--alpha_feat", "0.1", "--report_to", "none"],
         *["--output_dir", str(output_dir), "--save_strategy", "no"],
-    )
+    ]  # fmt: skip
+    # HF_HOME: no accelerate config of this machine's user (~/.cache/huggingface/accelerate) changes the launch
+    output = run(command, env={"HF_HOME": str(tmp_path / "hf_home")})
+    assert "is partitioned across the 2 processes" in output
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in output
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
