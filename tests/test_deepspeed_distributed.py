@@ -57,12 +57,20 @@ def run(command: list[str], timeout: int = 600, env: dict[str, str] | None = Non
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # one stream in the order written (a process that aborts loses what it had buffered), and on an abort the
+        # Python stack of every thread (faulthandler)
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
     }
     for attempt in range(2):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        output = result.stdout + result.stderr
-        # A rare abort of a CPU (gloo) worker process, seen at the start of evaluation in some CI runs and never on
-        # a rerun: launch once more, and fail on anything else, or on a second abort.
+        result = subprocess.run(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, cwd=ROOT
+        )
+        output = result.stdout
+        # A rare abort of a CPU (gloo) worker process, seen in some CI runs and never on a rerun, cause not found:
+        # launch once more, and fail on anything else, or on a second abort. (It was reported "at the start of
+        # evaluation" only because the output was stdout followed by stderr, whose last lines always are the
+        # evaluation's start; it is now one unbuffered stream, with faulthandler's stacks, to show where it happens.)
         if result.returncode == 0 or ABORT not in output or attempt == 1:
             break
         script = next((Path(part).name for part in command if part.endswith(".py")), command[0])
