@@ -1,8 +1,9 @@
 """One distillation run for the distributed tests, launched by `torchrun` (or as a plain process for references).
 
 Usage: `worker.py SPEC.json`. The spec names the saved tokenizer/student/teachers, the DeepSpeed config (or none),
-the batch layout and what to do (`train`, or `evaluate` a saved student in a fresh process). Rank 0 writes a JSON
-report: the training logs, evaluation metrics and, per process, how much of each teacher and of the student it holds.
+the batch layout, the optimizer (and, for one process, noise to add to the gradients) and what to do (`train`, or
+`evaluate` a saved student in a fresh process). Rank 0 writes a JSON report: the training logs, evaluation metrics
+and, per process, how much of each teacher and of the student it holds.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def main(spec_path: str) -> None:
         per_device_eval_batch_size=4,
         learning_rate=spec["learning_rate"],
         optim=spec["optim"],
-        optim_args=spec.get("optim_args"),
-        adam_epsilon=spec.get("adam_epsilon", 1e-8),
+        **{key: spec[key] for key in ("optim_args", "adam_epsilon") if key in spec},
         alpha_feat=0.1,
         teacher_names=spec.get("teacher_names"),
         teacher_dtype=spec.get("teacher_dtype", "auto"),
