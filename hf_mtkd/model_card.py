@@ -16,6 +16,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
+from .redaction import redact
+
 if TYPE_CHECKING:
     from .trainer import MultiTeacherDistillationTrainer
 
@@ -206,7 +208,7 @@ def create_model_card(
         global_step=trainer.state.global_step,
         epoch=_format(trainer.state.epoch),
         projector_note=projector_note,
-        command=trainer.training_command,
+        command=redact(trainer.training_command),  # also one a user set by hand
         versions=_versions(),
     )
 

@@ -45,6 +45,7 @@ from transformers import (
 
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import same_tokenizer
+from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
 from .trainer import MultiTeacherDistillationTrainer
 
@@ -301,11 +302,15 @@ def parse_args(parser: HfArgumentParser, args: Sequence[str]) -> tuple[Any, ...]
 
 
 def training_command(prog: str, args: Sequence[str]) -> str:
-    """The command line that ran the script, followed by the arguments file (as comments) when one was used."""
-    command = shlex.join([*shlex.split(prog), *args])
+    """
+    The command line that ran the script, followed by the arguments file (as comments) when one was used, with
+    every secret (a Hub token given as a flag, in a JSON argument, in the file or in the environment) redacted.
+    """
+    command = shlex.join([*shlex.split(prog), *redact_argv(args)])
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
         with open(args[0], encoding="utf-8") as f:
-            command += f"\n# {args[0]}:\n" + "\n".join(f"# {line}" for line in f.read().splitlines())
+            text = redact_arguments_file(f.read(), args[0])
+        command += f"\n# {args[0]}:\n" + "\n".join(f"# {line}" for line in text.splitlines())
     return command
 
 
