@@ -46,7 +46,7 @@ from transformers import (
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import same_tokenizer
 from .redaction import redact_arguments_file, redact_argv
-from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
+from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -674,19 +674,22 @@ def _cache_teachers(
         if isinstance(dataset, IterableDataset):
             parser.error("--teacher_logits_cache needs the whole dataset on disk; it cannot be used with --streaming.")
         with training_args.main_process_first(desc=f"caching the teachers' logits on the {split} split"):
-            caches[split] = cache_teacher_logits(
-                model_args.teacher_model_name_or_path,
-                dataset,
-                os.path.join(model_args.teacher_logits_cache, split),
-                k=model_args.teacher_logits_top_k,
-                tokenizer=tokenizer,
-                names=training_args.teacher_names,
-                batch_size=training_args.per_device_eval_batch_size,
-                teacher_dtype=training_args.teacher_dtype,
-                teacher_model_init_kwargs=training_args.teacher_model_init_kwargs,
-                device=training_args.device,
-                disable_tqdm=training_args.disable_tqdm or not training_args.should_log,
-            )
+            try:
+                caches[split] = cache_teacher_logits(
+                    model_args.teacher_model_name_or_path,
+                    dataset,
+                    os.path.join(model_args.teacher_logits_cache, split),
+                    k=model_args.teacher_logits_top_k,
+                    tokenizer=tokenizer,
+                    names=training_args.teacher_names,
+                    batch_size=training_args.per_device_eval_batch_size,
+                    teacher_dtype=training_args.teacher_dtype,
+                    teacher_model_init_kwargs=training_args.teacher_model_init_kwargs,
+                    device=training_args.device,
+                    disable_tqdm=training_args.disable_tqdm or not training_args.should_log,
+                )
+            except StaleCacheError as err:
+                parser.error(str(err))
     if not caches:
         parser.error("--teacher_logits_cache has no split to cache: give --train_file and/or --validation_file.")
     return caches

@@ -48,6 +48,7 @@ from .teacher_cache import (
     TeacherLogitsCache,
     batch_teacher_logits,
     check_cache_tokenizer,
+    check_same_teachers,
 )
 from .teachers import (
     check_finite,
@@ -280,16 +281,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             if isinstance(dataset, dict):
                 return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
             if isinstance(dataset, TeacherLogitsCache):
-                if (dataset.manifest.teachers, dataset.manifest.k, dataset.teacher_indices) != (
-                    cache.manifest.teachers,
-                    cache.manifest.k,
-                    cache.teacher_indices,
-                ):
-                    raise ValueError(
-                        f"The {role} cache ({dataset.path}) was written with other teachers or another k than the "
-                        f"training cache ({cache.path}), or selects other teachers; cache both with the same teachers "
-                        "and select the same ones."
-                    )
+                check_same_teachers(cache, dataset, role)
                 dataset = dataset.dataset
             columns = getattr(dataset, "column_names", None)
             if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
