@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +250,13 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {list(choices)}.")
         if self.teacher_weights is not None:
+            if isinstance(self.teacher_weights, str) or not all(
+                isinstance(w, numbers.Real) and not isinstance(w, bool) for w in self.teacher_weights
+            ):
+                raise ValueError(
+                    f"`teacher_weights` must be a list of numbers, one per teacher (e.g. [0.5, 0.5]), got "
+                    f"{self.teacher_weights!r}."
+                )
             if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(
                     f"`teacher_weights` must be non-negative with a positive sum, got {self.teacher_weights}."

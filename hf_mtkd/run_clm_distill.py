@@ -45,8 +45,10 @@ from transformers import (
 
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import same_tokenizer
+from .hub import check_push_access
 from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
+from .teachers import unloadable_teacher_message
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -241,6 +243,10 @@ class DataTrainingArguments:
                 raise ValueError(
                     f"--{name} {path!r} should be a {', '.join('.' + e for e in DATA_FILE_BUILDERS)} file, got "
                     f"{'.' + extension if extension else 'no extension'}."
+                )
+            if not os.path.isfile(path) and "://" not in path and not any(c in path for c in "*?["):
+                raise ValueError(
+                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl or .csv file."
                 )
             builders[name] = DATA_FILE_BUILDERS[extension]
         if len(set(builders.values())) > 1:
@@ -528,6 +534,14 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     logger.info("Training/evaluation parameters %s", training_args)
     if cache_only and not model_args.teacher_logits_cache:
         parser.error("Give --teacher_logits_cache, the directory to write the teachers' logits to.")
+    if training_args.push_to_hub and not cache_only:  # before any model, data or cache work
+        try:
+            check_push_access(
+                training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir)),
+                training_args.hub_token,
+            )
+        except ValueError as err:
+            parser.error(str(err))
     if not (cache_only or training_args.do_train or training_args.do_eval or generation_args.do_generate_eval):
         logger.warning("None of --do_train, --do_eval and --do_generate_eval is set: there is nothing to do.")
 
@@ -541,10 +555,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
         try:
             teacher_configs.append(AutoConfig.from_pretrained(teacher, **hub_kwargs))
         except (OSError, ValueError) as err:
-            parser.error(
-                f"Teacher {teacher!r} cannot be loaded: {err}\nGive a local directory holding a model (config.json "
-                "and weights) or a Hub model id (reachable online, or cached when HF_HUB_OFFLINE=1)."
-            )
+            parser.error(unloadable_teacher_message(teacher, err))
     training_args.teacher_model_init_kwargs = {
         **{key: value for key, value in hub_kwargs.items() if value},
         **(training_args.teacher_model_init_kwargs or {}),

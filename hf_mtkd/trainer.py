@@ -28,6 +28,7 @@ from .cross_tokenizer import (
     MultiTokenizerCollator,
     build_vocabulary_maps,
     check_text_column,
+    check_token_ids_column,
     max_positions,
     resolve_teacher_tokenizers,
     teacher_on_student_positions,
@@ -171,6 +172,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
+            reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
             self.teacher_names = teacher_names(teachers, args.teacher_names)
             with zero3_init_dtype(args.teacher_dtype):
                 self.teachers = load_teachers(
@@ -211,6 +213,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             if self.cross_tokenizer:
                 check_text_column(data_collator, train_dataset, eval_dataset)
+            elif reads_token_ids:
+                check_token_ids_column(train_dataset, eval_dataset)
 
         super().__init__(
             model=model,

@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import huggingface_hub._upload_pipeline
+import huggingface_hub.constants
 import pytest
 import transformers.trainer
 import yaml
@@ -31,9 +32,12 @@ REPO_ID = "me/tiny-distilled"
 
 @contextlib.contextmanager
 def recorded_hub():
-    """The real `huggingface_hub` upload code, with only its network calls (repo creation, YAML validation on the
-    server, the commit) replaced by recorders."""
+    """The real `huggingface_hub` upload code, online, with only its network calls (the token check, repo creation,
+    YAML validation on the server, the commit) replaced by recorders."""
     calls = {"repos": [], "readmes": [], "uploads": []}
+
+    def whoami(self, *args, **kwargs):
+        return {"name": REPO_ID.split("/")[0], "orgs": [], "auth": {"accessToken": {"role": "write"}}}
 
     def create_repo(self, repo_id, **kwargs):
         calls["repos"].append(repo_id)
@@ -49,6 +53,8 @@ def recorded_hub():
         calls["uploads"].append(sorted(op.path_in_repo for op in [*add_operations, *delete_operations]))
 
     with (
+        mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", False),
+        mock.patch.object(HfApi, "whoami", whoami),
         mock.patch.object(HfApi, "create_repo", create_repo),
         mock.patch.object(HfApi, "_validate_yaml", validate_yaml),
         mock.patch.object(HfApi, "create_commit", create_commit),

@@ -225,7 +225,13 @@ ARGUMENT_ERRORS = {  # arguments ({teacher}, {student}, {txt} and {csv} filled i
     "no-teachers": ("--model_name_or_path {student} --train_file {txt}", "No teacher given"),
     "missing-teacher": (
         "--teacher_model_name_or_path /no/such/teacher --train_file {txt}",
-        "Teacher '/no/such/teacher' cannot be loaded",
+        "error: Teacher '/no/such/teacher' cannot be loaded: it is neither a local directory nor a valid Hub model "
+        "id. Give a local directory holding a model (config.json and weights) or a Hub model id",
+    ),
+    "missing-train-file": (
+        "--teacher_model_name_or_path {teacher} --train_file /no/such/train.txt",
+        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl or "
+        ".csv file.",
     ),
     "mixed-formats": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --validation_file {csv}",
