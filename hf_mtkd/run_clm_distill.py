@@ -46,6 +46,7 @@ from transformers import (
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import same_tokenizer
 from .hub import check_push_access
+from .parameters import count_parameters
 from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
 from .teachers import unloadable_teacher_message
@@ -441,7 +442,7 @@ def load_student(
         logger.info("The new student gets a vocabulary of %d tokens, that of its tokenizer.", target_vocab)
         config.get_text_config().vocab_size = target_vocab
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
-    logger.info("Training a new student from scratch: %.2fM parameters.", model.num_parameters() / 1e6)
+    logger.info("Training a new student from scratch: %.2fM parameters.", count_parameters(model) / 1e6)
     return model
 
 

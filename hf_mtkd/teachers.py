@@ -15,7 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from .model_card import count_parameters
+from .parameters import count_parameters
 
 TEACHER_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 

@@ -43,6 +43,7 @@ from .losses import (
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
+from .parameters import count_parameters
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -330,7 +331,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         logger.info(
             "Feature alignment on (teacher, student layer, teacher layer) pairs %s with %d projection parameters.",
             [(self.teacher_names[k], s, t) for k, s, t in projector.pairs],
-            sum(p.numel() for p in projector.parameters()),
+            count_parameters(projector),
         )
         return projector
 
