@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,7 @@ from transformers import TrainingArguments
 from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .losses import FEATURE_LOSSES, FUSIONS
+from .redaction import redact
 from .weighting import GRANULARITIES, WEIGHTINGS
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -247,6 +250,13 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {list(choices)}.")
         if self.teacher_weights is not None:
+            if isinstance(self.teacher_weights, str) or not all(
+                isinstance(w, numbers.Real) and not isinstance(w, bool) for w in self.teacher_weights
+            ):
+                raise ValueError(
+                    f"`teacher_weights` must be a list of numbers, one per teacher (e.g. [0.5, 0.5]), got "
+                    f"{self.teacher_weights!r}."
+                )
             if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(
                     f"`teacher_weights` must be non-negative with a positive sum, got {self.teacher_weights}."
@@ -282,6 +292,33 @@ class MultiTeacherDistillationConfig(TrainingArguments):
                     f"`{name}` has {len(value)} entries but there are {num_teachers} teachers: give exactly one "
                     "entry per teacher, in the order of `teachers=`."
                 )
+
+    # ---- no secret in what is written: logs, reports, training_args.bin (see `hf_mtkd.redaction`) ----
+
+    def to_dict(self) -> dict[str, Any]:
+        """`TrainingArguments.to_dict` (what reports and logs show) with every secret redacted, nested ones too."""
+        return redact(super().to_dict())
+
+    def __str__(self) -> str:
+        fields_as_text = "".join(f"{key}={value},\n" for key, value in sorted(self.to_dict().items()))
+        return f"{type(self).__name__}(\n{fields_as_text})"
+
+    __repr__ = __str__
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling (`torch.save(args)`, i.e. `training_args.bin`) stores: the fields with secrets redacted."""
+        return redact(dict(self.__dict__))
+
+    def __copy__(self) -> MultiTeacherDistillationConfig:
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)  # an in-memory copy keeps the secrets the run needs
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MultiTeacherDistillationConfig:
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
 
 def _parse_feature_layers(value: Any) -> list[list[tuple[int, int]]] | None:

@@ -567,3 +567,17 @@ def check_text_column(collator: Any, *datasets: Any) -> None:
                     f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "
                     "tokenizer, so keep the text column instead of pre-tokenized ids; the collator truncates it."
                 )
+
+
+def check_token_ids_column(*datasets: Any) -> None:
+    """Teachers on the student's vocabulary read token ids: refuse up front a dataset of raw text only."""
+    for dataset in datasets:
+        for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            columns = getattr(split, "column_names", None)
+            if columns is not None and "input_ids" not in columns:
+                raise ValueError(
+                    f"The dataset has no 'input_ids' column (it has {columns}), but teachers that share the "
+                    "student's tokenizer read token ids: tokenize it first, e.g. `dataset.map(lambda batch: "
+                    "tokenizer(batch['text']), batched=True, remove_columns=['text'])`, or set "
+                    "`cross_tokenizer='always'` to distill on the raw text."
+                )

@@ -22,6 +22,8 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
+from .parameters import count_parameters
+
 logger = logging.get_logger(__name__)
 
 DEEPSPEED_CONFIGS = {
@@ -103,7 +105,7 @@ def prepare_teachers(
                 ", ".join(names),
                 accelerator.num_processes,
                 accelerator.num_processes,
-                f"{sum(_num_parameters(t) for t in teachers):,}",
+                f"{sum(count_parameters(t) for t in teachers):,}",
                 ", ".join(sorted({str(_dtype(t)).removeprefix("torch.") for t in teachers})),
             )
         return engines
@@ -118,7 +120,7 @@ def prepare_teachers(
             mode,
             ", ".join(names),
             accelerator.num_processes,
-            f"{sum(_num_parameters(t) for t in teachers):,}",
+            f"{sum(count_parameters(t) for t in teachers):,}",
             ", ".join(sorted({str(_dtype(t)).removeprefix("torch.") for t in teachers})),
         )
     return list(teachers)
@@ -172,11 +174,6 @@ def _hidden_size(model: nn.Module) -> int | None:
     if hidden_size is None and getattr(text_config, "hidden_sizes", None):
         hidden_size = max(text_config.hidden_sizes)
     return hidden_size
-
-
-def _num_parameters(model: nn.Module) -> int:
-    """Number of parameters, counting the full size of ZeRO-3 partitioned ones."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

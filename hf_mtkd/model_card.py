@@ -6,6 +6,7 @@ repository): Markdown with YAML front matter, rendered with Jinja2 through `hugg
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from collections.abc import Sequence
@@ -14,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from torch import nn
+from transformers import TrainingArguments
+
+from .parameters import count_parameters
+from .redaction import redact
+from .weighting import describe_weighting
 
 if TYPE_CHECKING:
     from .trainer import MultiTeacherDistillationTrainer
@@ -22,22 +27,8 @@ if TYPE_CHECKING:
 TEMPLATE_NAME = "distilled_student.md"
 CARD_TAGS = ("knowledge-distillation", "hf-mtkd")
 """Tags every distilled student's card carries."""
-SETTINGS = (
-    "temperature",
-    "alpha_ce",
-    "alpha_kd",
-    "alpha_feat",
-    "teacher_weighting",
-    "teacher_weights",
-    "entropy_temperature",
-    "weighting_granularity",
-    "fusion",
-    "feature_loss",
-    "normalize_feature_targets",
-    "feature_layers",
-    "teacher_dtype",
+OPTIMIZATION_SETTINGS = (
     "learning_rate",
-    "projector_learning_rate",
     "lr_scheduler_type",
     "warmup_steps",
     "weight_decay",
@@ -45,7 +36,7 @@ SETTINGS = (
     "gradient_accumulation_steps",
     "seed",
 )
-"""Configuration fields listed under "Distillation settings" (the optimisation ones besides the distillation ones)."""
+"""`TrainingArguments` fields listed under "Distillation settings" after the distillation fields themselves."""
 EVAL_METRICS = ("perplexity", "loss", "loss_ce", "loss_kd", "loss_feat")
 """Evaluation metrics shown in the card, in this order, when they were logged."""
 
@@ -66,9 +57,11 @@ def is_hub_model_id(name: str) -> bool:
     return True
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, shared ones counted once."""
-    return sum(p.numel() for p in model.parameters())
+def distillation_fields(args: TrainingArguments) -> list[str]:
+    """The fields `args`' class adds to `TrainingArguments` (for `MultiTeacherDistillationConfig`: every distillation
+    setting), in their declaration order."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(args) if f.name not in inherited]
 
 
 def human_count(num: int) -> str:
@@ -171,11 +164,7 @@ def create_model_card(
         pipeline_tag=(tasks if isinstance(tasks, str) else (tasks or [None])[0]) or "text-generation",
         eval_results=eval_results or None,
     )
-    weighting_summary = (
-        f"entropy-driven teacher weights per {args.weighting_granularity}"
-        if args.teacher_weighting == "entropy"
-        else "static teacher weights"
-    )
+    weighting_summary = describe_weighting(args.teacher_weighting, args.weighting_granularity)
     projector_note = None
     if trainer.projector is not None:
         projector_note = (
@@ -202,11 +191,14 @@ def create_model_card(
         eval_dataset=eval_dataset,
         eval_metrics=eval_metrics,
         generation=generation,
-        settings=[(name, _format(getattr(args, name))) for name in SETTINGS],
+        settings=[
+            (name, _format(redact(getattr(args, name))))
+            for name in [*distillation_fields(args), *OPTIMIZATION_SETTINGS]
+        ],
         global_step=trainer.state.global_step,
         epoch=_format(trainer.state.epoch),
         projector_note=projector_note,
-        command=trainer.training_command,
+        command=redact(trainer.training_command),  # also one a user set by hand
         versions=_versions(),
     )
 

@@ -45,7 +45,11 @@ from transformers import (
 
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import same_tokenizer
-from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
+from .hub import check_push_access
+from .parameters import count_parameters
+from .redaction import redact_arguments_file, redact_argv
+from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
+from .teachers import unloadable_teacher_message
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -241,6 +245,10 @@ class DataTrainingArguments:
                     f"--{name} {path!r} should be a {', '.join('.' + e for e in DATA_FILE_BUILDERS)} file, got "
                     f"{'.' + extension if extension else 'no extension'}."
                 )
+            if not os.path.isfile(path) and "://" not in path and not any(c in path for c in "*?["):
+                raise ValueError(
+                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl or .csv file."
+                )
             builders[name] = DATA_FILE_BUILDERS[extension]
         if len(set(builders.values())) > 1:
             raise ValueError(
@@ -301,11 +309,15 @@ def parse_args(parser: HfArgumentParser, args: Sequence[str]) -> tuple[Any, ...]
 
 
 def training_command(prog: str, args: Sequence[str]) -> str:
-    """The command line that ran the script, followed by the arguments file (as comments) when one was used."""
-    command = shlex.join([*shlex.split(prog), *args])
+    """
+    The command line that ran the script, followed by the arguments file (as comments) when one was used, with
+    every secret (a Hub token given as a flag, in a JSON argument, in the file or in the environment) redacted.
+    """
+    command = shlex.join([*shlex.split(prog), *redact_argv(args)])
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
         with open(args[0], encoding="utf-8") as f:
-            command += f"\n# {args[0]}:\n" + "\n".join(f"# {line}" for line in f.read().splitlines())
+            text = redact_arguments_file(f.read(), args[0])
+        command += f"\n# {args[0]}:\n" + "\n".join(f"# {line}" for line in text.splitlines())
     return command
 
 
@@ -430,7 +442,7 @@ def load_student(
         logger.info("The new student gets a vocabulary of %d tokens, that of its tokenizer.", target_vocab)
         config.get_text_config().vocab_size = target_vocab
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
-    logger.info("Training a new student from scratch: %.2fM parameters.", model.num_parameters() / 1e6)
+    logger.info("Training a new student from scratch: %.2fM parameters.", count_parameters(model) / 1e6)
     return model
 
 
@@ -523,6 +535,14 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     logger.info("Training/evaluation parameters %s", training_args)
     if cache_only and not model_args.teacher_logits_cache:
         parser.error("Give --teacher_logits_cache, the directory to write the teachers' logits to.")
+    if training_args.push_to_hub and not cache_only:  # before any model, data or cache work
+        try:
+            check_push_access(
+                training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir)),
+                training_args.hub_token,
+            )
+        except ValueError as err:
+            parser.error(str(err))
     if not (cache_only or training_args.do_train or training_args.do_eval or generation_args.do_generate_eval):
         logger.warning("None of --do_train, --do_eval and --do_generate_eval is set: there is nothing to do.")
 
@@ -536,10 +556,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
         try:
             teacher_configs.append(AutoConfig.from_pretrained(teacher, **hub_kwargs))
         except (OSError, ValueError) as err:
-            parser.error(
-                f"Teacher {teacher!r} cannot be loaded: {err}\nGive a local directory holding a model (config.json "
-                "and weights) or a Hub model id (reachable online, or cached when HF_HUB_OFFLINE=1)."
-            )
+            parser.error(unloadable_teacher_message(teacher, err))
     training_args.teacher_model_init_kwargs = {
         **{key: value for key, value in hub_kwargs.items() if value},
         **(training_args.teacher_model_init_kwargs or {}),
@@ -669,19 +686,22 @@ def _cache_teachers(
         if isinstance(dataset, IterableDataset):
             parser.error("--teacher_logits_cache needs the whole dataset on disk; it cannot be used with --streaming.")
         with training_args.main_process_first(desc=f"caching the teachers' logits on the {split} split"):
-            caches[split] = cache_teacher_logits(
-                model_args.teacher_model_name_or_path,
-                dataset,
-                os.path.join(model_args.teacher_logits_cache, split),
-                k=model_args.teacher_logits_top_k,
-                tokenizer=tokenizer,
-                names=training_args.teacher_names,
-                batch_size=training_args.per_device_eval_batch_size,
-                teacher_dtype=training_args.teacher_dtype,
-                teacher_model_init_kwargs=training_args.teacher_model_init_kwargs,
-                device=training_args.device,
-                disable_tqdm=training_args.disable_tqdm or not training_args.should_log,
-            )
+            try:
+                caches[split] = cache_teacher_logits(
+                    model_args.teacher_model_name_or_path,
+                    dataset,
+                    os.path.join(model_args.teacher_logits_cache, split),
+                    k=model_args.teacher_logits_top_k,
+                    tokenizer=tokenizer,
+                    names=training_args.teacher_names,
+                    batch_size=training_args.per_device_eval_batch_size,
+                    teacher_dtype=training_args.teacher_dtype,
+                    teacher_model_init_kwargs=training_args.teacher_model_init_kwargs,
+                    device=training_args.device,
+                    disable_tqdm=training_args.disable_tqdm or not training_args.should_log,
+                )
+            except StaleCacheError as err:
+                parser.error(str(err))
     if not caches:
         parser.error("--teacher_logits_cache has no split to cache: give --train_file and/or --validation_file.")
     return caches

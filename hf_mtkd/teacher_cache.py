@@ -79,18 +79,6 @@ class CacheManifest:
     completed_shards: list[int] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
-    IDENTITY = (
-        "format_version",
-        "teachers",
-        "tokenizer",
-        "vocab_size",
-        "k",
-        "dtype",
-        "data_fingerprint",
-        "shard_size",
-    )
-    """The fields that must match for a cache to be reused or resumed."""
-
     @property
     def num_shards(self) -> int:
         return math.ceil(self.num_rows / self.shard_size)
@@ -103,10 +91,38 @@ class CacheManifest:
     def teacher_names(self) -> list[str]:
         return [teacher["name"] for teacher in self.teachers]
 
-    def differences(self, other: CacheManifest) -> list[str]:
-        """The identity fields on which two manifests disagree."""
-        mine, theirs = asdict(self), asdict(other)
-        return [key for key in self.IDENTITY if mine[key] != theirs[key]]
+    @property
+    def teacher_weights(self) -> list[str | None]:
+        """The sha256 of each teacher's weights, in order: what identifies the teachers (not their paths or names)."""
+        return [teacher.get("weights_sha256") for teacher in self.teachers]
+
+    def identity(self) -> dict[str, Any]:
+        """
+        What the cached values are computed from, by content: the teachers' weights, the tokenizer's vocabulary, the
+        token ids, k and the storage layout. A teacher's path and the tokenizer's directory are not part of it.
+        """
+        return {
+            "format version": self.format_version,
+            "teacher weights (sha256)": self.teacher_weights,
+            "tokenizer vocabulary (sha256)": None if self.tokenizer is None else self.tokenizer["vocab_sha256"],
+            "vocabulary size": self.vocab_size,
+            "k": self.k,
+            "dtype": self.dtype,
+            "token ids (sha256)": self.data_fingerprint,
+            "shard size": self.shard_size,
+        }
+
+    def differences(self, given: CacheManifest) -> list[tuple[str, Any, Any]]:
+        """
+        `(field, this cache's value, the given one's)` for each identity field on which the manifests disagree (a
+        tokenizer recorded by only one of them is no difference: the token ids pin the data either way).
+        """
+        mine, theirs = self.identity(), given.identity()
+        return [
+            (key, mine[key], theirs[key])
+            for key in mine
+            if mine[key] != theirs[key] and not (key.startswith("tokenizer") and None in (mine[key], theirs[key]))
+        ]
 
     def save(self, directory: str) -> None:
         path = os.path.join(directory, MANIFEST_NAME)
@@ -256,12 +272,9 @@ def cache_teacher_logits(
     os.makedirs(output_dir, exist_ok=True)
     if os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
         existing = CacheManifest.load(output_dir)
-        differences = manifest.differences(existing)
+        differences = existing.differences(manifest)
         if differences:
-            raise StaleCacheError(
-                f"{output_dir} already holds a teacher-logits cache written for a different {', '.join(differences)}"
-                ". Delete it or choose another output directory."
-            )
+            raise stale_cache_error(output_dir, differences)
         manifest.completed_shards = existing.completed_shards
         if manifest.complete:
             logger.info("The teacher-logits cache in %s is complete; nothing to compute.", output_dir)
@@ -314,11 +327,10 @@ def load_teacher_cache(
         )
     if tokenizer is not None:
         check_cache_tokenizer(manifest, tokenizer, path)
-    if dataset is not None and data_fingerprint(dataset) != manifest.data_fingerprint:
-        raise StaleCacheError(
-            f"The teacher-logits cache in {path} was computed on other data (the token ids differ from the dataset "
-            "given). Write the cache again for this dataset."
-        )
+    if dataset is not None:
+        fingerprint = data_fingerprint(dataset)
+        if fingerprint != manifest.data_fingerprint:
+            raise stale_cache_error(path, [("token ids (sha256)", manifest.data_fingerprint, fingerprint)])
     shards = [load_from_disk(_shard_path(path, shard)) for shard in range(manifest.num_shards)]
     data = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     # The cached columns are read as numpy arrays (fast); the others stay as lists for the usual collators.
@@ -332,11 +344,54 @@ def check_cache_tokenizer(manifest: CacheManifest, tokenizer: PreTrainedTokenize
         return
     given = tokenizer_fingerprint(tokenizer)
     if given["vocab_sha256"] != manifest.tokenizer["vocab_sha256"]:
-        raise StaleCacheError(
-            f"The teacher-logits cache in {path} was written with the tokenizer {manifest.tokenizer['name_or_path']!r}"
-            f", whose vocabulary differs from that of {given['name_or_path']!r} given now. Use the same tokenizer or "
-            "write the cache again."
+        raise stale_cache_error(
+            path,
+            [
+                (
+                    "tokenizer vocabulary (sha256)",
+                    f"{_show(manifest.tokenizer['vocab_sha256'])} ({manifest.tokenizer['name_or_path']})",
+                    f"{_show(given['vocab_sha256'])} ({given['name_or_path']})",
+                )
+            ],
         )
+
+
+def check_same_teachers(cache: TeacherLogitsCache, other: TeacherLogitsCache, role: str) -> None:
+    """Refuse `other` (the cache of another split) unless it holds the same teachers (by weights), k and selection."""
+    fields = (
+        ("teacher weights (sha256)", cache.manifest.teacher_weights, other.manifest.teacher_weights),
+        ("k", cache.manifest.k, other.manifest.k),
+        ("selected teachers", cache.teacher_indices, other.teacher_indices),
+    )
+    differences = [(key, mine, theirs) for key, mine, theirs in fields if mine != theirs]
+    if differences:
+        raise ValueError(
+            f"The {role} cache ({other.path}) does not match the training cache ({cache.path}): "
+            f"{_describe(differences, 'training cache', role)}. Cache both splits with the same teachers and k, and "
+            "select the same teachers from both."
+        )
+
+
+def stale_cache_error(path: str, differences: Sequence[tuple[str, Any, Any]]) -> StaleCacheError:
+    """The error for a cache computed from other inputs than those given: each differing field with both values."""
+    return StaleCacheError(
+        f"The teacher-logits cache in {path} was computed from other inputs than those given now: "
+        f"{_describe(differences, 'cache', 'now')}. Give the same teachers, tokenizer vocabulary, data and k, or "
+        "write this cache to another directory (or delete it to recompute it)."
+    )
+
+
+def _describe(differences: Sequence[tuple[str, Any, Any]], first: str, second: str) -> str:
+    return "; ".join(f"{key}: {first} {_show(a)}, {second} {_show(b)}" for key, a, b in differences)
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, sha256 hex digests cut to 12 characters."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(item) for item in value) + "]"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return str(value)
 
 
 @contextmanager

@@ -10,10 +10,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from .model_card import count_parameters
+from .parameters import count_parameters
 
 TEACHER_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -36,7 +38,10 @@ def load_teachers(
     for teacher in teachers:
         if isinstance(teacher, (str, os.PathLike)):
             kwargs = {"dtype": _DTYPES.get(dtype, "auto"), **(init_kwargs or {})}
-            teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
+            try:
+                teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
+            except (OSError, ValueError) as err:
+                raise ValueError(unloadable_teacher_message(teacher, err)) from err
         elif not isinstance(teacher, nn.Module):
             raise TypeError(f"A teacher must be a model or a name/path, got {type(teacher).__name__}.")
         elif dtype != "auto":
@@ -45,6 +50,27 @@ def load_teachers(
         teacher.requires_grad_(False)
         loaded.append(teacher)
     return loaded
+
+
+def unloadable_teacher_message(teacher: str | os.PathLike, err: Exception) -> str:
+    """One line on why the teacher `teacher` (a name or path) failed to load with `err`, and what to give instead."""
+    path = os.fspath(teacher)
+    if not os.path.exists(path) and not _is_repo_id(path):
+        problem = "it is neither a local directory nor a valid Hub model id"
+    else:
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+    return (
+        f"Teacher {path!r} cannot be loaded: {problem}. Give a local directory holding a model "
+        "(config.json and weights) or a Hub model id (reachable online, or cached when HF_HUB_OFFLINE=1)."
+    )
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def teacher_names(teachers: Sequence[nn.Module | str], names: Sequence[str] | None = None) -> list[str]:

@@ -28,6 +28,7 @@ from .cross_tokenizer import (
     MultiTokenizerCollator,
     build_vocabulary_maps,
     check_text_column,
+    check_token_ids_column,
     max_positions,
     resolve_teacher_tokenizers,
     teacher_on_student_positions,
@@ -42,12 +43,14 @@ from .losses import (
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
+from .parameters import count_parameters
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
     TeacherLogitsCache,
     batch_teacher_logits,
     check_cache_tokenizer,
+    check_same_teachers,
 )
 from .teachers import (
     check_finite,
@@ -170,6 +173,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
+            reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
             self.teacher_names = teacher_names(teachers, args.teacher_names)
             with zero3_init_dtype(args.teacher_dtype):
                 self.teachers = load_teachers(
@@ -210,6 +214,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             if self.cross_tokenizer:
                 check_text_column(data_collator, train_dataset, eval_dataset)
+            elif reads_token_ids:
+                check_token_ids_column(train_dataset, eval_dataset)
 
         super().__init__(
             model=model,
@@ -280,16 +286,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             if isinstance(dataset, dict):
                 return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
             if isinstance(dataset, TeacherLogitsCache):
-                if (dataset.manifest.teachers, dataset.manifest.k, dataset.teacher_indices) != (
-                    cache.manifest.teachers,
-                    cache.manifest.k,
-                    cache.teacher_indices,
-                ):
-                    raise ValueError(
-                        f"The {role} cache ({dataset.path}) was written with other teachers or another k than the "
-                        f"training cache ({cache.path}), or selects other teachers; cache both with the same teachers "
-                        "and select the same ones."
-                    )
+                check_same_teachers(cache, dataset, role)
                 dataset = dataset.dataset
             columns = getattr(dataset, "column_names", None)
             if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
@@ -334,7 +331,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         logger.info(
             "Feature alignment on (teacher, student layer, teacher layer) pairs %s with %d projection parameters.",
             [(self.teacher_names[k], s, t) for k, s, t in projector.pairs],
-            sum(p.numel() for p in projector.parameters()),
+            count_parameters(projector),
         )
         return projector
 

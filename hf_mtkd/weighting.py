@@ -101,6 +101,22 @@ WEIGHTINGS: dict[str, WeightingFn] = {
     "entropy+posterior": entropy_posterior_scores,
 }
 
+WEIGHTING_SUMMARIES: dict[str, str] = {
+    "static": "static teacher weights",
+    "entropy": "dynamic entropy-driven teacher weights",
+    "correctness": "dynamic teacher weights from each teacher's probability of the true next token",
+    "posterior": "dynamic teacher weights from each teacher's track record on the document",
+    "entropy+posterior": "dynamic teacher weights from each teacher's entropy and track record on the document",
+}
+"""Each weighting of `WEIGHTINGS` in words, static or dynamic (the model card's summary); a new one adds its line."""
+
+
+def describe_weighting(weighting: str, granularity: str) -> str:
+    """How `weighting` at `granularity` weights the teachers, in words (a static weighting has no granularity)."""
+    summary = WEIGHTING_SUMMARIES.get(weighting, f"{weighting!r} teacher weights")
+    return summary if weighting == "static" else f"{summary}, per {granularity}"
+
+
 POSITION_LOCAL_WEIGHTINGS = ("static", "entropy", "correctness")
 """The weightings whose score at a position reads that position's signals only: at `token` granularity the loss
 computes their weights chunk by chunk, in the same pass as the KL."""

@@ -220,9 +220,11 @@ def test_identical_tokenizers_give_the_same_loss_as_the_shared_path(tmp_path, co
     student = tiny_causal_lm("qwen2", tok, seed=1)
     dataset = Dataset.from_dict({"text": corpus[:32]})
     losses = {}
+    tokenized = dataset.map(lambda batch: tok(batch["text"]), batched=True)  # the shared path reads token ids
     for mode in ("always", "never"):
         trainer = make_trainer(
-            tmp_path, student, teachers, dataset, tok, cross_tokenizer=mode, fusion=fusion, alpha_feat=0.1,
+            tmp_path, student, teachers, dataset if mode == "always" else tokenized, tok, cross_tokenizer=mode,
+            fusion=fusion, alpha_feat=0.1,
             teacher_weighting="entropy+posterior", teacher_tokenizers=[tok, tok] if mode == "always" else None,
         )  # fmt: skip
         assert trainer.cross_tokenizer == (mode == "always")

@@ -1,6 +1,7 @@
 """The model card of a distilled student, rendered from real runs, and what `push_to_hub` uploads."""
 
 import contextlib
+import dataclasses
 import json
 import shlex
 import shutil
@@ -11,19 +12,29 @@ from pathlib import Path
 from unittest import mock
 
 import huggingface_hub._upload_pipeline
+import huggingface_hub.constants
 import pytest
+import torch
 import transformers.trainer
 import yaml
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from peft import LoraConfig, get_peft_model
-from test_run_clm_distill import QUICK, run_main
-from transformers import AutoModelForCausalLM
+from test_run_clm_distill import QUICK, run_main, run_subprocess
+from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.utils.hub import hf_api
 
 from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer
 from hf_mtkd.hub import ignored_on_upload
-from hf_mtkd.model_card import count_parameters, human_count, is_hub_model_id, load_template
+from hf_mtkd.model_card import human_count, is_hub_model_id, load_template
+from hf_mtkd.parameters import count_parameters
 from hf_mtkd.trainer import PROJECTOR_WEIGHTS_NAME
+from hf_mtkd.weighting import (
+    WEIGHTING_SUMMARIES,
+    WEIGHTINGS,
+    TeacherSignals,
+    WeightingParameters,
+    describe_weighting,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "me/tiny-distilled"
@@ -31,9 +42,12 @@ REPO_ID = "me/tiny-distilled"
 
 @contextlib.contextmanager
 def recorded_hub():
-    """The real `huggingface_hub` upload code, with only its network calls (repo creation, YAML validation on the
-    server, the commit) replaced by recorders."""
+    """The real `huggingface_hub` upload code, online, with only its network calls (the token check, repo creation,
+    YAML validation on the server, the commit) replaced by recorders."""
     calls = {"repos": [], "readmes": [], "uploads": []}
+
+    def whoami(self, *args, **kwargs):
+        return {"name": REPO_ID.split("/")[0], "orgs": [], "auth": {"accessToken": {"role": "write"}}}
 
     def create_repo(self, repo_id, **kwargs):
         calls["repos"].append(repo_id)
@@ -49,6 +63,8 @@ def recorded_hub():
         calls["uploads"].append(sorted(op.path_in_repo for op in [*add_operations, *delete_operations]))
 
     with (
+        mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", False),
+        mock.patch.object(HfApi, "whoami", whoami),
         mock.patch.object(HfApi, "create_repo", create_repo),
         mock.patch.object(HfApi, "_validate_yaml", validate_yaml),
         mock.patch.object(HfApi, "create_commit", create_commit),
@@ -282,3 +298,85 @@ def test_upload_filter_covers_both_transformers_upload_paths(monkeypatch):
     with ignored_on_upload(["a"]):
         transformers.trainer.upload_folder(folder_path=".", ignore_patterns=["_*", "checkpoint-*"])
     assert calls.pop() == ["_*", "checkpoint-*", "a"] and transformers.trainer.upload_folder is upload_folder
+
+
+def test_card_settings_are_the_configs_distillation_fields(make_trainer):
+    trainer = make_trainer(
+        teacher_weighting="posterior",
+        label_temperature=0.5,
+        posterior_decay=0.8,
+        min_weight=0.05,
+        weighting_granularity="sequence",
+        teacher_model_init_kwargs={"revision": "main", "token": "not-for-the-card"},
+    )
+    trainer.create_model_card()
+    card = Path(trainer.args.output_dir, "README.md").read_text()
+    settings = card.split("## Distillation settings")[1].split("Trained for")[0]
+    listed = [line.split("|")[1].strip().strip("`") for line in settings.splitlines() if line.startswith("| `")]
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    added = [f.name for f in dataclasses.fields(MultiTeacherDistillationConfig) if f.name not in inherited]
+    assert listed == [*added, "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                      "per_device_train_batch_size", "gradient_accumulation_steps", "seed"]  # fmt: skip
+    expected = {"label_temperature": "0.5", "posterior_decay": "0.8", "min_weight": "0.05", "cross_tokenizer": "auto",
+                "cross_tokenizer_loss": "kl", "teacher_weighting": "posterior"}  # fmt: skip
+    for name, value in expected.items():
+        assert table_row(card, f"`{name}`") == [f"`{name}`", value]
+    assert table_row(card, "`teacher_model_init_kwargs`")[1] == "{'revision': 'main', 'token': '<redacted>'}"
+    assert "not-for-the-card" not in card
+    summary = "dynamic teacher weights from each teacher's track record on the document, per sequence"
+    assert "feature alignment" not in card.split("## Teachers")[0] and f"and {summary})" in card
+    assert "static" not in card.split("## Teachers")[0]
+
+
+def test_every_weighting_is_described_as_static_or_dynamic():
+    assert set(WEIGHTING_SUMMARIES) == set(WEIGHTINGS)
+    for name in WEIGHTINGS:
+        described = describe_weighting(name, "token")
+        # a weighting is static exactly when its scores ignore the teachers' signals
+        signals = TeacherSignals(
+            entropy=torch.rand(2, 5, dtype=torch.float64),
+            target_log_prob=-torch.rand(2, 5, dtype=torch.float64),
+            mask=torch.ones(1, 5, dtype=torch.bool),
+        )
+        static = not WEIGHTINGS[name](signals, WeightingParameters()).any()
+        assert described.startswith("static" if static else "dynamic"), (name, described)
+        assert described.endswith(", per token") != static
+
+
+ZERO3_CARD = """
+import os, socket, sys
+with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer
+teacher_dir, student_dir, output_dir = sys.argv[1:]
+deepspeed.init_distributed(dist_backend="gloo")
+zero3 = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+teacher, student = (AutoModelForCausalLM.from_pretrained(path) for path in (teacher_dir, student_dir))  # partitioned
+del zero3
+assert sum(p.numel() for p in [*teacher.parameters(), *student.parameters()]) == 0
+args = MultiTeacherDistillationConfig(output_dir=output_dir, report_to="none", use_cpu=True)
+trainer = MultiTeacherDistillationTrainer(
+    model=student, teachers=[teacher], args=args, processing_class=AutoTokenizer.from_pretrained(student_dir)
+)
+trainer.create_model_card()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_card_counts_zero3_partitioned_parameters_in_full(tmp_path, teacher_dirs, student_dir):
+    """Under ZeRO-3 (a real partitioning, one process) a parameter's numel() is 0; the card counts its full size."""
+    result = run_subprocess(sys.executable, "-c", ZERO3_CARD, teacher_dirs[0], student_dir, str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    card = (tmp_path / "README.md").read_text()
+    teacher_size = AutoModelForCausalLM.from_pretrained(teacher_dirs[0]).num_parameters()
+    student_size = AutoModelForCausalLM.from_pretrained(student_dir).num_parameters()
+    name = Path(teacher_dirs[0]).name
+    ratio = f"{teacher_size / student_size:.3g}x"
+    assert table_row(card, f"teacher `{name}`")[2:4] == [human_count(teacher_size), ratio]
+    assert table_row(card, "**student** (Qwen2ForCausalLM)")[2] == human_count(student_size)
+    assert f"**{ratio}** fewer parameters" in card

@@ -225,7 +225,13 @@ ARGUMENT_ERRORS = {  # arguments ({teacher}, {student}, {txt} and {csv} filled i
     "no-teachers": ("--model_name_or_path {student} --train_file {txt}", "No teacher given"),
     "missing-teacher": (
         "--teacher_model_name_or_path /no/such/teacher --train_file {txt}",
-        "Teacher '/no/such/teacher' cannot be loaded",
+        "error: Teacher '/no/such/teacher' cannot be loaded: it is neither a local directory nor a valid Hub model "
+        "id. Give a local directory holding a model (config.json and weights) or a Hub model id",
+    ),
+    "missing-train-file": (
+        "--teacher_model_name_or_path {teacher} --train_file /no/such/train.txt",
+        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl or "
+        ".csv file.",
     ),
     "mixed-formats": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --validation_file {csv}",
@@ -336,15 +342,16 @@ def test_readme_offline_example_runs(tmp_path):
     assert results["generate_teacher_rougeL/teacher-gpt2"] > 0 and results["generate_teacher_rougeL/teacher-llama"] > 0
 
 
-def test_cache_teachers_then_distill_from_the_cache(tmp_path, teacher_dirs, student_dir, text_files, monkeypatch):
+def test_cache_teachers_then_distill_from_the_cache(
+    tmp_path, teacher_dirs, student_dir, text_files, monkeypatch, capsys
+):
     train, validation = text_files["txt"]
     cache = tmp_path / "cache"
     data = ["--train_file", train, "--validation_file", validation, "--teacher_logits_cache", str(cache)]
-    with isolated_logging():
+    with isolated_logging():  # no student: the data is tokenized with the first teacher's tokenizer
         cli_main([
             "cache-teachers", "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b",
-            "--model_name_or_path", student_dir, "--teacher_logits_top_k", "8", *data,
-            "--output_dir", str(tmp_path / "unused"), *QUICK,
+            "--teacher_logits_top_k", "8", *data, "--output_dir", str(tmp_path / "unused"), *QUICK,
         ])  # fmt: skip
     manifests = {split: json.loads((cache / split / "manifest.json").read_text()) for split in ("train", "validation")}
     assert {m["k"] for m in manifests.values()} == {8}
@@ -357,12 +364,26 @@ def test_cache_teachers_then_distill_from_the_cache(tmp_path, teacher_dirs, stud
     monkeypatch.setattr(hf_mtkd.teacher_cache, "teacher_forward", no_teacher_runs)
     monkeypatch.setattr(hf_mtkd.trainer, "teacher_forward", no_teacher_runs)
     output_dir = tmp_path / "out"
+    # The same content from other paths: the teachers relative to another directory, the student's tokenizer (with
+    # the same vocabulary). The cache is reused, not refused as stale.
+    monkeypatch.chdir(Path(teacher_dirs[0]).parent)
+    relative = [os.path.relpath(path) for path in teacher_dirs[:2]]
     run_main([
-        "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b", "--model_name_or_path",
+        "--teacher_model_name_or_path", *relative, "--teacher_names", "a", "b", "--model_name_or_path",
         student_dir, "--teacher_logits_top_k", "8", *data, "--do_train", "--do_eval", "--output_dir",
         str(output_dir), *QUICK,
     ])  # fmt: skip
     check_results(output_dir, ["a", "b"])
     assert "teacher `a`" in (output_dir / "README.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, isolated_logging():  # a real change: refused in one line, early
+        cli_main([
+            "distill", "--teacher_model_name_or_path", *relative, "--teacher_logits_top_k", "4", *data,
+            "--model_name_or_path", student_dir, "--do_train", "--output_dir", str(tmp_path / "stale"), *QUICK,
+        ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    stale = f"error: The teacher-logits cache in {cache / 'train'} was computed from other inputs than those given now"
+    assert f"{stale}: k: cache 8, now 4. Give the same teachers" in err
     with pytest.raises(SystemExit), isolated_logging():
         cli_main(["cache-teachers", "--teacher_model_name_or_path", teacher_dirs[0], "--train_file", train])

@@ -3,11 +3,14 @@
 import copy
 import json
 import math
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForLanguageModeling
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 from transformers.modeling_outputs import CausalLMOutput
 
 import hf_mtkd.teacher_cache as teacher_cache
@@ -19,8 +22,8 @@ from hf_mtkd import (
     cache_teacher_logits,
     load_teacher_cache,
 )
-from hf_mtkd.teacher_cache import batch_teacher_logits
-from hf_mtkd.teachers import load_teachers
+from hf_mtkd.teacher_cache import batch_teacher_logits, data_fingerprint, tokenizer_fingerprint
+from hf_mtkd.teachers import load_teachers, teacher_record
 from hf_mtkd.testing import tiny_causal_lm, train_tiny_tokenizer
 from hf_mtkd.topk import TopKLogits
 
@@ -93,24 +96,62 @@ def test_interrupted_cache_resumes_where_it_stopped(tmp_path, teachers, small_da
     assert calls == []  # complete: nothing to do
 
 
-def test_stale_caches_are_refused(tmp_path, teachers, small_data, tokenizer, corpus):
+def test_stale_caches_are_refused_naming_each_difference_with_both_values(
+    tmp_path, teachers, small_data, tokenizer, corpus
+):
     path = str(tmp_path)
-    cache_teacher_logits(teachers, small_data, path, k=4, tokenizer=tokenizer, shard_size=8)
-    with pytest.raises(StaleCacheError, match="different k\\. Delete it"):
+    manifest = cache_teacher_logits(teachers, small_data, path, k=4, tokenizer=tokenizer, shard_size=8).manifest
+    stale = re.escape(f"The teacher-logits cache in {path} was computed from other inputs than those given now: ")
+    fix = re.escape(". Give the same teachers, tokenizer vocabulary, data and k, or write this cache to another")
+    with pytest.raises(StaleCacheError, match=f"^{stale}k: cache 4, now 6{fix}"):
         cache_teacher_logits(teachers, small_data, path, k=6, tokenizer=tokenizer, shard_size=8)
-    with pytest.raises(StaleCacheError, match="data_fingerprint"):
-        cache_teacher_logits(teachers, small_data.select(range(20)), path, k=4, tokenizer=tokenizer, shard_size=8)
+    fewer = small_data.select(range(20))
+    ids = f"token ids (sha256): cache {manifest.data_fingerprint[:12]}, now {data_fingerprint(fewer)[:12]}"
+    with pytest.raises(StaleCacheError, match=f"^{stale}{re.escape(ids)}{fix}"):
+        cache_teacher_logits(teachers, fewer, path, k=4, tokenizer=tokenizer, shard_size=8)
+    with pytest.raises(StaleCacheError, match=f"^{stale}{re.escape(ids)}{fix}"):
+        load_teacher_cache(path, dataset=fewer)
     changed = tiny_causal_lm("gpt2", tokenizer, hidden_size=48, num_layers=4, num_heads=4, seed=99)
-    with pytest.raises(StaleCacheError, match="different teachers"):
-        cache_teacher_logits([changed, teachers[1]], small_data, path, k=4, tokenizer=tokenizer, shard_size=8)
-    with pytest.raises(StaleCacheError, match="other data"):
-        load_teacher_cache(path, dataset=small_data.select(range(1, 24)))
+    old, kept = (record["weights_sha256"][:12] for record in manifest.teachers)
+    new = teacher_record(changed, "gpt2", hash_weights=True)["weights_sha256"][:12]
+    weights = f"teacher weights (sha256): cache [{old}, {kept}], now [{new}, {kept}]; k: cache 4, now 5"
+    with pytest.raises(StaleCacheError, match=f"^{stale}{re.escape(weights)}{fix}"):
+        cache_teacher_logits([changed, teachers[1]], small_data, path, k=5, tokenizer=tokenizer, shard_size=8)
     other_tokenizer = train_tiny_tokenizer(corpus[:50], vocab_size=200)
-    with pytest.raises(StaleCacheError, match="whose vocabulary differs"):
+    other_vocab = tokenizer_fingerprint(other_tokenizer)["vocab_sha256"][:12]
+    vocab = (
+        f"tokenizer vocabulary (sha256): cache {manifest.tokenizer['vocab_sha256'][:12]} "
+        f"({tokenizer.name_or_path}), now {other_vocab} ({other_tokenizer.name_or_path})"
+    )
+    with pytest.raises(StaleCacheError, match=f"^{stale}{re.escape(vocab)}{fix}"):
         load_teacher_cache(path, tokenizer=other_tokenizer)
     assert len(load_teacher_cache(path, tokenizer=tokenizer, dataset=small_data).dataset) == 24
     with pytest.raises(FileNotFoundError, match="not a teacher-logits cache"):
         load_teacher_cache(str(tmp_path / "nothing"))
+
+
+def test_a_cache_is_identified_by_content_not_by_paths(
+    tmp_path, teacher_dirs, student_dir, small_data, make_student, monkeypatch
+):
+    """A teacher given by a relative instead of an absolute path, and the tokenizer of the student's directory
+    instead of the teacher's (the same vocabulary), find the cache complete: nothing is recomputed or refused."""
+    path = str(tmp_path / "cache")
+    teacher_tokenizer, student_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (teacher_dirs[0], student_dir))
+    assert teacher_tokenizer.name_or_path != student_tokenizer.name_or_path
+    cache_teacher_logits(teacher_dirs[:2], small_data, path, k=4, tokenizer=teacher_tokenizer, shard_size=8)
+    monkeypatch.chdir(Path(teacher_dirs[0]).parent)
+    relative = [os.path.relpath(d) for d in teacher_dirs[:2]]
+    assert relative != teacher_dirs[:2] and not os.path.isabs(relative[0])
+    computed = []
+    monkeypatch.setattr(teacher_cache, "_cache_columns", lambda *args, **kwargs: computed.append(args))
+    cache = cache_teacher_logits(relative, small_data, path, k=4, tokenizer=student_tokenizer, shard_size=8)
+    assert computed == [] and len(cache.dataset) == 24
+    assert len(load_teacher_cache(path, tokenizer=student_tokenizer, dataset=small_data).dataset) == 24
+    args = MultiTeacherDistillationConfig(output_dir=str(tmp_path / "out"), report_to="none")
+    trainer = MultiTeacherDistillationTrainer(
+        model=make_student(), teachers=cache, args=args, processing_class=student_tokenizer
+    )
+    assert trainer.train_dataset is cache.dataset
 
 
 def test_bad_cache_requests_are_refused(tmp_path, teachers, small_data, tokenizer):
@@ -314,7 +355,8 @@ def test_trainer_on_a_teacher_selection_matches_the_live_teacher(
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     for a, b in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="selects other teachers"):
+    mismatch = "selected teachers: training cache [1], eval_dataset None. Cache both splits with the same teachers"
+    with pytest.raises(ValueError, match=re.escape(mismatch)):
         MultiTeacherDistillationTrainer(
             model=make_student(), teachers=view, args=args, eval_dataset=full_cache, processing_class=tokenizer
         )
