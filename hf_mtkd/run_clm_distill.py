@@ -44,8 +44,9 @@ from transformers import (
 )
 
 from .config import MultiTeacherDistillationConfig
-from .cross_tokenizer import same_tokenizer
+from .cross_tokenizer import uses_cross_tokenizer
 from .teacher_cache import TeacherLogitsCache, cache_teacher_logits
+from .teachers import teacher_names
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -554,12 +555,11 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     logger.info("Using the tokenizer of %s.", tokenizer_source)
     try:
         teacher_tokenizers = load_teacher_tokenizers(model_args, hub_kwargs)
+        training_args.check_num_teachers(len(teacher_tokenizers))
+        names = teacher_names(model_args.teacher_model_name_or_path, training_args.teacher_names)
+        cross = any(uses_cross_tokenizer(names, teacher_tokenizers, tokenizer, training_args.cross_tokenizer))
     except ValueError as err:
         parser.error(str(err))
-    cross = training_args.cross_tokenizer == "always" or (
-        training_args.cross_tokenizer == "auto"
-        and any(t is not None and not same_tokenizer(t, tokenizer) for t in teacher_tokenizers)
-    )
     if cross:
         logger.info("Some teacher has another tokenizer: distilling in cross-tokenizer mode, on the raw texts.")
         if model_args.teacher_logits_cache:
@@ -612,7 +612,8 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=None if cross else default_data_collator,
-            teacher_tokenizers=teacher_tokenizers if cross else None,
+            # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
+            teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )
     except ValueError as err:  # teachers that do not fit the student or the settings
         parser.error(str(err))

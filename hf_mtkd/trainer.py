@@ -53,6 +53,7 @@ from .teachers import (
     check_finite,
     check_teachers,
     load_teachers,
+    on_student_vocabulary,
     teacher_forward,
     teacher_names,
     teacher_record,
@@ -188,13 +189,16 @@ class MultiTeacherDistillationTrainer(Trainer):
                 args.cross_tokenizer,
             )
             """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
-            check_teachers(
+            tokenizer_length = len(processing_class) if isinstance(processing_class, PreTrainedTokenizerBase) else None
+            self.shared_vocabulary_sizes = check_teachers(
                 self.teachers,
                 self.teacher_names,
                 model,
                 need_hidden_states=args.alpha_feat > 0,
                 cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
+                tokenizer_length=tokenizer_length,
             )
+            """Per shared-vocabulary teacher, the leading token ids it is distilled on (`shared_vocabulary_size`)."""
             self.vocabulary_maps = build_vocabulary_maps(
                 self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
             )
@@ -268,7 +272,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
                 "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
             )
-        if vocab_size(model) != cache.manifest.vocab_size:
+        if vocab_size(model) < cache.manifest.vocab_size:  # more rows are padding, given probability 0
             raise ValueError(
                 f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
                 f"but the student has {vocab_size(model)}; the student must share the teachers' vocabulary."
@@ -427,9 +431,14 @@ class MultiTeacherDistillationTrainer(Trainer):
                 if self.teacher_cache is None
                 else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
             )
-        cached = batch_teacher_logits(inputs, self.teacher_cache.manifest.vocab_size) if self.teacher_cache else None
-        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY)}
+        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY, *CACHE_COLUMNS)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
+        student_vocab = outputs.logits.shape[-1]
+        cached = (
+            batch_teacher_logits(inputs, student_vocab, support=self.teacher_cache.manifest.vocab_size)
+            if self.teacher_cache
+            else None
+        )
 
         teacher_logits, teacher_hidden, aligned = cached or [], [], [None] * len(self.teacher_names)
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
@@ -437,6 +446,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         for k, (teacher, name, vocabulary_map, own) in enumerate([] if cached else live):
             if vocabulary_map is None:
                 logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
+                logits = on_student_vocabulary(logits, self.shared_vocabulary_sizes[k], student_vocab)
             else:
                 if own is None:
                     raise ValueError(
