@@ -632,7 +632,8 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate()
         metrics.update(_num_samples("eval", eval_dataset))
-        metrics["perplexity"] = metrics["eval_perplexity"]  # the key run_clm.py users look for
+        if "eval_perplexity" in metrics:  # absent over zero tokens
+            metrics["perplexity"] = metrics["eval_perplexity"]  # the key run_clm.py users look for
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

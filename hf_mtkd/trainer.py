@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+import datasets
 import torch
 from accelerate.utils import DummyOptim
 from safetensors.torch import load_file, save_file
@@ -39,6 +40,7 @@ from .losses import (
     MultiTeacherKDOutput,
     feature_alignment_loss,
     multi_teacher_kd,
+    next_token_mask,
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
@@ -68,6 +70,8 @@ PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 """File holding the projections' weights, written beside the student in every save and checkpoint."""
 
 
+_NO_TOKEN = "no position with a next-token label"
+"""How warnings and errors name a batch or dataset whose labels leave nothing to predict."""
 _PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
 """Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
 
@@ -229,6 +233,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         # Trainer to count it (and so not to divide the loss again by the accumulation steps).
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        if self.train_dataset is not None:
+            self._check_train_labels()
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
         if cache is None:
             logger.info(
@@ -248,6 +254,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                 cache.path,
             )
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        self._empty_batches = 0
+        """Training batches so far without a position that has a next-token label (warned about)."""
         self.generation_metrics: dict[str, float | int | str] | None = None
         """The results of the last `evaluate_generation`, unprefixed (shown in the model card)."""
         self.training_command: str | None = None
@@ -305,6 +313,32 @@ class MultiTeacherDistillationTrainer(Trainer):
 
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+
+    # ---- a training set with nothing to learn ----
+
+    def _check_train_labels(self) -> None:
+        """
+        Refuse a training set in which no position has a next-token label, read batch by batch through the training
+        collator (with the unused columns removed, as for training) until one has; a stream is not read ahead.
+        """
+        dataset, collate = self.train_dataset, self.data_collator
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        size = self.args.per_device_train_batch_size
+        with torch.random.fork_rng(devices=[]):  # a random collator must not shift the training's own draws
+            for start in range(0, len(dataset), size):
+                labels = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))]).get("labels")
+                if labels is None or bool(next_token_mask(labels).any()):  # no labels: compute_loss says so
+                    return
+        raise ValueError(
+            f"The training dataset has {_NO_TOKEN} (all labels -100 or sequences of one token), so there is nothing "
+            "to learn: give examples of at least two tokens whose labels after the first are not all -100 (e.g. "
+            "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them from the ids)."
+        )
 
     # ---- extra dataset columns: the cached logits, or the raw text cross-tokenizer teachers read ----
 
@@ -558,11 +592,15 @@ class MultiTeacherDistillationTrainer(Trainer):
                 sums[f"teacher_unmapped_mass/{name}"] = view.unmapped_mass[kd.mask][here].sum()
                 sums[f"teacher_prefix_mapped_mass/{name}"] = view.inexact_mass[kd.mask][here].sum()
         store = self._metrics[mode]
-        for key, value in {"num_tokens": count, **sums}.items():
+        batch = {"num_tokens": count, "num_batches": torch.ones_like(count), "num_empty_batches": count == 0}
+        for key, value in {**batch, **sums}.items():
             store[key] = store[key] + value.float() if key in store else value.float()
 
     def _pop_metrics(self, mode: str) -> dict[str, float]:
-        """Token-weighted means of what `_record_metrics` accumulated, over all processes; then reset."""
+        """
+        Token-weighted means of what `_record_metrics` accumulated, over all processes; then reset. Nothing is
+        reported over zero tokens (a warning says why), and training batches without a token are warned about.
+        """
         store = self._metrics[mode]
         if not store:
             return {}
@@ -570,7 +608,17 @@ class MultiTeacherDistillationTrainer(Trainer):
         totals = self.accelerator.reduce(torch.stack([store[key] for key in keys]), reduction="sum")
         store.clear()
         values = dict(zip(keys, totals.tolist(), strict=True))
-        count = max(values.pop("num_tokens"), 1.0)
+        count, batches, empty = (int(values.pop(key)) for key in ("num_tokens", "num_batches", "num_empty_batches"))
+        if mode == "train" and empty:
+            self._warn_empty_batches(empty, batches)
+        if count == 0:
+            if mode == "eval" and self.is_world_process_zero():
+                logger.warning(
+                    "The evaluation data has %s (all labels -100 or sequences of one token): no perplexity is "
+                    "reported, nor any other per-token metric.",
+                    _NO_TOKEN,
+                )
+            return {}
         means = {}
         for key, value in values.items():
             kind, _, name = key.partition("/")
@@ -580,6 +628,20 @@ class MultiTeacherDistillationTrainer(Trainer):
         if mode == "eval":
             means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
         return means
+
+    def _warn_empty_batches(self, empty: int, batches: int) -> None:
+        """Warn about training batches without a token to learn from, rate-limited: at the 1st, 2nd, 4th, ... one."""
+        seen, self._empty_batches = self._empty_batches, self._empty_batches + empty
+        if self._empty_batches.bit_length() > seen.bit_length() and self.is_world_process_zero():
+            logger.warning(
+                "%d of the last %d training batches had %s (%d so far; this warning repeats at the 1st, 2nd, 4th, "
+                "8th, ... such batch): they add no loss and no gradient. Check how the labels are made: all -100, "
+                "or sequences of one token, leave nothing to predict.",
+                empty,
+                batches,
+                _NO_TOKEN,
+                self._empty_batches,
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the distillation metrics (loss terms, teacher weights, entropies and NLLs) to each training log."""
