@@ -109,6 +109,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
         teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
             use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
+            A teacher given the student's tokenizer stays on the shared vocabulary even when its embedding has more
+            or fewer (padding) rows (see `hf_mtkd.teachers`).
         **kwargs: any other `Trainer` argument.
     """
 
@@ -325,7 +327,10 @@ class MultiTeacherDistillationTrainer(Trainer):
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             return
         if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
+            try:
+                dataset = self._remove_unused_columns(dataset, description="training")
+            except ValueError:  # no column the model reads: the Trainer says so when it trains
+                return
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         size = self.args.per_device_train_batch_size
