@@ -396,6 +396,39 @@ _FAST_HINT = (
 )
 
 
+def uses_cross_tokenizer(
+    names: Sequence[str],
+    tokenizers: Sequence[PreTrainedTokenizerBase | None],
+    student_tokenizer: Any,
+    mode: str = "auto",
+) -> list[bool]:
+    """
+    Whether each teacher runs in cross-tokenizer mode: the one rule, which the trainer
+    (`resolve_teacher_tokenizers`) and the example script both apply.
+
+    `tokenizers` are the teachers' own (None where unknown). `auto`: a teacher whose tokenizer is known and differs
+    from the student's (`same_tokenizer`); a teacher on the student's tokenizer stays on the shared vocabulary even
+    when its embedding has more or fewer (padding) rows (see `hf_mtkd.teachers`), and so does one whose tokenizer
+    is unknown (its vocabulary size must then equal the student's). `always`: every teacher. `never`: none, and a
+    known different tokenizer is an error.
+    """
+    if mode not in CROSS_TOKENIZER_MODES:
+        raise ValueError(f"Unknown `cross_tokenizer` {mode!r}; choose one of {list(CROSS_TOKENIZER_MODES)}.")
+    student_is_tokenizer = isinstance(student_tokenizer, PreTrainedTokenizerBase)
+    cross = []
+    for name, tokenizer in zip(names, tokenizers, strict=True):
+        differs = tokenizer is not None and student_is_tokenizer and not same_tokenizer(tokenizer, student_tokenizer)
+        if mode == "never" and differs:
+            raise ValueError(
+                f"Teacher {name!r} uses a different tokenizer from the student ({len(tokenizer)} vs "
+                f"{len(student_tokenizer)} tokens) and `cross_tokenizer='never'`. Set `cross_tokenizer='auto'` "
+                "to align it by character offsets and map its vocabulary, or use a teacher with the student's "
+                "tokenizer."
+            )
+        cross.append(mode == "always" or differs)
+    return cross
+
+
 def resolve_teacher_tokenizers(
     specs: Sequence[nn.Module | str | os.PathLike],
     teachers: Sequence[nn.Module],
@@ -406,24 +439,21 @@ def resolve_teacher_tokenizers(
     mode: str = "auto",
 ) -> list[PreTrainedTokenizerBase | None]:
     """
-    Each teacher's tokenizer when it runs in cross-tokenizer mode, None when it shares the student's ids.
+    Each teacher's tokenizer when it runs in cross-tokenizer mode (`uses_cross_tokenizer`), None when it reads the
+    student's ids.
 
     Tokenizers come from `teacher_tokenizers` (tokenizers or names/paths, None to look them up), else from the
-    teacher's own directory when it was given as a path. `mode`: `auto` uses cross-tokenizer mode for a teacher
-    whose tokenizer differs from the student's; `always` for every teacher; `never` for none (a different
-    tokenizer is then an error).
+    teacher's own directory when it was given as a path. A teacher whose tokenizer cannot be found and whose
+    vocabulary size differs from the student's is refused: whether it only pads the student's vocabulary or has
+    another one cannot be told.
     """
-    if mode not in CROSS_TOKENIZER_MODES:
-        raise ValueError(f"Unknown `cross_tokenizer` {mode!r}; choose one of {list(CROSS_TOKENIZER_MODES)}.")
     if teacher_tokenizers is not None and len(teacher_tokenizers) != len(teachers):
         raise ValueError(
             f"`teacher_tokenizers` has {len(teacher_tokenizers)} entries but there are {len(teachers)} teachers: give "
             "one per teacher (None to use the teacher's own)."
         )
-    given = list(teacher_tokenizers or [None] * len(teachers))
-    student_is_tokenizer = isinstance(student_tokenizer, PreTrainedTokenizerBase)
-    resolved: list[PreTrainedTokenizerBase | None] = []
-    for spec, teacher, name, tokenizer in zip(specs, teachers, names, given, strict=True):
+    found: list[PreTrainedTokenizerBase | None] = []
+    for spec, tokenizer in zip(specs, teacher_tokenizers or [None] * len(teachers), strict=True):
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         elif tokenizer is None and isinstance(spec, (str, os.PathLike)):
@@ -431,34 +461,28 @@ def resolve_teacher_tokenizers(
                 tokenizer = AutoTokenizer.from_pretrained(spec)
             except (OSError, ValueError):
                 tokenizer = None
-        differs = tokenizer is not None and student_is_tokenizer and not same_tokenizer(tokenizer, student_tokenizer)
-        sizes_differ = vocab_size(teacher) != vocab_size(student)
-        if mode == "never":
-            if differs:
-                raise ValueError(
-                    f"Teacher {name!r} uses a different tokenizer from the student ({len(tokenizer)} vs "
-                    f"{len(student_tokenizer)} tokens) and `cross_tokenizer='never'`. Set `cross_tokenizer='auto'` "
-                    "to align it by character offsets and map its vocabulary, or use a teacher with the student's "
-                    "tokenizer."
-                )
-            resolved.append(None)
-            continue
-        cross = mode == "always" or differs or sizes_differ
-        if not cross:
-            resolved.append(None)
-            continue
-        if not student_is_tokenizer:
+        found.append(tokenizer)
+    resolved: list[PreTrainedTokenizerBase | None] = []
+    cross = uses_cross_tokenizer(names, found, student_tokenizer, mode)
+    for teacher, name, tokenizer, crossed in zip(teachers, names, found, cross, strict=True):
+        sizes = vocab_size(teacher), vocab_size(student)
+        if tokenizer is None and (crossed or sizes[0] != sizes[1]):
+            why = "has a vocabulary of {} tokens but the student has {}".format(*sizes) if sizes[0] != sizes[1] else ""
             raise ValueError(
-                f"Teacher {name!r} needs the cross-tokenizer mode (its tokenizer or vocabulary differs from the "
-                "student's), which tokenizes raw text for every model: pass the student's tokenizer as "
-                "`processing_class`."
+                f"Teacher {name!r} {why or 'runs in cross-tokenizer mode'}. Its tokenizer is missing (it was given "
+                "as a model, or its directory holds none): pass it in `teacher_tokenizers=[...]` (one entry "
+                "per teacher, None for the others; the student's own if the teacher only pads its embedding), or "
+                "`--teacher_tokenizer_name` in the example script. A teacher with another tokenizer then runs in "
+                "cross-tokenizer mode."
             )
-        if tokenizer is None:
+        if not crossed:
+            resolved.append(None)
+            continue
+        if not isinstance(student_tokenizer, PreTrainedTokenizerBase):
             raise ValueError(
-                f"Teacher {name!r} has a vocabulary of {vocab_size(teacher)} tokens but the student has "
-                f"{vocab_size(student)}. The cross-tokenizer mode can distill it, but its tokenizer is missing "
-                "(it was given as a model, or its directory holds none): pass it in `teacher_tokenizers=[...]` "
-                "(one entry per teacher, None for the others), or `--teacher_tokenizer_name` in the example script."
+                f"Teacher {name!r} needs the cross-tokenizer mode (its tokenizer differs from the student's, or "
+                "`cross_tokenizer='always'`), which tokenizes raw text for every model: pass the student's tokenizer "
+                "as `processing_class`."
             )
         for owner, tok in (("the student", student_tokenizer), (f"teacher {name!r}", tokenizer)):
             if not getattr(tok, "is_fast", False):

@@ -44,12 +44,12 @@ from transformers import (
 )
 
 from .config import MultiTeacherDistillationConfig
-from .cross_tokenizer import same_tokenizer
+from .cross_tokenizer import uses_cross_tokenizer
 from .hub import check_push_access
 from .parameters import count_parameters
 from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
-from .teachers import unloadable_teacher_message
+from .teachers import teacher_names, unloadable_teacher_message
 from .trainer import MultiTeacherDistillationTrainer
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -571,12 +571,11 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     logger.info("Using the tokenizer of %s.", tokenizer_source)
     try:
         teacher_tokenizers = load_teacher_tokenizers(model_args, hub_kwargs)
+        training_args.check_num_teachers(len(teacher_tokenizers))
+        names = teacher_names(model_args.teacher_model_name_or_path, training_args.teacher_names)
+        cross = any(uses_cross_tokenizer(names, teacher_tokenizers, tokenizer, training_args.cross_tokenizer))
     except ValueError as err:
         parser.error(str(err))
-    cross = training_args.cross_tokenizer == "always" or (
-        training_args.cross_tokenizer == "auto"
-        and any(t is not None and not same_tokenizer(t, tokenizer) for t in teacher_tokenizers)
-    )
     if cross:
         logger.info("Some teacher has another tokenizer: distilling in cross-tokenizer mode, on the raw texts.")
         if model_args.teacher_logits_cache:
@@ -629,7 +628,8 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=None if cross else default_data_collator,
-            teacher_tokenizers=teacher_tokenizers if cross else None,
+            # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
+            teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )
     except ValueError as err:  # teachers that do not fit the student or the settings
         parser.error(str(err))
@@ -648,7 +648,8 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate()
         metrics.update(_num_samples("eval", eval_dataset))
-        metrics["perplexity"] = metrics["eval_perplexity"]  # the key run_clm.py users look for
+        if "eval_perplexity" in metrics:  # absent over zero tokens
+            metrics["perplexity"] = metrics["eval_perplexity"]  # the key run_clm.py users look for
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

@@ -71,6 +71,7 @@ class CacheManifest:
     tokenizer: dict[str, Any] | None
     """name_or_path and vocab_sha256 of the tokenizer the data was tokenized with (None: not given)."""
     vocab_size: int
+    """The width of the cached distributions: the teachers' logits, cut to the tokenizer's length when given."""
     k: int
     dtype: str
     data_fingerprint: str
@@ -232,7 +233,8 @@ def cache_teacher_logits(
         dataset: tokenized examples (`input_ids`, optionally `attention_mask`, `position_ids`, `labels`), as the
             trainer will see them. Its columns are kept in the cache.
         k: tokens kept per position and teacher; the rest of the mass is kept as one number (`TopKLogits`).
-        tokenizer: recorded in the manifest, so a student trained with another tokenizer is refused.
+        tokenizer: recorded in the manifest, so a student trained with another tokenizer is refused; the cached
+            distributions are over its tokens, the teachers' padding rows beyond them dropped (`hf_mtkd.teachers`).
         names: display names of the teachers (default: from their paths or configs).
         shard_size: examples per shard, the unit of resumption.
         dtype: `float32` or `float16` for the stored log-probabilities (float16 halves the size, with an error of
@@ -251,11 +253,14 @@ def cache_teacher_logits(
         m.to(device) for m in load_teachers(teachers, dtype=teacher_dtype, init_kwargs=teacher_model_init_kwargs)
     ]
     vocab_sizes = {name: vocab_size(model) for name, model in zip(names, models, strict=True)}
-    if len(set(vocab_sizes.values())) != 1:
+    # the tokenizer's tokens; the teachers' padding rows beyond them are dropped (`hf_mtkd.teachers`)
+    widths = {min(size, len(tokenizer)) if tokenizer is not None else size for size in vocab_sizes.values()}
+    if len(widths) != 1:
         raise ValueError(
-            f"The teachers' vocabularies differ ({vocab_sizes}); a cache holds one vocabulary shared by all teachers."
+            f"The teachers' vocabularies differ ({vocab_sizes}); a cache holds one vocabulary shared by all teachers. "
+            "If they share one tokenizer and only their embeddings are padded, pass it (`tokenizer=`)."
         )
-    vocab = next(iter(vocab_sizes.values()))
+    vocab = widths.pop()
     if not 0 < k <= vocab:
         raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab}.")
 
@@ -293,7 +298,7 @@ def cache_teacher_logits(
         for shard in todo:
             rows = dataset.select(range(shard * shard_size, min((shard + 1) * shard_size, len(dataset))))
             columns = _cache_columns(
-                models, names, rows, k=k, batch_size=batch_size, device=device, update=progress.update
+                models, names, rows, k=k, vocab=vocab, batch_size=batch_size, device=device, update=progress.update
             )
             shard_dataset = Dataset.from_dict({**rows.to_dict(), **columns}, features=features)
             with _quiet_datasets():
@@ -427,11 +432,15 @@ def _cache_columns(
     rows: Dataset,
     *,
     k: int,
+    vocab: int,
     batch_size: int,
     device: torch.device,
     update: Callable[[int], Any],
 ) -> dict[str, list[np.ndarray]]:
-    """The cached columns for `rows`: per example, every teacher's top-k at each position that has a next token."""
+    """
+    The cached columns for `rows`: per example, every teacher's top-k over its first `vocab` logits (its padding
+    rows dropped) at each position that has a next token.
+    """
     columns: dict[str, list[np.ndarray]] = {name: [] for name in CACHE_COLUMNS}
     present = [key for key in TEACHER_INPUT_KEYS if key in rows.column_names]
     for start in range(0, len(rows), batch_size):
@@ -445,7 +454,7 @@ def _cache_columns(
         per_teacher = []
         for model, name in zip(models, names, strict=True):
             logits, _ = teacher_forward(model, name, inputs, output_hidden_states=False)
-            per_teacher.append(TopKLogits.from_logits(logits, k))
+            per_teacher.append(TopKLogits.from_logits(logits[..., :vocab], k))
         # NaN/inf logits make the most likely token's log-probability NaN
         check_finite(torch.stack([t.log_probs[valid][:, 0] for t in per_teacher]), names)
         for i, n in enumerate(lengths):
@@ -522,10 +531,14 @@ def _offset(padded: Tensor, ids: Sequence[int]) -> int:
     )
 
 
-def batch_teacher_logits(inputs: dict[str, Any], vocab_size: int) -> list[TopKLogits]:
-    """Pop the cached columns from a collated batch as one `TopKLogits` per teacher."""
+def batch_teacher_logits(inputs: dict[str, Any], vocab_size: int, support: int | None = None) -> list[TopKLogits]:
+    """
+    Pop the cached columns from a collated batch as one `TopKLogits` per teacher, `vocab_size` wide (the student's
+    logits); with `support` (the cache's `manifest.vocab_size`, when the student has more rows) the rows from
+    `support` on have probability 0.
+    """
     indices, log_probs, log_tail = (inputs.pop(name) for name in CACHE_COLUMNS)
     return [
-        TopKLogits(indices=i, log_probs=p, log_tail_mass=m, vocab_size=vocab_size)
+        TopKLogits(indices=i, log_probs=p, log_tail_mass=m, vocab_size=vocab_size, support=support)
         for i, p, m in zip(indices, log_probs, log_tail, strict=True)
     ]

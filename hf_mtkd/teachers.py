@@ -1,9 +1,23 @@
-"""Teachers: loading, freezing, checks at construction, and the no-grad forward pass."""
+r"""
+Teachers: loading, freezing, checks at construction, and the no-grad forward pass.
+
+**Padded vocabularies.** Model families pad their embedding matrices to different sizes with one tokenizer (e.g.
+Qwen2.5-0.5B has 151936 rows, Qwen2.5-7B 152064, both for the same 151665 tokens). A teacher on the student's
+tokenizer stays on the shared vocabulary whatever its number of rows: the ids both models score are the first
+$m = \min(n, V_t, V_s)$ ($n$ the tokenizer's length, $V_t$ and $V_s$ the teacher's and the student's logit widths,
+`shared_vocabulary_size`). The teacher's rows from m on are dropped (its distribution is renormalised over the m
+tokens: $p_k = \mathrm{softmax}(z_{k,<m}/\tau)$) and the student's rows from m on get target probability 0
+(`on_student_vocabulary`); the student's own softmax (its CE and KL) stays over all its $V_s$ rows, so training
+pushes its padding rows down as plain fine-tuning does. The loss, the entropies and the weights therefore do not
+depend on the values in anyone's padding rows beyond the student's own normaliser. The teacher-logits cache
+applies the same rule when it is written (`hf_mtkd.teacher_cache`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -117,6 +131,47 @@ def vocab_size(model: nn.Module) -> int | None:
     return getattr(text_config, "vocab_size", None)
 
 
+def shared_vocabulary_size(
+    name: str, teacher_vocab: int | None, student_vocab: int | None, tokenizer_length: int | None
+) -> int | None:
+    """
+    The number m of leading token ids a teacher on the student's tokenizer is distilled on (see the module
+    docstring): `min(tokenizer_length, teacher_vocab, student_vocab)`, None when no size is known. Sizes that differ
+    need the tokenizer's length to tell the padding rows, and a teacher with fewer rows than there are ids the
+    student reads is refused.
+    """
+    if teacher_vocab == student_vocab:
+        return teacher_vocab if None in (teacher_vocab, tokenizer_length) else min(teacher_vocab, tokenizer_length)
+    if tokenizer_length is None or teacher_vocab is None or student_vocab is None:
+        raise ValueError(
+            f"Teacher {name!r} has a vocabulary of {teacher_vocab} tokens but the student has {student_vocab}, and "
+            "without the tokenizer the padding rows cannot be told from the tokens: pass the student's tokenizer as "
+            "`processing_class`."
+        )
+    readable = min(tokenizer_length, student_vocab)
+    if teacher_vocab < readable:
+        raise ValueError(
+            f"Teacher {name!r} has a vocabulary of {teacher_vocab} tokens but the student has {student_vocab} and "
+            f"the tokenizer {tokenizer_length}: the teacher cannot read ids {teacher_vocab}..{readable - 1}, which "
+            "the student can. Use a teacher whose embedding covers the tokenizer (`resize_token_embeddings`)."
+        )
+    return readable
+
+
+def on_student_vocabulary(logits: Tensor, shared: int | None, student_vocab: int) -> Tensor:
+    """
+    A teacher's `[..., V_t]` logits as `[..., V_s]` logits on the student's vocabulary: its first `shared` columns
+    (the tokenizer's tokens, `shared_vocabulary_size`), -inf (probability 0) on the student's other rows; the
+    teacher's own rows from `shared` on are dropped. Unchanged (not copied) when nothing is padded or `shared` is
+    None.
+    """
+    if shared is None or logits.shape[-1] == shared == student_vocab:
+        return logits
+    padded = logits.new_full((*logits.shape[:-1], student_vocab), -math.inf)
+    padded[..., :shared] = logits[..., :shared]
+    return padded
+
+
 def check_teachers(
     teachers: Sequence[nn.Module],
     names: Sequence[str],
@@ -124,12 +179,15 @@ def check_teachers(
     *,
     need_hidden_states: bool,
     cross_tokenizer: Sequence[bool] = (),
-) -> None:
+    tokenizer_length: int | None = None,
+) -> list[int | None]:
     """
-    Raise a clear error for a teacher on the meta device, with another vocabulary size (unless it runs in
-    cross-tokenizer mode, `cross_tokenizer[k]`), or without hidden states.
+    Raise a clear error for a teacher on the meta device, with a vocabulary that does not fit the student's
+    (`shared_vocabulary_size`, unless it runs in cross-tokenizer mode, `cross_tokenizer[k]`), or without hidden
+    states. Returns each teacher's shared vocabulary size, None in cross-tokenizer mode.
     """
     student_vocab = vocab_size(student)
+    shared: list[int | None] = []
     for teacher, name, cross in zip(teachers, names, list(cross_tokenizer) or [False] * len(teachers), strict=True):
         if any(p.device.type == "meta" for p in teacher.parameters()):
             raise ValueError(
@@ -137,18 +195,14 @@ def check_teachers(
                 "real weights (e.g. `from_pretrained` without `device_map='meta'` or `init_empty_weights`)."
             )
         teacher_vocab = vocab_size(teacher)
-        if not cross and teacher_vocab != student_vocab:
-            raise ValueError(
-                f"Teacher {name!r} has a vocabulary of {teacher_vocab} tokens but the student has {student_vocab}. "
-                "Fused distillation on a shared vocabulary compares next-token distributions id by id; for a teacher "
-                "with another tokenizer use `cross_tokenizer='auto'` and give its tokenizer (`teacher_tokenizers`)."
-            )
+        shared.append(None if cross else shared_vocabulary_size(name, teacher_vocab, student_vocab, tokenizer_length))
         if need_hidden_states and not _accepts_kwarg(teacher, "output_hidden_states"):
             raise ValueError(
                 f"Teacher {name!r} ({type(teacher).__name__}) cannot return hidden states: its forward accepts "
                 "neither `output_hidden_states` nor `**kwargs`. Feature alignment (`alpha_feat > 0`) needs them: "
                 "use a transformers model or set `alpha_feat=0`."
             )
+    return shared
 
 
 def _accepts_kwarg(model: nn.Module, name: str) -> bool:

@@ -11,6 +11,10 @@ i.e. the exact top-k with the tail mass spread uniformly over the other tokens. 
 exactly, and equals the teacher's distribution when k = V. At a temperature τ the loss tempers $\log \hat p$ like
 logits, $\hat p_\tau \propto \hat p^{1/\tau}$, so the tail behaves as V - k tokens of equal logit.
 
+A `support` $V_0 < V$ (a student whose embedding has more, padding, rows than the cached vocabulary) gives the ids
+from $V_0$ on probability 0 and spreads the tail over the $V_0 - k$ others instead: everything above holds with
+$V_0$ in place of V, and the distribution is V wide.
+
 The losses read teacher logits chunk by chunk of positions, so a `TopKLogits` can stand wherever a `[B, T, V]`
 teacher logits tensor is accepted: when every teacher is in this form the loss works on the sparse rows
 (`SparseRows`, `sparse_fused_kl`); beside dense teachers, each chunk is densified to `[n, V]` (`TopKLogits.dense`).
@@ -40,7 +44,9 @@ class TopKLogits:
     log_tail_mass: Tensor
     """`[B, T]` $\\log m$, the log of the probability of every other token together (-inf when k = V)."""
     vocab_size: int
-    """V."""
+    """V, the width of the logits this stands for (the student's)."""
+    support: int | None = None
+    """$V_0$: ids from $V_0$ on have probability 0 (None: V); the tail is spread over $V_0 - k$ tokens."""
 
     def __post_init__(self) -> None:
         k = self.indices.shape[-1]
@@ -50,8 +56,16 @@ class TopKLogits:
                 f"{tuple(self.log_probs.shape)}, log_tail_mass {tuple(self.log_tail_mass.shape)}; expected "
                 "[B, T, k], [B, T, k] and [B, T]."
             )
-        if not 0 < k <= self.vocab_size:
-            raise ValueError(f"k = {k} must be between 1 and the vocabulary size {self.vocab_size}.")
+        if not 0 < k <= self.support_size <= self.vocab_size:
+            raise ValueError(
+                f"k = {k} must be between 1 and the vocabulary size {self.support_size}, itself at most the width "
+                f"{self.vocab_size}."
+            )
+
+    @property
+    def support_size(self) -> int:
+        """$V_0$, the number of leading ids that can have probability > 0."""
+        return self.vocab_size if self.support is None else self.support
 
     @classmethod
     def from_logits(cls, logits: Tensor, k: int) -> TopKLogits:
@@ -77,6 +91,7 @@ class TopKLogits:
         """Dense log-probabilities $\\log \\hat p$ `[n, V]` at flat positions `index` (into B x T), float32/64."""
         rows = self.rows(index)
         dense = rows.tail[:, None].expand(-1, self.vocab_size).clone()
+        dense[:, self.support_size :] = -math.inf
         return dense.scatter_(-1, rows.indices, rows.log_probs)
 
     def detach(self) -> TopKLogits:
@@ -88,26 +103,27 @@ class TopKLogits:
         dtype = _compute_dtype(self.log_probs)
         indices, order = take_rows(self.indices, index).long().sort(dim=-1)
         log_probs = take_rows(self.log_probs, index).to(dtype).gather(-1, order)
-        tail = take_rows(self.log_tail_mass, index).to(dtype) - math.log(max(self.vocab_size - self.k, 1))
-        return SparseRows(indices, log_probs, tail.clamp(min=TAIL_LOG_PROB_FLOOR), self.vocab_size)
+        tail = take_rows(self.log_tail_mass, index).to(dtype) - math.log(max(self.support_size - self.k, 1))
+        return SparseRows(indices, log_probs, tail.clamp(min=TAIL_LOG_PROB_FLOOR), self.support_size)
 
 
 @dataclass(frozen=True)
 class SparseRows:
     r"""
     n positions of a `TopKLogits`: sorted token ids `[n, k]`, their log-probabilities $\log \hat p$ `[n, k]`, and
-    the log-probability `tail` `[n]` of each of the other V - k tokens: the rows `TopKLogits.dense` builds, kept
-    sparse.
+    the log-probability `tail` `[n]` of each of the other $V_0 - k$ tokens of the support: the rows
+    `TopKLogits.dense` builds, kept sparse (ids from $V_0$ on have probability 0).
     """
 
     indices: Tensor
     log_probs: Tensor
     tail: Tensor
-    vocab_size: int
+    support: int
+    """$V_0$ (`TopKLogits.support_size`)."""
 
     @property
     def tail_size(self) -> int:
-        return self.vocab_size - self.indices.shape[-1]
+        return self.support - self.indices.shape[-1]
 
     def tempered(self, temperature: float) -> tuple[Tensor, Tensor]:
         r"""$\log \mathrm{softmax}(\log \hat p / \tau)$ at the top-k tokens `[n, k]` and at each tail token `[n]`."""
@@ -143,10 +159,12 @@ class SparseTarget:
     first: Tensor
     probs: Tensor
     c: Tensor
+    support: int
+    """$V_0$: `c` is at the ids below $V_0$ only, the others have probability 0."""
 
     def subtract_from(self, grad: Tensor, scale: Tensor) -> None:
         """`grad -= scale * p̄` in place, for a dense `grad` `[n, V]` and `scale` `[n, 1]`."""
-        grad.sub_(scale * self.c[:, None])
+        grad[:, : self.support].sub_(scale * self.c[:, None])
         grad.scatter_add_(-1, self.union, (-scale * (self.probs - self.c[:, None])).masked_fill(~self.first, 0))
 
 
@@ -161,10 +179,12 @@ def sparse_fused_kl(
     Per position, $\mathrm{KL}(\bar p \| q)$ `[n]` and the fused target $\bar p$ (sparse), for teachers in sparse
     form, without any `[n, V]` teacher tensor.
 
-    Every teacher is flat outside its top-k, so the fused target $\bar p$ takes one value c on every token outside
-    the union U of the teachers' top-k sets (M = V - |U| tokens), and the KL splits into the sum over U and
+    Every teacher is flat outside its top-k, so the fused target $\bar p$ takes one value c on every token of the
+    support $V_0$ (shared by the teachers) outside the union U of their top-k sets (M = $V_0$ - |U| tokens), 0 from
+    $V_0$ on, and the KL splits into the sum over U and
 
-    $$\sum_{v \notin U} c (\log c - \log q_v) = M c \log c - c \Big(\sum_{v} \log q_v - \sum_{v \in U} \log q_v\Big).$$
+    $$\sum_{v < V_0, v \notin U} c (\log c - \log q_v) = M c \log c - c \Big(\sum_{v < V_0} \log q_v
+    - \sum_{v \in U} \log q_v\Big).$$
 
     The cost is O(n K k log k) for the teachers plus O(n V) for the student's side, instead of O(n K V).
 
@@ -178,7 +198,8 @@ def sparse_fused_kl(
     at_union = torch.stack([t.lookup(union, *lp) for t, lp in zip(teachers, tempered, strict=True)])  # [K, n, m]
     at_tail = torch.stack([tail for _, tail in tempered])  # [K, n]
     weights = weights.to(at_union.dtype)
-    outside = (student_log_probs.shape[-1] - first.sum(dim=-1)).to(at_union.dtype)  # M
+    support = teachers[0].support
+    outside = (support - first.sum(dim=-1)).to(at_union.dtype)  # M
     if fusion == "probability":
         log_union = torch.logsumexp(weights.log()[..., None] + at_union, dim=0)
         log_c = torch.logsumexp(weights.log() + at_tail, dim=0)
@@ -192,9 +213,9 @@ def sparse_fused_kl(
     target_union = log_union.exp().masked_fill(~first, 0)
     c = log_c.exp()
     kl = (target_union * (log_union - student_union)).sum(dim=-1)
-    student_outside = student_log_probs.sum(dim=-1) - student_union.masked_fill(~first, 0).sum(dim=-1)
+    student_outside = student_log_probs[:, :support].sum(dim=-1) - student_union.masked_fill(~first, 0).sum(dim=-1)
     kl = kl + outside * c * log_c - c * student_outside
-    return kl, SparseTarget(union, first, target_union, c)
+    return kl, SparseTarget(union, first, target_union, c, support)
 
 
 def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:

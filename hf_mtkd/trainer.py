@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+import datasets
 import torch
 from accelerate.utils import DummyOptim
 from safetensors.torch import load_file, save_file
@@ -40,6 +41,7 @@ from .losses import (
     MultiTeacherKDOutput,
     feature_alignment_loss,
     multi_teacher_kd,
+    next_token_mask,
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
@@ -56,6 +58,7 @@ from .teachers import (
     check_finite,
     check_teachers,
     load_teachers,
+    on_student_vocabulary,
     teacher_forward,
     teacher_names,
     teacher_record,
@@ -70,6 +73,8 @@ PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 """File holding the projections' weights, written beside the student in every save and checkpoint."""
 
 
+_NO_TOKEN = "no position with a next-token label"
+"""How warnings and errors name a batch or dataset whose labels leave nothing to predict."""
 _PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
 """Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
 
@@ -107,6 +112,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
         teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
             use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
+            A teacher given the student's tokenizer stays on the shared vocabulary even when its embedding has more
+            or fewer (padding) rows (see `hf_mtkd.teachers`).
         **kwargs: any other `Trainer` argument.
     """
 
@@ -192,13 +199,16 @@ class MultiTeacherDistillationTrainer(Trainer):
                 args.cross_tokenizer,
             )
             """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
-            check_teachers(
+            tokenizer_length = len(processing_class) if isinstance(processing_class, PreTrainedTokenizerBase) else None
+            self.shared_vocabulary_sizes = check_teachers(
                 self.teachers,
                 self.teacher_names,
                 model,
                 need_hidden_states=args.alpha_feat > 0,
                 cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
+                tokenizer_length=tokenizer_length,
             )
+            """Per shared-vocabulary teacher, the leading token ids it is distilled on (`shared_vocabulary_size`)."""
             self.vocabulary_maps = build_vocabulary_maps(
                 self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
             )
@@ -231,6 +241,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         # Trainer to count it (and so not to divide the loss again by the accumulation steps).
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        if self.train_dataset is not None:
+            self._check_train_labels()
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
         if cache is None:
             logger.info(
@@ -250,6 +262,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                 cache.path,
             )
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        self._empty_batches = 0
+        """Training batches so far without a position that has a next-token label (warned about)."""
         self.generation_metrics: dict[str, float | int | str] | None = None
         """The results of the last `evaluate_generation`, unprefixed (shown in the model card)."""
         self.training_command: str | None = None
@@ -274,7 +288,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
                 "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
             )
-        if vocab_size(model) != cache.manifest.vocab_size:
+        if vocab_size(model) < cache.manifest.vocab_size:  # more rows are padding, given probability 0
             raise ValueError(
                 f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
                 f"but the student has {vocab_size(model)}; the student must share the teachers' vocabulary."
@@ -298,6 +312,35 @@ class MultiTeacherDistillationTrainer(Trainer):
 
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+
+    # ---- a training set with nothing to learn ----
+
+    def _check_train_labels(self) -> None:
+        """
+        Refuse a training set in which no position has a next-token label, read batch by batch through the training
+        collator (with the unused columns removed, as for training) until one has; a stream is not read ahead.
+        """
+        dataset, collate = self.train_dataset, self.data_collator
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return
+        if isinstance(dataset, datasets.Dataset):
+            try:
+                dataset = self._remove_unused_columns(dataset, description="training")
+            except ValueError:  # no column the model reads: the Trainer says so when it trains
+                return
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        size = self.args.per_device_train_batch_size
+        with torch.random.fork_rng(devices=[]):  # a random collator must not shift the training's own draws
+            for start in range(0, len(dataset), size):
+                labels = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))]).get("labels")
+                if labels is None or bool(next_token_mask(labels).any()):  # no labels: compute_loss says so
+                    return
+        raise ValueError(
+            f"The training dataset has {_NO_TOKEN} (all labels -100 or sequences of one token), so there is nothing "
+            "to learn: give examples of at least two tokens whose labels after the first are not all -100 (e.g. "
+            "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them from the ids)."
+        )
 
     # ---- extra dataset columns: the cached logits, or the raw text cross-tokenizer teachers read ----
 
@@ -424,9 +467,14 @@ class MultiTeacherDistillationTrainer(Trainer):
                 if self.teacher_cache is None
                 else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
             )
-        cached = batch_teacher_logits(inputs, self.teacher_cache.manifest.vocab_size) if self.teacher_cache else None
-        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY)}
+        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY, *CACHE_COLUMNS)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
+        student_vocab = outputs.logits.shape[-1]
+        cached = (
+            batch_teacher_logits(inputs, student_vocab, support=self.teacher_cache.manifest.vocab_size)
+            if self.teacher_cache
+            else None
+        )
 
         teacher_logits, teacher_hidden, aligned = cached or [], [], [None] * len(self.teacher_names)
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
@@ -434,6 +482,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         for k, (teacher, name, vocabulary_map, own) in enumerate([] if cached else live):
             if vocabulary_map is None:
                 logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
+                logits = on_student_vocabulary(logits, self.shared_vocabulary_sizes[k], student_vocab)
             else:
                 if own is None:
                     raise ValueError(
@@ -545,11 +594,15 @@ class MultiTeacherDistillationTrainer(Trainer):
                 sums[f"teacher_unmapped_mass/{name}"] = view.unmapped_mass[kd.mask][here].sum()
                 sums[f"teacher_prefix_mapped_mass/{name}"] = view.inexact_mass[kd.mask][here].sum()
         store = self._metrics[mode]
-        for key, value in {"num_tokens": count, **sums}.items():
+        batch = {"num_tokens": count, "num_batches": torch.ones_like(count), "num_empty_batches": count == 0}
+        for key, value in {**batch, **sums}.items():
             store[key] = store[key] + value.float() if key in store else value.float()
 
     def _pop_metrics(self, mode: str) -> dict[str, float]:
-        """Token-weighted means of what `_record_metrics` accumulated, over all processes; then reset."""
+        """
+        Token-weighted means of what `_record_metrics` accumulated, over all processes; then reset. Nothing is
+        reported over zero tokens (a warning says why), and training batches without a token are warned about.
+        """
         store = self._metrics[mode]
         if not store:
             return {}
@@ -557,7 +610,17 @@ class MultiTeacherDistillationTrainer(Trainer):
         totals = self.accelerator.reduce(torch.stack([store[key] for key in keys]), reduction="sum")
         store.clear()
         values = dict(zip(keys, totals.tolist(), strict=True))
-        count = max(values.pop("num_tokens"), 1.0)
+        count, batches, empty = (int(values.pop(key)) for key in ("num_tokens", "num_batches", "num_empty_batches"))
+        if mode == "train" and empty:
+            self._warn_empty_batches(empty, batches)
+        if count == 0:
+            if mode == "eval" and self.is_world_process_zero():
+                logger.warning(
+                    "The evaluation data has %s (all labels -100 or sequences of one token): no perplexity is "
+                    "reported, nor any other per-token metric.",
+                    _NO_TOKEN,
+                )
+            return {}
         means = {}
         for key, value in values.items():
             kind, _, name = key.partition("/")
@@ -567,6 +630,20 @@ class MultiTeacherDistillationTrainer(Trainer):
         if mode == "eval":
             means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
         return means
+
+    def _warn_empty_batches(self, empty: int, batches: int) -> None:
+        """Warn about training batches without a token to learn from, rate-limited: at the 1st, 2nd, 4th, ... one."""
+        seen, self._empty_batches = self._empty_batches, self._empty_batches + empty
+        if self._empty_batches.bit_length() > seen.bit_length() and self.is_world_process_zero():
+            logger.warning(
+                "%d of the last %d training batches had %s (%d so far; this warning repeats at the 1st, 2nd, 4th, "
+                "8th, ... such batch): they add no loss and no gradient. Check how the labels are made: all -100, "
+                "or sequences of one token, leave nothing to predict.",
+                empty,
+                batches,
+                _NO_TOKEN,
+                self._empty_batches,
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the distillation metrics (loss terms, teacher weights, entropies and NLLs) to each training log."""
