@@ -42,6 +42,7 @@ from .losses import (
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
+from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -166,11 +167,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             train_dataset, eval_dataset = self._check_cache(
                 cache, args, model, processing_class, train_dataset, eval_dataset
             )
+            self._check_routing(args, train_dataset, eval_dataset)
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
             self.teacher_names = teacher_names(teachers, args.teacher_names)
+            self._check_routing(args, train_dataset, eval_dataset)
             with zero3_init_dtype(args.teacher_dtype):
                 self.teachers = load_teachers(
                     teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
@@ -210,6 +213,10 @@ class MultiTeacherDistillationTrainer(Trainer):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             if self.cross_tokenizer:
                 check_text_column(data_collator, train_dataset, eval_dataset)
+        if args.routing_column:
+            data_collator = RoutingCollator(
+                data_collator or default_data_collator, args.routing_column, self.teacher_names
+            )
 
         super().__init__(
             model=model,
@@ -302,16 +309,29 @@ class MultiTeacherDistillationTrainer(Trainer):
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
 
-    # ---- extra dataset columns: the cached logits, or the raw text cross-tokenizer teachers read ----
+    # ---- extra dataset columns: the cached logits, the raw text cross-tokenizer teachers read, the routing ----
+
+    def _check_routing(self, args: MultiTeacherDistillationConfig, train_dataset: Any, eval_dataset: Any) -> None:
+        """Refuse a bad routing value in a dataset up front, before any teacher is loaded or run."""
+        if args.routing_column and check_routing_column(
+            args.routing_column, self.teacher_names, train_dataset=train_dataset, eval_dataset=eval_dataset
+        ):
+            logger.info("Routing rows to teachers by the dataset column %r.", args.routing_column)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self._signature_columns is None:
             return
+        extra = []
         if self.teacher_cache is not None:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
-        if self.cross_tokenizer and isinstance(self.data_collator, MultiTokenizerCollator):
-            self._signature_columns = [*self._signature_columns, self.data_collator.text_column]
+            extra.extend(CACHE_COLUMNS)
+        collator = self.data_collator
+        if isinstance(collator, RoutingCollator):
+            extra.append(collator.column)
+            collator = collator.collator
+        if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
+            extra.append(collator.text_column)
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ---- feature projections ----
 
@@ -428,6 +448,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
             )
         cached = batch_teacher_logits(inputs, self.teacher_cache.manifest.vocab_size) if self.teacher_cache else None
+        teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
 
@@ -471,6 +492,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
+            teacher_prior=teacher_prior,
             alpha_kd=0.0 if uld else args.alpha_kd,
             alpha_ce=args.alpha_ce,
         )
