@@ -1,5 +1,6 @@
 """Routing by a dataset column: the per-row prior in the weights and the loss, against plain float64 references."""
 
+import json
 import math
 
 import pytest
@@ -445,3 +446,40 @@ def test_another_routing_column_and_no_routing(tmp_path, make_student, teacher_d
     )  # fmt: skip
     metrics = trainer.evaluate()  # the column is an ordinary (unused) column again
     assert metrics["eval_teacher_weight/a"] == pytest.approx(0.5) == metrics["eval_teacher_weight/b"]
+
+
+# ---- the example script ----
+
+
+def write_routed_jsonl(path, texts, routes):
+    path.write_text("".join(json.dumps({"text": text, "teacher_ids": route}) + "\n" for text, route in zip(
+        texts, routes, strict=True)))  # fmt: skip
+    return str(path)
+
+
+def test_script_keeps_the_column_one_text_per_example(tmp_path, corpus, tokenizer, teacher_dirs, student_dir, capsys):
+    from test_run_clm_distill import QUICK, run_main
+
+    routes = [["a"], ["b"], ["a", "b"], ["b"]] * 6
+    train = write_routed_jsonl(tmp_path / "train.jsonl", corpus[:24], routes)
+    validation = write_routed_jsonl(tmp_path / "validation.jsonl", corpus[24:48], routes)
+    output_dir = tmp_path / "out"
+    command = [
+        "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b", "--model_name_or_path",
+        student_dir, "--train_file", train, "--validation_file", validation, "--do_train", "--do_eval",
+        "--teacher_weighting", "static", "--output_dir", str(output_dir), *QUICK,
+    ]  # fmt: skip
+    run_main(command)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_samples"] == 24  # one example per text, not blocks
+    counts = [len(tokenizer(text, truncation=True, max_length=32)["input_ids"]) - 1 for text in corpus[24:48]]
+    for k, name in enumerate(["a", "b"]):
+        share = sum(routing_prior(r, ["a", "b"])[k] * n for r, n in zip(routes, counts, strict=True)) / sum(counts)
+        assert results[f"eval_teacher_weight/{name}"] == pytest.approx(share, rel=1e-5)
+    bad = write_routed_jsonl(tmp_path / "bad.jsonl", corpus[:4], [["a"], ["c"], ["b"], ["a"]])
+    command[command.index("--train_file") + 1] = bad
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(command)
+    assert exit_info.value.code == 2
+    assert "error: Row 1 of the train_dataset: `teacher_ids` names an unknown teacher 'c'" in capsys.readouterr().err
