@@ -88,6 +88,16 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "track record on earlier tokens of the document carries to the next one (1 = never forget)."
         },
     )
+    routing_column: str | None = field(
+        default="teacher_ids",
+        metadata={
+            "help": "Dataset column that routes rows to teachers (used when the train or eval dataset has it; None "
+            "disables routing). Each row's value is a teacher index (an integer) or name, a list of them (uniform "
+            "over those teachers) or one non-negative float weight per teacher (normalised); a missing value is "
+            "uniform. This per-row prior r multiplies the weights: w_k ~ prior_k * r_k * exp(score_k), so a teacher "
+            "with r_k = 0 gets no weight in that row; with teacher_weighting='static' it is routing by hand."
+        },
+    )
     min_weight: float = field(
         default=0.0,
         metadata={

@@ -29,6 +29,7 @@ from .weighting import (
     POSITION_LOCAL_WEIGHTINGS,
     TeacherSignals,
     WeightingParameters,
+    check_teacher_prior,
     normalize_prior,
     weights_from_signals,
 )
@@ -278,7 +279,9 @@ class _Weighting:
         """Whether a position's weights depend only on that position's signals (so they can be made per chunk)."""
         return self.granularity == "token" and self.weighting in POSITION_LOCAL_WEIGHTINGS
 
-    def __call__(self, signals: TeacherSignals, teacher_mask: Tensor | None) -> Tensor:
+    def __call__(
+        self, signals: TeacherSignals, teacher_mask: Tensor | None, teacher_prior: Tensor | None = None
+    ) -> Tensor:
         return weights_from_signals(
             signals,
             weighting=self.weighting,
@@ -287,13 +290,19 @@ class _Weighting:
             granularity=self.granularity,
             min_weight=self.min_weight,
             teacher_mask=teacher_mask,
+            teacher_prior=teacher_prior,
         )
 
-    def chunk(self, entropy: Tensor, target_log_prob: Tensor, teacher_mask: Tensor | None) -> Tensor:
-        """Weights `[K, n]` of n positions from their own signals (only when `local`)."""
-        everywhere = torch.ones(1, entropy.shape[1], dtype=torch.bool, device=entropy.device)
+    def chunk(
+        self, entropy: Tensor, target_log_prob: Tensor, teacher_mask: Tensor | None, teacher_prior: Tensor | None
+    ) -> Tensor:
+        """
+        Weights `[K, n]` of n positions from their own signals (only when `local`), with `teacher_mask` `[K, n]`
+        and `teacher_prior` `[n, K]` (each position's row prior) at those positions: each position is a row.
+        """
+        everywhere = torch.ones(entropy.shape[1], 1, dtype=torch.bool, device=entropy.device)
         signals = TeacherSignals(entropy, target_log_prob, everywhere)
-        return self(signals, None if teacher_mask is None else teacher_mask[:, None, :])[:, 0, :]
+        return self(signals, None if teacher_mask is None else teacher_mask[:, :, None], teacher_prior)[:, :, 0]
 
 
 class _Distillation(torch.autograd.Function):
@@ -321,6 +330,7 @@ class _Distillation(torch.autograd.Function):
         weights: Tensor | None,
         weigh: _Weighting,
         teacher_mask: Tensor | None,
+        teacher_prior: Tensor | None,
         options: tuple[float, str, float, float | None, int | None],
         *teacher_logits: TeacherLogits,
     ) -> tuple[Tensor, ...]:
@@ -339,6 +349,7 @@ class _Distillation(torch.autograd.Function):
                 flat_grad[start:stop] = 0
         flat_mask = None if teacher_mask is None else teacher_mask.flatten(1)
         flat_weights = None if weights is None else weights.flatten(1)
+        flat_prior = None if teacher_prior is None else teacher_prior.repeat_interleave(labels.shape[1], dim=0)
         kl_total = ce_total = _upcast(student_logits.new_zeros(()))
         normalizer = normalizer.to(kl_total.dtype)
         kd_scale = alpha_kd * temperature / normalizer
@@ -352,7 +363,8 @@ class _Distillation(torch.autograd.Function):
             target_log_prob.append(chunk.select(chunk_log_prob))
             available = None if flat_mask is None else flat_mask[:, rows]
             if flat_weights is None:
-                chunk_weights = weigh.chunk(chunk_entropy, chunk_log_prob, available)
+                prior = None if flat_prior is None else flat_prior[rows]
+                chunk_weights = weigh.chunk(chunk_entropy, chunk_log_prob, available, prior)
             else:
                 chunk_weights = flat_weights[:, rows]
             # the KD term counts at valid positions where some teacher has weight
@@ -386,7 +398,7 @@ class _Distillation(torch.autograd.Function):
                 if not chunk.all_valid:  # padding and row ends inside the run get no gradient
                     chunk_grad.masked_fill_(~valid[:, None], 0)
                 flat_grad[rows] = chunk_grad
-        ctx.num_inputs = 7 + len(teacher_logits)
+        ctx.num_inputs = 8 + len(teacher_logits)
         ctx.save_for_backward(grad)
         loss_kd = temperature**2 * kl_total / normalizer
         loss_ce = ce_total / normalizer
@@ -420,9 +432,11 @@ def compute_teacher_weights(
     position_ids: Tensor | None = None,
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
+    teacher_prior: Tensor | None = None,
 ) -> Tensor:
     r"""
-    Teacher weights `[K, B, T]`, $w_k = \pi_k e^{s_k} / \sum_j \pi_j e^{s_j}$ (floored at `min_weight`).
+    Teacher weights `[K, B, T]`, $w_k(b, t) = \pi_k r_{b,k} e^{s_k} / \sum_j \pi_j r_{b,j} e^{s_j}$ (floored at
+    `min_weight`).
 
     The score $s_k$ depends on `weighting` (see `hf_mtkd.weighting`): `static` 0; `entropy` $-H_k/\gamma_H$ with
     $H_k$ the entropy of $\mathrm{softmax}(z_k/\tau)$; `correctness` $\log p_k(y_{t+1})/\gamma$; `posterior`
@@ -437,8 +451,13 @@ def compute_teacher_weights(
         chunk_size: positions processed at once, which bounds the extra memory (None: `auto_chunk_size(V)`).
         teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). An unavailable
             teacher's weight is 0 and the others' are renormalised; where none is available all weights are 0.
+        teacher_prior: `[B, K]` per-row prior $r$ over teachers (routing; each row is normalised; None: uniform). A
+            one-hot row routes its sequence to one teacher, a uniform row changes nothing, and a teacher with
+            $r_{b,k} = 0$ is unavailable in row b as with `teacher_mask`.
     """
     _check_logits(None, teacher_logits)
+    if teacher_prior is not None:
+        check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
     weigh = _Weighting(
         weighting,
         normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
@@ -449,7 +468,7 @@ def compute_teacher_weights(
     signals = _teacher_statistics(
         teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
     )
-    return weigh(signals, teacher_mask)
+    return weigh(signals, teacher_mask, teacher_prior)
 
 
 def multi_teacher_kd(
@@ -470,6 +489,7 @@ def multi_teacher_kd(
     position_ids: Tensor | None = None,
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
+    teacher_prior: Tensor | None = None,
     alpha_kd: float = 1.0,
     alpha_ce: float | None = None,
 ) -> MultiTeacherKDOutput:
@@ -486,6 +506,8 @@ def multi_teacher_kd(
     _check_logits(student_logits, teacher_logits)
     if fusion not in FUSIONS:
         raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
+    if teacher_prior is not None:
+        check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
     weigh = _Weighting(
         weighting,
         normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
@@ -499,7 +521,7 @@ def multi_teacher_kd(
         signals = _teacher_statistics(
             teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
         )
-        weights = weigh(signals, teacher_mask)
+        weights = weigh(signals, teacher_mask, teacher_prior)
     teachers = [logits.detach() for logits in teacher_logits]
     loss, loss_kd, loss_ce, entropy, target_log_prob = _Distillation.apply(
         student_logits,
@@ -508,12 +530,13 @@ def multi_teacher_kd(
         weights,
         weigh,
         teacher_mask,
+        teacher_prior,
         (temperature, fusion, alpha_kd, alpha_ce, chunk_size),
         *teachers,
     )
     if weights is None:
         signals = TeacherSignals(entropy, target_log_prob, mask, None if position_ids is None else position_ids == 0)
-        weights = weigh(signals, teacher_mask)
+        weights = weigh(signals, teacher_mask, teacher_prior)
     return MultiTeacherKDOutput(
         loss=loss,
         loss_kd=loss_kd,
@@ -542,6 +565,7 @@ def multi_teacher_kd_loss(
     position_ids: Tensor | None = None,
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
+    teacher_prior: Tensor | None = None,
 ) -> Tensor:
     r"""
     $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \mathrm{KL}(\bar p_{b,t} \,\|\, q_{b,t})$.
@@ -564,6 +588,8 @@ def multi_teacher_kd_loss(
         teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). At each position the
             fusion runs over the available teachers with renormalised weights; a position where none is available
             adds no KD term but still counts in N (so the loss stays a mean over the same positions as `L_ce`).
+        teacher_prior: `[B, K]` per-row prior over teachers (routing, see `compute_teacher_weights`): with a one-hot
+            row, that row's loss is the single-teacher loss of its teacher.
     """
     return multi_teacher_kd(
         student_logits,
@@ -582,6 +608,7 @@ def multi_teacher_kd_loss(
         position_ids=position_ids,
         chunk_size=chunk_size,
         teacher_mask=teacher_mask,
+        teacher_prior=teacher_prior,
     ).loss
 
 

@@ -10,6 +10,10 @@ same arguments may be given. Run it as `python examples/run_clm_distill.py ...` 
 Teachers may use other tokenizers than the student (each its own, or `--teacher_tokenizer_name`): they are then
 distilled in cross-tokenizer mode (see `hf_mtkd.cross_tokenizer`), on the raw texts, each cut to `--block_size`
 student tokens, instead of concatenated token blocks.
+
+When the data has the `--routing_column` (`teacher_ids` by default, see `hf_mtkd.routing`), each text is routed to
+the teachers it names. Blocks concatenated from several texts would mix rows routed to different teachers, so each
+text is then one example of its own, cut to `--block_size` tokens, and keeps its routing value.
 """
 
 from __future__ import annotations
@@ -462,20 +466,26 @@ def load_teacher_tokenizers(
     return tokenizers
 
 
+def _non_blank(text_column: str) -> Any:
+    return lambda example: bool(example[text_column] and example[text_column].strip())
+
+
 def prepare_text_datasets(
-    raw: DatasetDict | IterableDatasetDict, text_column: str
+    raw: DatasetDict | IterableDatasetDict, text_column: str, routing_column: str | None = None
 ) -> DatasetDict | IterableDatasetDict:
     """
     Cross-tokenizer mode: the raw texts themselves, one example per non-blank text under `text`, which the collator
-    tokenizes for every model (cut to --block_size student tokens); no concatenation into blocks.
+    tokenizes for every model (cut to --block_size student tokens); no concatenation into blocks. The
+    `routing_column`, if given, is kept.
     """
     columns = column_names(next(iter(raw.values())))
+    kept = {"text", routing_column} if text_column == "text" else {routing_column}
     texts = raw.map(
         lambda examples: {"text": examples[text_column]},
         batched=True,
-        remove_columns=[c for c in columns if c != "text"] if text_column == "text" else columns,
+        remove_columns=[c for c in columns if c not in kept],
     )
-    return texts.filter(lambda example: bool(example["text"] and example["text"].strip()))
+    return texts.filter(_non_blank("text"))
 
 
 def prepare_datasets(
@@ -485,8 +495,12 @@ def prepare_datasets(
     data_args: DataTrainingArguments,
     training_args: MultiTeacherDistillationConfig,
     text_column: str,
+    routing_column: str | None = None,
 ) -> DatasetDict | IterableDatasetDict:
-    """Tokenize every split and group it into blocks of `block_size` tokens."""
+    """
+    Tokenize every split and group it into blocks of `block_size` tokens; with a `routing_column`, tokenize each
+    non-blank text alone instead, cut to `block_size` tokens, and keep its routing value.
+    """
     columns = column_names(next(iter(raw.values())))
 
     def map_kwargs(description: str) -> dict[str, Any]:  # a stream is mapped lazily, without these
@@ -499,6 +513,13 @@ def prepare_datasets(
         }
 
     with training_args.main_process_first(desc="tokenizing and grouping"):
+        if routing_column is not None:
+            return raw.filter(_non_blank(text_column)).map(
+                lambda examples: tokenizer(examples[text_column], truncation=True, max_length=block_size),
+                batched=True,
+                remove_columns=[c for c in columns if c != routing_column],
+                **map_kwargs(f"Tokenizing each text, cut to {block_size} tokens"),
+            )
         tokenized = raw.map(
             lambda examples: tokenizer(examples[text_column]),
             batched=True,
@@ -589,18 +610,28 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
         else load_student(model_args, teacher_configs[0], parser, vocab_size=len(tokenizer) if cross else None)
     )
 
-    text_column = pick_text_column(column_names(next(iter(raw.values()))), data_args.text_column_name, parser)
+    raw_columns = column_names(next(iter(raw.values())))
+    text_column = pick_text_column(raw_columns, data_args.text_column_name, parser)
+    routing = training_args.routing_column if training_args.routing_column in raw_columns else None
+    if routing is not None and not cross:
+        logger.info(
+            "The data has the routing column %r: each text is one example, cut to --block_size tokens, instead of "
+            "concatenated blocks that would mix rows routed to different teachers.",
+            routing,
+        )
+        if tokenizer.pad_token is None:  # examples of different lengths are padded
+            tokenizer.pad_token = tokenizer.eos_token
     limit = max_input_length(tokenizer, [*([student.config] if student else []), *teacher_configs])
     block_size = data_args.block_size or min(1024, limit)
     if block_size > limit:
         logger.warning("--block_size %d is longer than the models accept; using %d.", block_size, limit)
         block_size = limit
     if cross:
-        lm_datasets = prepare_text_datasets(raw, text_column)
+        lm_datasets = prepare_text_datasets(raw, text_column, routing)
         if training_args.cross_tokenizer_max_length is None:
             training_args.cross_tokenizer_max_length = block_size
     else:
-        lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column)
+        lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column, routing)
 
     train_dataset = eval_dataset = None
     if training_args.do_train or (cache_only and "train" in lm_datasets):
@@ -627,7 +658,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=None if cross else default_data_collator,
+            data_collator=None if cross or routing else default_data_collator,  # None: one that pads
             # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
             teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )

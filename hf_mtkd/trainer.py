@@ -46,6 +46,7 @@ from .losses import (
 )
 from .model_card import create_model_card
 from .parameters import count_parameters
+from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -176,12 +177,14 @@ class MultiTeacherDistillationTrainer(Trainer):
             train_dataset, eval_dataset = self._check_cache(
                 cache, args, model, processing_class, train_dataset, eval_dataset
             )
+            self._check_routing(args, train_dataset, eval_dataset)
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
                 data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
             reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
             self.teacher_names = teacher_names(teachers, args.teacher_names)
+            self._check_routing(args, train_dataset, eval_dataset)
             with zero3_init_dtype(args.teacher_dtype):
                 self.teachers = load_teachers(
                     teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
@@ -226,6 +229,10 @@ class MultiTeacherDistillationTrainer(Trainer):
                 check_text_column(data_collator, train_dataset, eval_dataset)
             elif reads_token_ids:
                 check_token_ids_column(train_dataset, eval_dataset)
+        if args.routing_column:
+            data_collator = RoutingCollator(
+                data_collator or default_data_collator, args.routing_column, self.teacher_names
+            )
 
         super().__init__(
             model=model,
@@ -342,16 +349,29 @@ class MultiTeacherDistillationTrainer(Trainer):
             "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them from the ids)."
         )
 
-    # ---- extra dataset columns: the cached logits, or the raw text cross-tokenizer teachers read ----
+    # ---- extra dataset columns: the cached logits, the raw text cross-tokenizer teachers read, the routing ----
+
+    def _check_routing(self, args: MultiTeacherDistillationConfig, train_dataset: Any, eval_dataset: Any) -> None:
+        """Refuse a bad routing value in a dataset up front, before any teacher is loaded or run."""
+        if args.routing_column and check_routing_column(
+            args.routing_column, self.teacher_names, train_dataset=train_dataset, eval_dataset=eval_dataset
+        ):
+            logger.info("Routing rows to teachers by the dataset column %r.", args.routing_column)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self._signature_columns is None:
             return
+        extra = []
         if self.teacher_cache is not None:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
-        if self.cross_tokenizer and isinstance(self.data_collator, MultiTokenizerCollator):
-            self._signature_columns = [*self._signature_columns, self.data_collator.text_column]
+            extra.extend(CACHE_COLUMNS)
+        collator = self.data_collator
+        if isinstance(collator, RoutingCollator):
+            extra.append(collator.column)
+            collator = collator.collator
+        if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
+            extra.append(collator.text_column)
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ---- feature projections ----
 
@@ -467,6 +487,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 if self.teacher_cache is None
                 else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
             )
+        teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY, *CACHE_COLUMNS)}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
         student_vocab = outputs.logits.shape[-1]
@@ -517,6 +538,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
+            teacher_prior=teacher_prior,
             alpha_kd=0.0 if uld else args.alpha_kd,
             alpha_ce=args.alpha_ce,
         )

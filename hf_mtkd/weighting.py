@@ -6,6 +6,9 @@ position. The scores are pooled at the requested granularity and combined with t
 
 $$w_k = \frac{\pi_k \exp(s_k)}{\sum_j \pi_j \exp(s_j)}$$
 
+A per-row prior $r_{b,k}$ (routing, from a dataset column, see `hf_mtkd.routing`) multiplies it:
+$w_k(b, t) \propto \pi_k r_{b,k} \exp(s_k(b, t))$; a one-hot row is routing by hand, a uniform row changes nothing.
+
 Weights are always constants for the gradient (they are computed from detached teacher statistics).
 Strategies are registered by name in `WEIGHTINGS`; adding one touches this module and the config's choices.
 """
@@ -134,6 +137,41 @@ def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teache
     return prior / prior.sum()
 
 
+def check_teacher_prior(teacher_prior: Tensor, batch_size: int, num_teachers: int) -> None:
+    """Refuse a per-row prior that is not `[B, K]`, non-negative and finite, with a positive sum in every row."""
+    if teacher_prior.shape != (batch_size, num_teachers):
+        raise ValueError(
+            f"`teacher_prior` has shape {tuple(teacher_prior.shape)} but must be [batch, teachers] = "
+            f"[{batch_size}, {num_teachers}]: one row of teacher weights per sequence."
+        )
+    if not bool(torch.isfinite(teacher_prior).all() and (teacher_prior >= 0).all()):
+        raise ValueError("`teacher_prior` must be finite and non-negative (one row of teacher weights per sequence).")
+    if not bool((teacher_prior.sum(dim=1) > 0).all()):
+        raise ValueError("A row of `teacher_prior` is all zeros: every sequence must keep at least one teacher.")
+
+
+def routed_teacher_mask(teacher_prior: Tensor, teacher_mask: Tensor | None, seq_len: int) -> Tensor | None:
+    """
+    `teacher_mask` `[K, B, T]` with each teacher a row routes away from ($r_{b,k} = 0$) unavailable in that row;
+    `teacher_mask` itself when no row routes a teacher away.
+    """
+    routed = teacher_prior > 0
+    if bool(routed.all()):
+        return teacher_mask
+    routed = routed.T[:, :, None].expand(-1, -1, seq_len)
+    return routed if teacher_mask is None else teacher_mask & routed
+
+
+def _log_relative_prior(teacher_prior: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""
+    `[K, B, 1]` $\log(r_{b,k} / \max_j r_{b,j})$, 0 where $r_{b,k} = 0$ (those teachers are masked). It is exactly 0
+    in a uniform row, so a uniform prior leaves the weights as they are, bit for bit.
+    """
+    prior = teacher_prior.to(dtype)
+    relative = prior / prior.amax(dim=1, keepdim=True)
+    return relative.log().where(relative > 0, 0.0).T[:, :, None]
+
+
 def weights_from_signals(
     signals: TeacherSignals,
     *,
@@ -143,9 +181,11 @@ def weights_from_signals(
     granularity: str = "token",
     min_weight: float = 0.0,
     teacher_mask: Tensor | None = None,
+    teacher_prior: Tensor | None = None,
 ) -> Tensor:
     r"""
-    Teacher weights `[K, B, T]`: $w_k = m + (1 - K m) \frac{\pi_k e^{\bar s_k}}{\sum_j \pi_j e^{\bar s_j}}$.
+    Teacher weights `[K, B, T]`:
+    $w_k(b, t) = m + (1 - K m) \frac{\pi_k r_{b,k} e^{\bar s_k}}{\sum_j \pi_j r_{b,j} e^{\bar s_j}}$.
 
     Args:
         signals: the teachers' statistics at the valid positions.
@@ -160,6 +200,8 @@ def weights_from_signals(
             A(b, t) only: an unavailable teacher's weight is 0, the others' are renormalised (with $|A|$ in place of
             K in the floor), its signals at unavailable positions count as no evidence (score 0 for `posterior`,
             left out of `sequence`/`batch` means), and where no teacher is available every weight is 0.
+        teacher_prior: `[B, K]` per-row prior $r$ (routing; rows need not be normalised; None: uniform). A teacher
+            with $r_{b,k} = 0$ is unavailable in row b, exactly as with `teacher_mask`.
 
     Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a sequence with no
     valid position gets the prior.
@@ -173,6 +215,8 @@ def weights_from_signals(
     if not 0 <= min_weight * num_teachers < 1:
         raise ValueError(f"`min_weight` must be in [0, 1/K) = [0, {1 / num_teachers:.4g}), got {min_weight}.")
     batch_size, seq_len = mask.shape
+    if teacher_prior is not None:
+        teacher_mask = routed_teacher_mask(teacher_prior, teacher_mask, seq_len)
     available = None if teacher_mask is None else teacher_mask[:, mask]
     if available is not None:  # unavailable signals carry no evidence
         signals = replace(
@@ -201,6 +245,8 @@ def weights_from_signals(
             means = scores.where(available, 0.0).sum(dim=1) / available.sum(dim=1).clamp(min=1)
         pooled = means[:, None, None].expand(num_teachers, batch_size, seq_len)
     logits = prior.to(scores.dtype).log()[:, None, None] + pooled
+    if teacher_prior is not None:
+        logits = logits + _log_relative_prior(teacher_prior, scores.dtype)
     if teacher_mask is None:
         weights = torch.softmax(logits, dim=0)
         return min_weight + (1 - num_teachers * min_weight) * weights if min_weight > 0 else weights
