@@ -318,8 +318,12 @@ def readme_section_commands() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_commands_are_valid_arguments():
+def test_readme_commands_are_valid_arguments(tmp_path, monkeypatch):
     offline, hub = readme_section_commands()
+    monkeypatch.chdir(tmp_path)  # the offline command's data files must exist: parsing checks them
+    (tmp_path / "tiny").mkdir()
+    for name in ("train.txt", "validation.txt"):
+        (tmp_path / "tiny" / name).write_text("some text\n")
     for block, program in ((offline, "python examples/run_clm_distill.py"), (hub, "hf-mtkd distill")):
         args = shlex.split(block.rsplit(program, 1)[1].replace("\\\n", " "))
         model_args, data_args, _, training_args = parse_args(build_parser(), args)
