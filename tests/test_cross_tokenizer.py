@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from test_trainer import tiny_config
 from transformers import PreTrainedTokenizerFast
 
-from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer
+from hf_mtkd import MultiTeacherDistillationTrainer
 from hf_mtkd.cross_tokenizer import (
     MultiTokenizerCollator,
     VocabularyMap,
@@ -183,24 +184,13 @@ def test_collator_tokenizes_the_same_span_for_every_model(tokenizers):
 
 
 def make_trainer(tmp_path, student, teachers, dataset, tokenizer, **config):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        cross_tokenizer_max_length=24,
-    )
     teacher_tokenizers = config.pop("teacher_tokenizers", None)
     return MultiTeacherDistillationTrainer(
         model=student,
         teachers=teachers,
-        args=MultiTeacherDistillationConfig(**{**defaults, **config}),
+        args=tiny_config(
+            tmp_path, **{"max_steps": 2, "per_device_train_batch_size": 8, "cross_tokenizer_max_length": 24, **config}
+        ),
         train_dataset=dataset,
         eval_dataset=dataset.select(range(16)),
         processing_class=tokenizer,

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from test_losses import entropy, random_logits, softmax, valid_positions
+from test_losses import random_logits, valid_positions
+from test_teacher_mask import reference_masked_weights
+from test_trainer import tiny_config
 
-from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer, cache_teacher_logits
+from hf_mtkd import MultiTeacherDistillationTrainer, cache_teacher_logits
 from hf_mtkd.losses import compute_teacher_weights, multi_teacher_kd, multi_teacher_kd_loss
 from hf_mtkd.routing import RoutingCollator, routing_prior
 from hf_mtkd.teachers import load_teachers
@@ -31,43 +33,10 @@ def reference_routed_weights(teachers, labels, tau, weighting, prior, row_prior,
     w[k, b, t] at the valid positions: w_k ∝ prior_k * row_prior[b][k] * exp(pooled score); a teacher with
     row_prior 0 has weight 0 in that row and its scores there are left out of the pools (like an unavailable one).
     """
-    valid = valid_positions(labels)
-    prior = [p / sum(prior) for p in prior]
-    score = {}
-    for k, z in enumerate(teachers):
-        for b in range(labels.shape[0]):
-            running = 0.0
-            for t in range(labels.shape[1]):
-                running *= 0.9
-                if (b, t) not in valid:
-                    continue
-                log_p_true = math.log(softmax(z[b, t].tolist())[labels[b, t + 1]])
-                running += log_p_true
-                h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
-                score[k, b, t] = {
-                    "static": 0.0,
-                    "entropy": -h,
-                    "correctness": log_p_true,
-                    "posterior": running,
-                    "entropy+posterior": -h + running,
-                }[weighting]
-    weights = {}
-    for b, t in valid:
-        routed = [k for k in range(len(teachers)) if row_prior[b][k] > 0]
-        unnorm = {}
-        for k in routed:
-            if granularity == "token":
-                group = [(b, t)]
-            elif granularity == "sequence":
-                group = [(bb, tt) for bb, tt in valid if bb == b]
-            else:
-                group = [(bb, tt) for bb, tt in valid if row_prior[bb][k] > 0]
-            mean_score = sum(score[k, bb, tt] for bb, tt in group) / len(group)
-            unnorm[k] = prior[k] * row_prior[b][k] * math.exp(mean_score)
-        for k in range(len(teachers)):
-            share = unnorm[k] / sum(unnorm.values()) if k in unnorm else None
-            weights[k, b, t] = 0.0 if share is None else min_weight + (1 - len(routed) * min_weight) * share
-    return weights
+    routed = torch.tensor(row_prior).T[:, :, None].expand(-1, -1, labels.shape[1]) > 0
+    return reference_masked_weights(
+        teachers, labels, routed, tau, weighting, prior, granularity, min_weight, row_prior=row_prior
+    )
 
 
 @pytest.fixture
@@ -266,20 +235,7 @@ def test_collator_carries_the_prior_and_wraps_any_collator():
 
 
 def routing_args(tmp_path, **config):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=3e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    return MultiTeacherDistillationConfig(**{**defaults, **config})
+    return tiny_config(tmp_path, **{"max_steps": 2, "per_device_eval_batch_size": 4, **config})
 
 
 def expected_shares(trainer, dataset, priors):

@@ -16,8 +16,13 @@ from hf_mtkd.losses import (
 B, T, V, K = 3, 7, 9, 3
 
 
-def reference_masked_weights(teachers, labels, available, tau, weighting, prior, granularity, min_weight=0.0):
-    """w[k, b, t] at valid positions: an unavailable teacher has no score there and weight 0; the rest renormalise."""
+def reference_masked_weights(
+    teachers, labels, available, tau, weighting, prior, granularity, min_weight=0.0, row_prior=None
+):
+    """
+    w[k, b, t] at valid positions: an unavailable teacher has no score there and weight 0; the rest renormalise.
+    With `row_prior` (routing, [B][K]), w_k ∝ prior_k * row_prior[b][k] * exp(pooled score).
+    """
     valid = valid_positions(labels)
     prior = [p / sum(prior) for p in prior]
     score = {}
@@ -31,9 +36,13 @@ def reference_masked_weights(teachers, labels, available, tau, weighting, prior,
                 log_p_true = math.log(softmax(z[b, t].tolist())[labels[b, t + 1]])
                 running += log_p_true
                 h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
-                score[k, b, t] = {"static": 0.0, "entropy": -h, "correctness": log_p_true, "posterior": running}[
-                    weighting
-                ]
+                score[k, b, t] = {
+                    "static": 0.0,
+                    "entropy": -h,
+                    "correctness": log_p_true,
+                    "posterior": running,
+                    "entropy+posterior": -h + running,
+                }[weighting]
     weights = {}
     for b, t in valid:
         present = [k for k in range(len(teachers)) if available[k, b, t]]
@@ -45,7 +54,8 @@ def reference_masked_weights(teachers, labels, available, tau, weighting, prior,
                 group = [(bb, tt) for bb, tt in valid if bb == b and available[k, bb, tt]]
             else:
                 group = [(bb, tt) for bb, tt in valid if available[k, bb, tt]]
-            unnorm[k] = prior[k] * math.exp(sum(score[k, bb, tt] for bb, tt in group) / len(group))
+            row = 1.0 if row_prior is None else row_prior[b][k]
+            unnorm[k] = prior[k] * row * math.exp(sum(score[k, bb, tt] for bb, tt in group) / len(group))
         for k in range(len(teachers)):
             w = unnorm[k] / sum(unnorm.values()) if k in unnorm else 0.0
             weights[k, b, t] = min_weight + (1 - len(present) * min_weight) * w if k in unnorm else 0.0

@@ -19,7 +19,8 @@ from hf_mtkd.trainer import PROJECTOR_NAME, PROJECTOR_WEIGHTS_NAME
 TEACHER_NAMES = ["gpt2", "llama", "gpt_neox"]
 
 
-def make_trainer(tmp_path, student, teachers, dataset, tokenizer, **config):
+def tiny_config(tmp_path, **config):
+    """A `MultiTeacherDistillationConfig` for a few logged steps on the CPU, without saving; `config` overrides."""
     defaults = dict(
         output_dir=str(tmp_path / "out"),
         max_steps=4,
@@ -31,9 +32,12 @@ def make_trainer(tmp_path, student, teachers, dataset, tokenizer, **config):
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
-        teacher_names=TEACHER_NAMES[: len(teachers)],
     )
-    args = MultiTeacherDistillationConfig(**{**defaults, **config})
+    return MultiTeacherDistillationConfig(**{**defaults, **config})
+
+
+def make_trainer(tmp_path, student, teachers, dataset, tokenizer, **config):
+    args = tiny_config(tmp_path, **{"teacher_names": TEACHER_NAMES[: len(teachers)], **config})
     return MultiTeacherDistillationTrainer(
         model=student,
         teachers=teachers,
