@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 DATA_FORMATS = ("text", "prompt_completion", "messages")
 FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
@@ -404,3 +404,46 @@ class CompletionCollator:
 
 def _pad(rows: Sequence[Sequence[int]], width: int, fill: Callable[[int], list[int]]) -> torch.Tensor:
     return torch.tensor([[*row, *fill(width - len(row))] for row in rows], dtype=torch.long)
+
+
+# ---- what the trainer does with a dataset ----
+
+
+def trainer_renderer(args: Any, *datasets: Any, cross_tokenizer: bool) -> ExampleRenderer | None:
+    """
+    The renderer the trainer applies to its datasets (`args` a `MultiTeacherDistillationConfig`), or None when it
+    reads them as they are: prompt/completion and conversational data always; plain text (without `input_ids`)
+    when it is packed, on the student's tokenizer. Cross-tokenizer teachers read plain text as it is.
+    """
+    data_format = dataset_format(*datasets)
+    if args.packing and cross_tokenizer:
+        raise ValueError(
+            "`packing` needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
+            "rendering of every example). Set packing=False, or use teachers that share the student's tokenizer."
+        )
+    tokenized = any(
+        "input_ids" in (getattr(split, "column_names", None) or [])
+        for dataset in datasets
+        for split in (dataset.values() if isinstance(dataset, Mapping) else [dataset])
+    )
+    if data_format in ("messages", "prompt_completion") or (
+        data_format == "text" and args.packing and not cross_tokenizer and not tokenized
+    ):
+        return ExampleRenderer(data_format, args.completion_only_loss, args.assistant_only_loss)
+    return None
+
+
+def default_collator(tokenizer: PreTrainedTokenizerBase, *datasets: Any) -> Any:
+    """
+    The collator for tokenized data: `CompletionCollator` when the data holds `labels` or `position_ids` (kept),
+    else `DataCollatorForLanguageModeling(tokenizer, mlm=False)` (labels from the ids).
+    """
+    columns = {
+        column
+        for dataset in datasets
+        for split in (dataset.values() if isinstance(dataset, Mapping) else [dataset])
+        for column in (getattr(split, "column_names", None) or [])
+    }
+    if columns & {"labels", "position_ids"}:
+        return CompletionCollator(tokenizer.pad_token_id)
+    return DataCollatorForLanguageModeling(tokenizer, mlm=False)

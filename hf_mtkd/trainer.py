@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     Trainer,
     default_data_collator,
@@ -23,6 +22,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
+from .chat_data import default_collator, set_chat_template, tokenize_dataset, trainer_renderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
@@ -109,8 +109,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             `TeacherLogitsCache` of their top-k outputs (on the student's vocabulary).
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache), or to a
-            `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
+            `processing_class` is a tokenizer, to `hf_mtkd.chat_data.CompletionCollator` (which keeps the labels) for
+            data with `labels` or `position_ids` (both wrapped in a `TeacherCacheCollator` with a cache), or to a
+            `MultiTokenizerCollator` (which reads a `text` column, or the prompt/completion or `messages` columns)
+            when some teacher runs in cross-tokenizer mode.
+        train_dataset, eval_dataset: tokenized data, plain `text` (cross-tokenizer mode, or with `packing`), or
+            prompt/completion or conversational (`messages`) data as TRL's SFT trainer reads it, which the trainer
+            renders and masks (see `hf_mtkd.chat_data` and the config's instruction and chat data fields).
         teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
             use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
             A teacher given the student's tokenizer stays on the shared vocabulary even when its embedding has more
@@ -179,7 +184,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
             self._check_routing(args, train_dataset, eval_dataset)
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
             reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
@@ -216,15 +221,26 @@ class MultiTeacherDistillationTrainer(Trainer):
                 self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
             )
             self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
+            # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model, or tokenized here
+            renderer = trainer_renderer(args, train_dataset, eval_dataset, cross_tokenizer=self.cross_tokenizer)
+            if renderer is not None:
+                self._set_chat_templates(args, processing_class)
             if data_collator is None and self.cross_tokenizer:
                 data_collator = MultiTokenizerCollator(
                     processing_class,
                     self.teacher_tokenizers,
                     max_length=args.cross_tokenizer_max_length,
                     teacher_max_lengths=[max_positions(t) for t in self.teachers],
+                    renderer=renderer,
+                    teacher_names=self.teacher_names,
                 )
-            elif data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+            elif renderer is not None:
+                train_dataset, eval_dataset = (
+                    self._tokenize(dataset, renderer, args, processing_class)
+                    for dataset in (train_dataset, eval_dataset)
+                )
+            if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
             if self.cross_tokenizer:
                 check_text_column(data_collator, train_dataset, eval_dataset)
             elif reads_token_ids:
@@ -320,6 +336,39 @@ class MultiTeacherDistillationTrainer(Trainer):
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
 
+    # ---- prompt/completion and chat data ----
+
+    def _set_chat_templates(self, args: MultiTeacherDistillationConfig, processing_class: Any) -> None:
+        """Give the student's tokenizer `chat_template_path`, each teacher's `teacher_chat_template_path`."""
+        if isinstance(processing_class, PreTrainedTokenizerBase):
+            set_chat_template(processing_class, args.chat_template_path)
+        paths = args.teacher_chat_template_path or [None] * len(self.teacher_tokenizers)
+        for tokenizer, path in zip(self.teacher_tokenizers, paths, strict=True):
+            if tokenizer is not None and path not in (None, "", "own"):
+                set_chat_template(tokenizer, path)
+
+    @staticmethod
+    def _tokenize(dataset: Any, renderer: Any, args: MultiTeacherDistillationConfig, tokenizer: Any) -> Any:
+        """A dataset (or dict of them) in a prompt/completion, chat or packed-text format, tokenized and masked."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            tokenize = MultiTeacherDistillationTrainer._tokenize
+            return {key: tokenize(split, renderer, args, tokenizer) for key, split in dataset.items()}
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(
+                "Prompt/completion and chat data are tokenized by the trainer: pass the student's tokenizer as "
+                "`processing_class`."
+            )
+        return tokenize_dataset(
+            dataset,
+            tokenizer,
+            renderer,
+            max_length=args.max_length,
+            packing=args.packing,
+            keep_columns=[args.routing_column] if args.routing_column else [],
+        )
+
     # ---- a training set with nothing to learn ----
 
     def _check_train_labels(self) -> None:
@@ -370,7 +419,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             extra.append(collator.column)
             collator = collator.collator
         if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
-            extra.append(collator.text_column)
+            extra.extend(collator.columns)
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ---- feature projections ----
