@@ -321,7 +321,7 @@ def tokenize_dataset(
     """
     if packing and max_length is None:
         raise ValueError("Packing needs a row length: set `max_length` (--block_size in the example script).")
-    columns = list(dataset.column_names or [])
+    columns = list(dataset.column_names or next(iter(dataset)))  # a stream may not know its columns up front
     kept = [c for c in keep_columns if c in columns]
     if packing and kept:
         raise ValueError(

@@ -333,8 +333,6 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             )
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 tokens, got {self.max_length}.")
-        if self.packing and self.max_length is None:
-            raise ValueError("`packing` needs the length of a packed row: set `max_length` (e.g. 1024).")
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)

@@ -47,6 +47,7 @@ from transformers import (
     set_seed,
 )
 
+from .chat_data import ExampleRenderer, detect_format, set_chat_template, tokenize_dataset
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
 from .hub import check_push_access
@@ -59,7 +60,7 @@ from .trainer import MultiTeacherDistillationTrainer
 logger = transformers.utils.logging.get_logger(__name__)
 
 MODEL_TYPES = sorted({config.model_type for config in MODEL_FOR_CAUSAL_LM_MAPPING.keys()})
-DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv"}
+DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 """Extensions accepted for `--train_file`/`--validation_file` and the `datasets` builder that reads each."""
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -192,11 +193,18 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Configuration of the dataset, e.g. wikitext-2-raw-v1."}
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "Training data: a .txt (one text per line), .json, .jsonl or .csv file."}
+        default=None,
+        metadata={
+            "help": "Training data: a .txt (one text per line), .json, .jsonl, .csv or .parquet file. Besides plain "
+            "text, rows may be prompt/completion pairs ('prompt' and 'completion' columns, strings or lists of "
+            "messages) or conversations (a 'messages' column of {'role', 'content'} dicts), as TRL's SFT reads them."
+        },
     )
     validation_file: str | None = field(
         default=None,
-        metadata={"help": "Evaluation data, in the same format as --train_file (.txt, .json, .jsonl or .csv)."},
+        metadata={
+            "help": "Evaluation data, in the same format as --train_file (.txt, .json, .jsonl, .csv, .parquet)."
+        },
     )
     text_column_name: str | None = field(
         default=None,
@@ -235,8 +243,8 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
             raise ValueError(
-                "No data given: pass --dataset_name, or --train_file and/or --validation_file (.txt, .json, .jsonl or "
-                ".csv)."
+                "No data given: pass --dataset_name, or --train_file and/or --validation_file (.txt, .json, .jsonl, "
+                ".csv or .parquet)."
             )
         builders = {}
         for name in ("train_file", "validation_file"):
@@ -251,13 +259,14 @@ class DataTrainingArguments:
                 )
             if not os.path.isfile(path) and "://" not in path and not any(c in path for c in "*?["):
                 raise ValueError(
-                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl or .csv file."
+                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl, .csv or "
+                    ".parquet file."
                 )
             builders[name] = DATA_FILE_BUILDERS[extension]
         if len(set(builders.values())) > 1:
             raise ValueError(
                 f"--train_file {self.train_file!r} and --validation_file {self.validation_file!r} have different "
-                "formats; give both as .txt, both as .json/.jsonl or both as .csv."
+                "formats; give both as .txt, both as .json/.jsonl, both as .csv or both as .parquet."
             )
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError(
@@ -488,6 +497,27 @@ def prepare_text_datasets(
     return texts.filter(_non_blank("text"))
 
 
+def _map_kwargs(data_args: DataTrainingArguments, description: str) -> dict[str, Any]:
+    """`Dataset.map` settings from the data arguments; a stream is mapped lazily, without them."""
+    if data_args.streaming:
+        return {}
+    return {
+        "num_proc": data_args.preprocessing_num_workers,
+        "load_from_cache_file": not data_args.overwrite_cache,
+        "desc": description,
+    }
+
+
+def _masking(renderer: ExampleRenderer, training_args: MultiTeacherDistillationConfig) -> str:
+    """What carries loss in the renderer's format, for the log."""
+    packing = ", packed into rows of --block_size tokens" if training_args.packing else ""
+    if renderer.data_format == "messages" and renderer.assistant_only_loss:
+        return "loss on the assistant turns only" + packing
+    if renderer.data_format == "prompt_completion" and renderer.completion_only_loss:
+        return "loss on the completions only" + packing
+    return "loss on every token" + packing
+
+
 def prepare_datasets(
     raw: DatasetDict | IterableDatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -503,14 +533,8 @@ def prepare_datasets(
     """
     columns = column_names(next(iter(raw.values())))
 
-    def map_kwargs(description: str) -> dict[str, Any]:  # a stream is mapped lazily, without these
-        if data_args.streaming:
-            return {}
-        return {
-            "num_proc": data_args.preprocessing_num_workers,
-            "load_from_cache_file": not data_args.overwrite_cache,
-            "desc": description,
-        }
+    def map_kwargs(description: str) -> dict[str, Any]:
+        return _map_kwargs(data_args, description)
 
     with training_args.main_process_first(desc="tokenizing and grouping"):
         if routing_column is not None:
@@ -612,6 +636,25 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
 
     raw_columns = column_names(next(iter(raw.values())))
     text_column = pick_text_column(raw_columns, data_args.text_column_name, parser)
+    try:
+        data_format = detect_format(raw_columns)
+        set_chat_template(tokenizer, training_args.chat_template_path)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    renderer = None  # prompt/completion or chat data, or packed text: rendered and masked (hf_mtkd.chat_data)
+    if data_format in ("messages", "prompt_completion") or training_args.packing:
+        if training_args.packing and cross:
+            parser.error(
+                "--packing needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
+                "rendering of every example); leave --packing out."
+            )
+        renderer = ExampleRenderer(
+            data_format if data_format in ("messages", "prompt_completion") else "text",
+            training_args.completion_only_loss,
+            training_args.assistant_only_loss,
+            text_column=text_column,
+        )
+        logger.info("The data is in the %r format: %s.", renderer.data_format, _masking(renderer, training_args))
     routing = training_args.routing_column if training_args.routing_column in raw_columns else None
     if routing is not None and not cross:
         logger.info(
@@ -626,10 +669,37 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     if block_size > limit:
         logger.warning("--block_size %d is longer than the models accept; using %d.", block_size, limit)
         block_size = limit
-    if cross:
+    if training_args.max_length is None:
+        training_args.max_length = block_size
+    if cross and renderer is not None:
+        lm_datasets = raw.select_columns([*renderer.columns, *([routing] if routing else [])])
+        if training_args.cross_tokenizer_max_length is None:
+            training_args.cross_tokenizer_max_length = block_size
+    elif cross:
         lm_datasets = prepare_text_datasets(raw, text_column, routing)
         if training_args.cross_tokenizer_max_length is None:
             training_args.cross_tokenizer_max_length = block_size
+    elif renderer is not None:
+        if tokenizer.pad_token is None:  # examples of different lengths are padded
+            tokenizer.pad_token = tokenizer.eos_token
+        with training_args.main_process_first(desc="rendering and tokenizing"):
+            try:
+                lm_datasets = type(raw)(
+                    {
+                        split: tokenize_dataset(
+                            dataset,
+                            tokenizer,
+                            renderer,
+                            max_length=block_size,
+                            packing=training_args.packing,
+                            keep_columns=[routing] if routing else [],
+                            map_kwargs=_map_kwargs(data_args, f"Rendering and tokenizing the {split} split"),
+                        )
+                        for split, dataset in raw.items()
+                    }
+                )
+            except ValueError as err:
+                parser.error(str(err))
     else:
         lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column, routing)
 
@@ -658,7 +728,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=None if cross or routing else default_data_collator,  # None: one that pads
+            data_collator=None if cross or routing or renderer else default_data_collator,  # None: one that pads
             # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
             teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )
@@ -687,7 +757,10 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     if generation_args.do_generate_eval:
         logger.info("*** Generation quality ***")
         metrics = trainer.evaluate_generation(
-            (example[text_column] for example in raw["validation"]),
+            (
+                example[text_column] if renderer is None else renderer.render(example, tokenizer).text
+                for example in raw["validation"]
+            ),
             prompt_length=generation_args.generate_prompt_length,
             max_new_tokens=generation_args.generate_max_new_tokens,
             max_samples=generation_args.generate_eval_samples,
