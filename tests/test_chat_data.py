@@ -1,0 +1,300 @@
+"""Instruction and chat data: formats, label masks checked by hand, per-template alignment, packing, end to end."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from test_trainer import tiny_config
+
+from hf_mtkd import MultiTeacherDistillationTrainer
+from hf_mtkd.chat_data import (
+    CompletionCollator,
+    ExampleRenderer,
+    detect_format,
+    pack_rows,
+    tokenize_dataset,
+)
+from hf_mtkd.cross_tokenizer import MultiTokenizerCollator, align_encoded
+from hf_mtkd.testing import ConfidentlyWrongTeacher, chat_tokenizer, synthetic_conversations, tiny_causal_lm
+
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what is one plus one ?"},
+    {"role": "assistant", "content": "one plus one is two ."},
+    {"role": "user", "content": "count from two ."},
+    {"role": "assistant", "content": "count : two three four five six ."},
+]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return synthetic_conversations(64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def chatml(conversations):
+    return chat_tokenizer(conversations, "chatml", 512, "bpe")
+
+
+@pytest.fixture(scope="module")
+def mistral(conversations):
+    return chat_tokenizer(conversations, "mistral", 300, "wordpiece")
+
+
+def learned_text(encoded, tokenizer) -> str:
+    """The decoded tokens that carry loss, joined: what the model learns to write."""
+    return "".join(
+        tokenizer.decode([i]) for i, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != -100
+    )
+
+
+# ---- formats and masks, by hand ----
+
+
+def test_detect_format():
+    assert detect_format(["messages", "id"]) == "messages"
+    assert detect_format(["prompt", "completion"]) == "prompt_completion"
+    assert detect_format(["text"]) == "text"
+    assert detect_format(["input_ids", "attention_mask"]) is None
+    with pytest.raises(ValueError, match="has a 'prompt' column but no 'completion' column"):
+        detect_format(["prompt", "text"])
+
+
+def test_assistant_masks_by_hand_system_user_assistant_multi_turn(chatml):
+    encoded = ExampleRenderer("messages").encode({"messages": CONVERSATION}, chatml)
+    text = encoded.rendered.text
+    assert text == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nwhat is one plus one ?<|im_end|>\n"
+        "<|im_start|>assistant\none plus one is two .<|im_end|>\n<|im_start|>user\ncount from two .<|im_end|>\n"
+        "<|im_start|>assistant\ncount : two three four five six .<|im_end|>\n"
+    )
+    # both assistant turns, each with its end-of-turn marker, and nothing of the system or user turns
+    assert [text[a:b] for a, b in encoded.rendered.loss_spans] == [
+        "one plus one is two .<|im_end|>\n",
+        "count : two three four five six .<|im_end|>\n",
+    ]
+    assert learned_text(encoded, chatml) == (
+        "one plus one is two .<|im_end|>\ncount : two three four five six .<|im_end|>\n"
+    )
+    assert [text[a:b] for a, b in encoded.rendered.segments] == [m["content"] for m in CONVERSATION]
+    everything = ExampleRenderer("messages", assistant_only_loss=False).encode({"messages": CONVERSATION}, chatml)
+    assert everything.input_ids == encoded.input_ids and everything.labels == everything.input_ids
+
+
+def test_assistant_masks_by_hand_with_a_template_without_generation_prompt(mistral):
+    # Mistral style: no system turn, the assistant's text follows "[/INST]" after a space and ends with EOS
+    messages = [m for m in CONVERSATION if m["role"] != "system"]
+    encoded = ExampleRenderer("messages").encode({"messages": messages}, mistral)
+    text = encoded.rendered.text
+    assert text == (
+        "<s>[INST] what is one plus one ? [/INST] one plus one is two .</s>"
+        "[INST] count from two . [/INST] count : two three four five six .</s>"
+    )
+    assert [text[a:b] for a, b in encoded.rendered.loss_spans] == [
+        " one plus one is two .</s>",
+        " count : two three four five six .</s>",
+    ]
+    learned = [
+        mistral.convert_ids_to_tokens(i)
+        for i, label in zip(encoded.input_ids, encoded.labels, strict=True)
+        if label != -100
+    ]
+    assert learned == [*"one plus one is two . </s>".split(), *"count : two three four five six . </s>".split()]
+
+
+def test_prompt_completion_masks_by_hand(chatml):
+    standard = ExampleRenderer("prompt_completion").encode(
+        {"prompt": "one plus one is", "completion": " two ."}, chatml
+    )
+    assert standard.rendered.text == "one plus one is two ."
+    assert learned_text(standard, chatml) == " two .</s>"  # the completion and an EOS appended
+    assert standard.input_ids[-1] == chatml.eos_token_id
+    every = ExampleRenderer("prompt_completion", completion_only_loss=False)
+    assert every.encode({"prompt": "one plus one is", "completion": " two ."}, chatml).labels == standard.input_ids
+    conversational = ExampleRenderer("prompt_completion").encode(
+        {"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:3]}, chatml
+    )
+    assert learned_text(conversational, chatml) == "one plus one is two .<|im_end|>\n"
+    with pytest.raises(ValueError, match="mixes a string with a list of messages"):
+        ExampleRenderer("prompt_completion").render({"prompt": "hi", "completion": CONVERSATION[2:3]}, chatml)
+
+
+def test_a_row_without_assistant_turn_and_a_template_less_tokenizer_are_refused(chatml, tokenizer):
+    rows = Dataset.from_list([{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}])
+    with pytest.raises(
+        ValueError, match=r"Example 1: A conversation has no assistant turn \(roles \['system', 'user'\]"
+    ):
+        tokenize_dataset(rows, chatml, ExampleRenderer("messages"))
+    assert not getattr(tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match=r"The tokenizer of the student has no chat template.*--chat_template_path"):
+        ExampleRenderer("messages").render({"messages": CONVERSATION}, tokenizer)
+    collator = MultiTokenizerCollator(chatml, [tokenizer], renderer=ExampleRenderer("messages"), teacher_names=["t"])
+    with pytest.raises(
+        ValueError, match=r"tokenizer of teacher 't' has no chat template.*--teacher_chat_template_path"
+    ):
+        collator([{"messages": CONVERSATION}])
+
+
+# ---- cross-tokenizer: each model renders with its own template, aligned inside the contents ----
+
+
+def test_two_templates_align_on_the_completion_spans(chatml, mistral, conversations):
+    renderer = ExampleRenderer("messages")
+    aligned = learned = 0
+    for messages in conversations[:16]:
+        student, teacher = (
+            renderer.encode({"messages": messages}, chatml),
+            renderer.encode({"messages": messages}, mistral),
+        )
+        position_map = align_encoded(student, teacher)
+        for t, j in enumerate(position_map[:-1]):
+            learned += student.labels[t + 1] != -100
+            if j < 0:
+                continue
+            aligned += 1
+            # the same message, the same context end and the same next-token start relative to its content
+            s_next, t_next = student.offsets[t + 1], teacher.offsets[j + 1]
+            (segment,) = [i for i, s in enumerate(student.rendered.segments) if s[0] <= s_next[0] < s[1]]
+            assert messages[segment]["role"] in ("user", "assistant")
+            s_start, t_start = student.rendered.segments[segment][0], teacher.rendered.segments[segment][0]
+            assert student.offsets[t][1] - s_start == teacher.offsets[j][1] - t_start
+            s_text = student.rendered.text[s_next[0] : s_next[1]].strip()
+            t_text = teacher.rendered.text[t_next[0] : t_next[1]].strip()
+            assert s_text and t_text and (s_text.startswith(t_text) or t_text.startswith(s_text))
+    assert learned > 0 and aligned > 0.5 * learned  # most learned positions have a twin in the other rendering
+
+
+# ---- packing ----
+
+
+def test_pack_rows_by_hand():
+    examples = {
+        "input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]],
+        "labels": [[1, 2, 3], [-100, 5], [6, 7, 8, 9], [10]],
+    }
+    assert pack_rows(examples, max_length=5) == {
+        "input_ids": [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]],
+        "labels": [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]],
+        "position_ids": [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]],
+    }
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_packed_row_logits_equal_each_example_alone(chatml, model_type):
+    model = tiny_causal_lm(model_type, chatml, seed=0).double().eval()
+    examples = [chatml(text)["input_ids"] for text in ("one plus one is two .", "count : two three", "six .")]
+    rows = pack_rows({"input_ids": examples, "labels": examples}, max_length=16)
+    assert len(rows["input_ids"]) == 1
+    batch = CompletionCollator(chatml.pad_token_id)(
+        [
+            {key: rows[key][0] for key in rows},
+            {"input_ids": examples[2], "labels": examples[2], "position_ids": list(range(len(examples[2])))},
+        ]
+    )
+    assert "attention_mask" not in batch  # the padding of row 2 is an example of its own
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in examples]
+    torch.testing.assert_close(packed[0, : sum(map(len, examples))], torch.cat(alone), rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed[1, : len(examples[2])], alone[2], rtol=0, atol=1e-10)
+
+
+def make_trainer(tmp_path, tok, dataset, teachers=None, **config):
+    teacher_tokenizers = config.pop("teacher_tokenizers", None)
+    return MultiTeacherDistillationTrainer(
+        model=tiny_causal_lm("qwen2", tok, seed=1),
+        teachers=teachers or [tiny_causal_lm("gpt2", tok, seed=3), tiny_causal_lm("llama", tok, seed=4)],
+        args=tiny_config(tmp_path, **{"max_steps": 2, "per_device_train_batch_size": 4, **config}),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tok,
+        teacher_tokenizers=teacher_tokenizers,
+    )
+
+
+def test_packed_loss_equals_the_unpacked_loss(tmp_path, chatml, conversations):
+    """Attention and the posterior weighting's running sums (never forgotten here) stay within each example."""
+    rows = Dataset.from_list([{"messages": m} for m in conversations[:6]])
+    losses = {}
+    for packing in (False, True):
+        teachers = [tiny_causal_lm("gpt2", chatml, seed=3), ConfidentlyWrongTeacher(tiny_causal_lm("llama", chatml))]
+        trainer = make_trainer(
+            tmp_path, chatml, rows, teachers=teachers, packing=packing, max_length=128,
+            teacher_weighting="posterior", posterior_decay=1.0, label_temperature=0.5,
+        )  # fmt: skip
+        dataset = trainer.train_dataset
+        assert len(dataset) == 6 or (packing and 1 < len(dataset) < 6)
+        batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+        trainer.model.eval()
+        losses[packing] = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+# ---- the trainer on each format ----
+
+
+@pytest.mark.parametrize("data_format", ["messages", "prompt_completion", "conversational_prompt_completion", "text"])
+def test_each_format_trains_end_to_end(tmp_path, chatml, conversations, data_format):
+    if data_format == "messages":
+        rows = [{"messages": m} for m in conversations]
+    elif data_format == "prompt_completion":
+        rows = [{"prompt": m[0]["content"], "completion": " " + m[1]["content"]} for m in conversations]
+    elif data_format == "conversational_prompt_completion":
+        rows = [{"prompt": m[:1], "completion": m[1:2]} for m in conversations]
+    else:
+        rows = [{"text": m[0]["content"] + " " + m[1]["content"]} for m in conversations]
+    config = {"packing": True, "max_length": 64} if data_format == "text" else {}
+    trainer = make_trainer(tmp_path, chatml, Dataset.from_list(rows), **config)
+    assert set(trainer.train_dataset.column_names) >= {"input_ids", "labels"}
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss_kd"]) and metrics["eval_perplexity"] > 1
+
+
+class PromptPoisoned(torch.nn.Module):
+    """A teacher whose logits are NaN wherever the next token carries no loss: any use of them would show."""
+
+    def __init__(self, model, learned):
+        super().__init__()
+        self.model, self.config, self.learned = model, model.config, learned
+
+    def forward(self, **kwargs):
+        outputs = self.model(**kwargs)
+        outputs["logits"] = outputs.logits.masked_fill(~self.learned[..., None], math.nan)
+        return outputs
+
+
+def test_prompt_positions_carry_no_loss_and_no_kd_work(tmp_path, chatml, conversations):
+    rows = Dataset.from_list([{"prompt": m[:1], "completion": m[1:2]} for m in conversations[:8]])
+    trainer = make_trainer(tmp_path, chatml, rows)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    learned = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    learned[:, :-1] = batch["labels"][:, 1:] != -100  # positions that predict a completion token
+    assert 0 < learned.sum() < learned.numel() / 2
+    trainer.model.eval()
+    clean = trainer.compute_loss(trainer.model, batch)
+    trainer.teachers = [PromptPoisoned(t, learned) for t in trainer.teachers]
+    poisoned = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(poisoned)
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
+def test_cross_tokenizer_teachers_render_with_their_own_templates(tmp_path, chatml, mistral, conversations):
+    llama3 = chat_tokenizer(conversations, "llama3", 300, "bpe")
+    rows = Dataset.from_list([{"messages": m} for m in conversations])
+    teachers = [tiny_causal_lm("llama", llama3, seed=3), tiny_causal_lm("mistral", mistral, seed=4)]
+    trainer = make_trainer(
+        tmp_path, chatml, rows, teachers=teachers, teacher_tokenizers=[llama3, mistral], teacher_names=["l", "m"],
+        cross_tokenizer_max_length=96,
+    )  # fmt: skip
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    texts = [chatml.decode(ids) for ids in batch["input_ids"]]
+    assert all(text.startswith("<|im_start|>user\n") for text in texts)
+    assert llama3.decode(batch["teacher_inputs"][0]["input_ids"][0]).startswith("<s><|start_header_id|>user")
+    assert mistral.decode(batch["teacher_inputs"][1]["input_ids"][0]).startswith("<s> [INST]")
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for name in ("l", "m"):
+        assert 0.3 < logged[f"teacher_aligned/{name}"] <= 1
