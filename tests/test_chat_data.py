@@ -1,13 +1,17 @@
 """Instruction and chat data: formats, label masks checked by hand, per-template alignment, packing, end to end."""
 
+import json
 import math
+import sys
 
 import pytest
 import torch
 from datasets import Dataset
+from test_run_clm_distill import QUICK, check_results, isolated_logging, run_main, run_subprocess
 from test_trainer import tiny_config
+from transformers import AutoTokenizer
 
-from hf_mtkd import MultiTeacherDistillationTrainer
+from hf_mtkd import MultiTeacherDistillationTrainer, load_teacher_cache
 from hf_mtkd.chat_data import (
     CompletionCollator,
     ExampleRenderer,
@@ -15,8 +19,16 @@ from hf_mtkd.chat_data import (
     pack_rows,
     tokenize_dataset,
 )
+from hf_mtkd.cli import main as cli_main
 from hf_mtkd.cross_tokenizer import MultiTokenizerCollator, align_encoded
-from hf_mtkd.testing import ConfidentlyWrongTeacher, chat_tokenizer, synthetic_conversations, tiny_causal_lm
+from hf_mtkd.run_clm_distill import main
+from hf_mtkd.testing import (
+    CHAT_TEMPLATES,
+    ConfidentlyWrongTeacher,
+    chat_tokenizer,
+    synthetic_conversations,
+    tiny_causal_lm,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "be brief"},
@@ -298,3 +310,77 @@ def test_cross_tokenizer_teachers_render_with_their_own_templates(tmp_path, chat
     logged = trainer.state.log_history[0]
     for name in ("l", "m"):
         assert 0.3 < logged[f"teacher_aligned/{name}"] <= 1
+
+
+# ---- the example script ----
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory, conversations):
+    """Train/validation data files: standard prompt/completion as parquet, messages as jsonl; a ChatML template."""
+    root = tmp_path_factory.mktemp("chat_files")
+    files = {}
+    for name, rows in {
+        "parquet": [{"prompt": m[0]["content"], "completion": " " + m[1]["content"]} for m in conversations],
+        "jsonl": [{"messages": m} for m in conversations],
+    }.items():
+        paths = []
+        for split, part in (("train", rows[:48]), ("validation", rows[48:])):
+            path = root / f"{split}.{name}"
+            getattr(Dataset.from_list(part), "to_parquet" if name == "parquet" else "to_json")(str(path))
+            paths.append(str(path))
+        files[name] = paths
+    template = root / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    files["template"] = str(template)
+    return files
+
+
+def test_script_on_packed_completions_with_the_teacher_cache(tmp_path, teacher_dirs, student_dir, chat_files):
+    """Prompt/completion parquet files, packed; the teachers' cache written on the packed rows and trained on."""
+    train, validation = chat_files["parquet"]
+    common = [
+        "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b", "--model_name_or_path",
+        student_dir, "--train_file", train, "--validation_file", validation, "--packing", "--teacher_logits_cache",
+        str(tmp_path / "cache"), "--teacher_logits_top_k", "8", *QUICK,
+    ]  # fmt: skip
+    with isolated_logging():
+        cli_main(["cache-teachers", *common, "--output_dir", str(tmp_path / "unused")])
+    cached = load_teacher_cache(str(tmp_path / "cache" / "train"))
+    assert {"input_ids", "labels", "position_ids"} <= set(cached.dataset.column_names)
+    assert len(cached.dataset) < 48  # packed: several completions per row of --block_size tokens
+    starts = [[i for i, p in enumerate(row) if p == 0] for row in cached.dataset["position_ids"]]
+    assert max(map(len, starts)) > 1
+    assert all(labels[i] == -100 for labels, row in zip(cached.dataset["labels"], starts, strict=True) for i in row)
+    run_main([*common, "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out")])
+    check_results(tmp_path / "out", ["a", "b"])
+
+
+def test_script_on_chat_data_needs_a_template(tmp_path, teacher_dirs, student_dir, chat_files, capsys):
+    """A template-less tokenizer is refused in one line naming --chat_template_path; given one, it trains."""
+    train, validation = chat_files["jsonl"]
+    common = [
+        "--teacher_model_name_or_path", *teacher_dirs[:2], "--teacher_names", "a", "b", "--model_name_or_path",
+        student_dir, "--train_file", train, "--validation_file", validation, "--do_train", "--do_eval", *QUICK,
+        "--block_size", "128",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit), isolated_logging():
+        main([*common, "--output_dir", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: Example 0: The tokenizer of the student has no chat template" in err
+    assert "--chat_template_path" in err
+    run_main([*common, "--chat_template_path", chat_files["template"], "--output_dir", str(tmp_path / "out")])
+    check_results(tmp_path / "out", ["a", "b"])
+    student_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert student_tokenizer.chat_template == CHAT_TEMPLATES["chatml"]  # saved with the student
+
+
+@pytest.mark.slow
+def test_chat_tiny_example_runs(tmp_path):
+    result = run_subprocess(sys.executable, "examples/chat_tiny.py", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "distilled" / "all_results.json").read_text())
+    assert results["perplexity"] < 20  # an untrained student is at ~500 (the vocabulary size)
+    for name in ("llama3-style", "qwen-style", "mistral-style"):
+        assert results[f"eval_teacher_aligned/{name}"] > 0.5
