@@ -19,7 +19,7 @@ from hf_mtkd.testing import chat_tokenizer, fit_causal_lm, synthetic_conversatio
 
 TEACHERS = [  # name, chat template style, tokenizer algorithm and size, architecture
     ("llama3-style", "llama3", "bpe", 300, "llama"),
-    ("qwen-style", "chatml", "bpe", 400, "qwen2"),
+    ("qwen-style", "chatml", "bpe", 280, "qwen2"),
     ("mistral-style", "mistral", "wordpiece", 200, "mistral"),
 ]
 
