@@ -11,6 +11,14 @@ Teachers may use other tokenizers than the student (each its own, or `--teacher_
 distilled in cross-tokenizer mode (see `hf_mtkd.cross_tokenizer`), on the raw texts, each cut to `--block_size`
 student tokens, instead of concatenated token blocks.
 
+The data may also be in the formats TRL's SFT trainer reads (see `hf_mtkd.chat_data` and docs/chat.md): prompt/
+completion pairs (strings, or lists of messages) and conversations (`messages`), from `--dataset_name` or .json,
+.jsonl or .parquet files. Conversations are rendered with each model's chat template (`--chat_template_path` for a
+tokenizer without one); only completions and assistant turns carry loss (`--completion_only_loss`,
+`--assistant_only_loss`); `--packing` packs short examples into rows of `--block_size` tokens without attention
+across them. Rendered and tokenized here on the student's tokenizer, such data also works with
+`--teacher_logits_cache`.
+
 When the data has the `--routing_column` (`teacher_ids` by default, see `hf_mtkd.routing`), each text is routed to
 the teachers it names. Blocks concatenated from several texts would mix rows routed to different teachers, so each
 text is then one example of its own, cut to `--block_size` tokens, and keeps its routing value.
