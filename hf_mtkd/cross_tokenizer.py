@@ -350,7 +350,8 @@ class MultiTokenizerCollator:
     With a `renderer` (prompt/completion or conversational data, `hf_mtkd.chat_data`), each model renders the
     example itself, conversations with its own chat template; the student's labels are -100 outside the completion
     or assistant turns, each teacher reads its whole rendering (cut to its `teacher_max_lengths` entry) and is
-    aligned inside the message contents (`align_encoded`). `teacher_names` name the teachers in errors.
+    aligned inside the message contents (`align_encoded`) at the positions whose next token carries loss (so the
+    teacher's predictions are mapped nowhere else). `teacher_names` name the teachers in errors.
     """
 
     def __init__(
@@ -465,11 +466,19 @@ class MultiTokenizerCollator:
                 {
                     "input_ids": pad_rows([e.input_ids for e in teacher], tokenizer.pad_token_id or 0),
                     "attention_mask": pad_rows([[1] * len(e.input_ids) for e in teacher], 0),
-                    "position_map": pad_rows([align_encoded(s, t) for s, t in zip(student, teacher, strict=True)], -1),
+                    "position_map": pad_rows(
+                        [_learned_only(align_encoded(s, t), s.labels) for s, t in zip(student, teacher, strict=True)],
+                        -1,
+                    ),
                 }
             )
         batch[TEACHER_INPUTS_KEY] = teacher_inputs
         return batch
+
+
+def _learned_only(position_map: list[int], labels: Sequence[int]) -> list[int]:
+    """A position map kept where the student's next token carries loss (-1 elsewhere: no teacher work there)."""
+    return [j if t + 1 < len(labels) and labels[t + 1] != -100 else -1 for t, j in enumerate(position_map)]
 
 
 # ---- choosing the mode and running a cross-tokenizer teacher ----
@@ -611,14 +620,20 @@ def teacher_on_student_positions(
     rows = torch.arange(position_map.shape[0], device=position_map.device)[:, None]
     index = position_map.clamp(min=0)
     own = logits[rows, index]
-    mapped = vocabulary_map.project(own, temperature)
+    mapped = vocabulary_map.project(own[available], temperature)  # only where aligned: e.g. no prompt position
+
+    def scatter(values: Tensor, fill: float | bool) -> Tensor:
+        full = values.new_full((*available.shape, *values.shape[1:]), fill)
+        full[available] = values
+        return full
+
     return AlignedTeacher(
-        logits=mapped.logits,
+        logits=scatter(mapped.logits, 0.0),
         own_logits=own,
         hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
-        available=available & mapped.has_mass,
-        unmapped_mass=mapped.unmapped_mass,
-        inexact_mass=mapped.inexact_mass,
+        available=scatter(mapped.has_mass, False),
+        unmapped_mass=scatter(mapped.unmapped_mass, 0.0),
+        inexact_mass=scatter(mapped.inexact_mass, 0.0),
     )
 
 

@@ -20,7 +20,7 @@ from hf_mtkd.chat_data import (
     tokenize_dataset,
 )
 from hf_mtkd.cli import main as cli_main
-from hf_mtkd.cross_tokenizer import MultiTokenizerCollator, align_encoded
+from hf_mtkd.cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_encoded, segment_keys
 from hf_mtkd.run_clm_distill import main
 from hf_mtkd.testing import (
     CHAT_TEMPLATES,
@@ -149,6 +149,13 @@ def test_a_row_without_assistant_turn_and_a_template_less_tokenizer_are_refused(
 
 
 # ---- cross-tokenizer: each model renders with its own template, aligned inside the contents ----
+
+
+def test_segment_keys_by_hand():
+    # "<a>hi yo</a><b>ok</b>": contents "hi yo" at [3, 8) and "ok" at [15, 17)
+    keys = [(3, 3), (5, 6), (8, 8), (15, 15), (17, 17)]
+    assert segment_keys(keys, [(3, 8), (15, 17)]) == [(0, 0, 0), (0, 2, 3), None, (1, 0, 0), None]
+    assert segment_keys([(2, 3), (5, 6)], [None, (5, 9)]) == [None, (1, 0, 1)]  # a context ending before a content
 
 
 def test_two_templates_align_on_the_completion_spans(chatml, mistral, conversations):
@@ -293,7 +300,9 @@ def test_prompt_positions_carry_no_loss_and_no_kd_work(tmp_path, chatml, convers
     torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
 
 
-def test_cross_tokenizer_teachers_render_with_their_own_templates(tmp_path, chatml, mistral, conversations):
+def test_cross_tokenizer_teachers_render_with_their_own_templates(
+    tmp_path, chatml, mistral, conversations, monkeypatch
+):
     llama3 = chat_tokenizer(conversations, "llama3", 300, "bpe")
     rows = Dataset.from_list([{"messages": m} for m in conversations])
     teachers = [tiny_causal_lm("llama", llama3, seed=3), tiny_causal_lm("mistral", mistral, seed=4)]
@@ -306,6 +315,18 @@ def test_cross_tokenizer_teachers_render_with_their_own_templates(tmp_path, chat
     assert all(text.startswith("<|im_start|>user\n") for text in texts)
     assert llama3.decode(batch["teacher_inputs"][0]["input_ids"][0]).startswith("<s><|start_header_id|>user")
     assert mistral.decode(batch["teacher_inputs"][1]["input_ids"][0]).startswith("<s> [INST]")
+    for own in batch["teacher_inputs"]:  # aligned only where the student's next token carries loss
+        aligned = own["position_map"][:, :-1] >= 0
+        assert aligned.any() and not (aligned & (batch["labels"][:, 1:] == -100)).any()
+    projected, project = [], VocabularyMap.project
+
+    def counted(self, logits, temperature):
+        projected.append(logits.shape[0])
+        return project(self, logits, temperature)
+
+    monkeypatch.setattr(VocabularyMap, "project", counted)
+    trainer.compute_loss(trainer.model, batch)
+    assert projected == [int((own["position_map"] >= 0).sum()) for own in batch["teacher_inputs"]]
     trainer.train()
     logged = trainer.state.log_history[0]
     for name in ("l", "m"):
