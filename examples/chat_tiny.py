@@ -3,9 +3,10 @@ Chat distillation offline in about a minute on a CPU: three teachers with Llama-
 chat templates, each on its own tokenizer, teach a student with a ChatML template the assistant turns of a
 conversational dataset in TRL's `messages` format, with one `hf-mtkd distill` command.
 
-Usage: `python examples/chat_tiny.py [WORK_DIR]` (default: a new temporary directory). It writes the data, the
-tokenizers (each given its chat template here) and the briefly fitted teachers under WORK_DIR, then runs the
-command it prints.
+Usage: `python examples/chat_tiny.py [WORK_DIR [FLAG ...]]` (default: a new temporary directory). It writes the
+data, the tokenizers (each given its chat template here) and the briefly fitted teachers under WORK_DIR, then runs
+the command it prints, with any further flags appended (e.g. `--alpha_kd 0 --alpha_ce 1` for the student trained on
+the assistant turns alone, without teachers' distributions).
 """
 
 import json
@@ -24,7 +25,7 @@ TEACHERS = [  # name, chat template style, tokenizer algorithm and size, archite
 ]
 
 
-def main(work_dir: str) -> None:
+def main(work_dir: str, extra: list[str]) -> None:
     os.makedirs(work_dir, exist_ok=True)
     conversations = synthetic_conversations(400, seed=0)
     data = {"train": conversations[:360], "validation": conversations[360:]}
@@ -53,6 +54,7 @@ def main(work_dir: str) -> None:
         "--do_train", "--do_eval", "--output_dir", os.path.join(work_dir, "distilled"),
         "--max_steps", "80", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--block_size", "96",
         "--logging_steps", "20", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "0",
+        *extra,
     ]  # fmt: skip
     print("hf-mtkd distill " + shlex.join(args))
     distill(args, prog="hf-mtkd distill")
@@ -62,4 +64,4 @@ def main(work_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), sys.argv[2:])
