@@ -55,7 +55,7 @@ from transformers import (
     set_seed,
 )
 
-from .chat_data import ExampleRenderer, detect_format, set_chat_template, tokenize_dataset
+from .chat_data import CompletionCollator, ExampleRenderer, detect_format, set_chat_template, tokenize_dataset
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
 from .hub import check_push_access
@@ -516,6 +516,18 @@ def _map_kwargs(data_args: DataTrainingArguments, description: str) -> dict[str,
     }
 
 
+def _collator(
+    tokenizer: PreTrainedTokenizerBase, cross: bool, routing: str | None, renderer: ExampleRenderer | None
+) -> Any:
+    """
+    The data collator: None (the trainer's, which pads) in cross-tokenizer mode or for routed texts, one that keeps
+    the labels (and packed position ids) of rendered data, else `default_data_collator` for the equal blocks.
+    """
+    if cross or (routing and renderer is None):
+        return None
+    return default_data_collator if renderer is None else CompletionCollator(tokenizer.pad_token_id)
+
+
 def _masking(renderer: ExampleRenderer, training_args: MultiTeacherDistillationConfig) -> str:
     """What carries loss in the renderer's format, for the log."""
     packing = ", packed into rows of --block_size tokens" if training_args.packing else ""
@@ -736,7 +748,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=None if cross or routing or renderer else default_data_collator,  # None: one that pads
+            data_collator=_collator(tokenizer, cross, routing, renderer),
             # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
             teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )

@@ -395,6 +395,9 @@ def test_script_on_chat_data_needs_a_template(tmp_path, teacher_dirs, student_di
     check_results(tmp_path / "out", ["a", "b"])
     student_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert student_tokenizer.chat_template == CHAT_TEMPLATES["chatml"]  # saved with the student
+    streamed = ["--streaming", "--max_eval_samples", "8", "--packing", "--output_dir", str(tmp_path / "streamed")]
+    run_main([*common, "--chat_template_path", chat_files["template"], *streamed])  # rendered and packed lazily
+    check_results(tmp_path / "streamed", ["a", "b"], trained=False)  # a stream has no sample count
 
 
 @pytest.mark.slow
