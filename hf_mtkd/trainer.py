@@ -22,7 +22,13 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
-from .chat_data import default_collator, set_chat_template, tokenize_dataset, trainer_renderer
+from .chat_data import (
+    CompletionCollator,
+    default_collator,
+    set_chat_template,
+    tokenize_dataset,
+    trainer_renderer,
+)
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
@@ -235,10 +241,9 @@ class MultiTeacherDistillationTrainer(Trainer):
                     teacher_names=self.teacher_names,
                 )
             elif renderer is not None:
-                train_dataset, eval_dataset = (
-                    self._tokenize(dataset, renderer, args, processing_class)
-                    for dataset in (train_dataset, eval_dataset)
-                )
+                train_dataset = self._tokenize(train_dataset, renderer, args, processing_class)
+                eval_dataset = self._tokenize(eval_dataset, renderer, args, processing_class)
+                data_collator = data_collator or CompletionCollator(processing_class.pad_token_id)
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
                 data_collator = default_collator(processing_class, train_dataset, eval_dataset)
             if self.cross_tokenizer:

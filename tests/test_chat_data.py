@@ -272,6 +272,17 @@ def test_each_format_trains_end_to_end(tmp_path, chatml, conversations, data_for
     assert math.isfinite(metrics["eval_loss_kd"]) and metrics["eval_perplexity"] > 1
 
 
+def test_a_streamed_chat_dataset_keeps_its_masks(tmp_path, chatml, conversations):
+    stream = Dataset.from_list([{"messages": m} for m in conversations]).to_iterable_dataset()
+    trainer = make_trainer(tmp_path, chatml, stream, packing=True, max_length=96)
+    rows = list(trainer.train_dataset.take(4))
+    batch = trainer.data_collator(rows)
+    for i, row in enumerate(rows):  # the assistant masks and the packed position ids, kept
+        assert batch["labels"][i, : len(row["labels"])].tolist() == row["labels"]
+        assert batch["position_ids"][i, : len(row["position_ids"])].tolist() == row["position_ids"]
+    assert math.isfinite(trainer.train().training_loss)
+
+
 class PromptPoisoned(torch.nn.Module):
     """A teacher whose logits are NaN wherever the next token carries no loss: any use of them would show."""
 
