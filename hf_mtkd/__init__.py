@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .alignment import FeatureProjector
+from .chat_data import CompletionCollator, ExampleRenderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
@@ -26,6 +27,8 @@ from .weighting import WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
+    "CompletionCollator",
+    "ExampleRenderer",
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
