@@ -312,10 +312,19 @@ def test_cli_version_help_and_unknown_command(capsys):
 
 
 def readme_section_commands() -> list[str]:
-    """The bash blocks of the README's "Distill with the example script" section."""
+    """The bash blocks of the example-script guide (docs/example_script.md, linked from the README)."""
+    guide = (ROOT / "docs" / "example_script.md").read_text()
+    return re.findall(r"```bash\n(.*?)```", guide, flags=re.S)
+
+
+def test_readme_front_page_command_is_valid_arguments():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Distill with the example script\n")[1].split("\n## ")[0]
-    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    section = readme.split("## Distill from the command line\n")[1].split("\n## ")[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    args = shlex.split(block.split("hf-mtkd distill", 1)[1].replace("\\\n", " "))
+    model_args, data_args, _, training_args = parse_args(build_parser(), args)
+    assert len(model_args.teacher_model_name_or_path) == 2 and training_args.teacher_weighting == "entropy"
+    assert data_args.dataset_config_name == "wikitext-2-raw-v1" and training_args.do_train
 
 
 def test_readme_commands_are_valid_arguments(tmp_path, monkeypatch):
