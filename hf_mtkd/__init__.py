@@ -13,6 +13,7 @@ from .losses import (
     multi_teacher_kd_loss,
     universal_logit_distillation_loss,
 )
+from .pruning import student_from_teacher
 from .teacher_cache import (
     StaleCacheError,
     TeacherCacheCollator,
@@ -44,5 +45,6 @@ __all__ = [
     "load_teacher_cache",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
+    "student_from_teacher",
     "universal_logit_distillation_loss",
 ]

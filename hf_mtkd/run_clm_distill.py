@@ -51,6 +51,7 @@ from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
 from .hub import check_push_access
 from .parameters import count_parameters
+from .pruning import student_from_teacher
 from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
 from .teachers import teacher_names, unloadable_teacher_message
@@ -107,6 +108,15 @@ class ModelArguments:
     config_name: str | None = field(
         default=None,
         metadata={"help": "Config (name or path) of the student, if not the one of --model_name_or_path."},
+    )
+    student_from_teacher_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Cut the student from the first teacher (depth pruning): one number N keeps N evenly spaced "
+            "decoder layers (the first and the last among them), several numbers are the indices of the layers to "
+            "keep; embeddings, final norm and head are copied. Not with --model_name_or_path, --config_name or "
+            "--model_type."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -172,6 +182,13 @@ class ModelArguments:
             raise ValueError(
                 f"--teacher_tokenizer_name has {len(self.teacher_tokenizer_name)} entries but there are "
                 f"{len(self.teacher_model_name_or_path)} teachers: give one per teacher, in the same order."
+            )
+        if self.student_from_teacher_layers is not None and (
+            self.model_name_or_path or self.config_name or self.model_type
+        ):
+            raise ValueError(
+                "--student_from_teacher_layers cuts the student from the first teacher; leave out "
+                "--model_name_or_path, --config_name and --model_type."
             )
         if self.config_overrides is not None and self.model_name_or_path is not None:
             raise ValueError(
@@ -415,8 +432,8 @@ def load_student(
     vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """
-    The student from `--model_name_or_path`, or a new one from `--config_name`/`--model_type` (+ overrides) with
-    `vocab_size` (default: the first teacher's).
+    The student from `--model_name_or_path`, cut from the first teacher (`--student_from_teacher_layers`), or a new one
+    from `--config_name`/`--model_type` (+ overrides) with `vocab_size` (default: the first teacher's).
     """
     kwargs = {
         "cache_dir": model_args.cache_dir,
@@ -425,6 +442,15 @@ def load_student(
         "trust_remote_code": model_args.trust_remote_code,
     }
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    if model_args.student_from_teacher_layers:
+        layers = model_args.student_from_teacher_layers
+        chosen = {"num_layers": layers[0]} if len(layers) == 1 else {"layers": layers}
+        try:
+            return student_from_teacher(
+                model_args.teacher_model_name_or_path[0], **chosen, dtype=dtype, **{**kwargs, "revision": None}
+            )
+        except ValueError as err:
+            parser.error(str(err))
     if model_args.config_name or model_args.model_name_or_path:
         config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path, **kwargs)
     elif model_args.model_type:
@@ -768,7 +794,12 @@ def _num_samples(prefix: str, dataset: Dataset | IterableDataset) -> dict[str, i
 
 def _card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict[str, Any]:
     """What the model card says about the student's origin and data, as `run_clm.py` passes it."""
-    kwargs: dict[str, Any] = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    origin = model_args.model_name_or_path
+    if model_args.student_from_teacher_layers:
+        layers = model_args.student_from_teacher_layers
+        kept = f"{layers[0]} of its layers" if len(layers) == 1 else f"its layers {layers}"
+        origin = f"{model_args.teacher_model_name_or_path[0]}, cut to {kept}"
+    kwargs: dict[str, Any] = {"finetuned_from": origin, "tasks": "text-generation"}
     if data_args.dataset_name is not None:
         kwargs["dataset_tags"] = data_args.dataset_name
         if data_args.dataset_config_name is not None:
