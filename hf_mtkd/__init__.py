@@ -1,7 +1,5 @@
 """hf_mtkd: multi-teacher knowledge distillation of language models, as a drop-in `transformers.Trainer`."""
 
-__version__ = "0.1.0"
-
 from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
@@ -23,6 +21,7 @@ from .teacher_cache import (
 )
 from .topk import TopKLogits
 from .trainer import MultiTeacherDistillationTrainer
+from .version import __version__
 from .weighting import WEIGHTINGS
 
 __all__ = [

@@ -29,7 +29,6 @@ from itertools import chain
 from typing import Any
 
 import datasets
-import torch
 import transformers
 import yaml
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
@@ -49,7 +48,9 @@ from transformers import (
 
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
+from .dtypes import DTYPE_CHOICES, torch_dtype
 from .hub import check_push_access
+from .model_config import text_config
 from .parameters import count_parameters
 from .pruning import student_from_teacher
 from .redaction import redact_arguments_file, redact_argv
@@ -62,7 +63,6 @@ logger = transformers.utils.logging.get_logger(__name__)
 MODEL_TYPES = sorted({config.model_type for config in MODEL_FOR_CAUSAL_LM_MAPPING.keys()})
 DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv"}
 """Extensions accepted for `--train_file`/`--validation_file` and the `datasets` builder that reads each."""
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -162,7 +162,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "dtype to load the student in; 'auto' takes the checkpoint's. Teachers use --teacher_dtype.",
-            "choices": list(DTYPES),
+            "choices": list(DTYPE_CHOICES),
         },
     )
 
@@ -408,8 +408,7 @@ def max_input_length(tokenizer: PreTrainedTokenizerBase, configs: Iterable[Pretr
     """The longest input the tokenizer and every model (student and teachers) accept."""
     lengths = [tokenizer.model_max_length]
     for config in configs:
-        text_config = config.get_text_config()
-        lengths += [getattr(text_config, "max_position_embeddings", None) or math.inf]
+        lengths += [getattr(text_config(config), "max_position_embeddings", None) or math.inf]
     return int(min(lengths))
 
 
@@ -441,7 +440,7 @@ def load_student(
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    dtype = None if model_args.dtype is None else torch_dtype(model_args.dtype)
     if model_args.student_from_teacher_layers:
         layers = model_args.student_from_teacher_layers
         chosen = {"num_layers": layers[0]} if len(layers) == 1 else {"layers": layers}
@@ -467,10 +466,10 @@ def load_student(
     if model_args.config_overrides:
         logger.info("Overriding the student's config with %s", model_args.config_overrides)
         config.update_from_string(model_args.config_overrides)
-    target_vocab = vocab_size or teacher_config.get_text_config().vocab_size
-    if config.get_text_config().vocab_size != target_vocab:
+    target_vocab = vocab_size or text_config(teacher_config).vocab_size
+    if text_config(config).vocab_size != target_vocab:
         logger.info("The new student gets a vocabulary of %d tokens, that of its tokenizer.", target_vocab)
-        config.get_text_config().vocab_size = target_vocab
+        text_config(config).vocab_size = target_vocab
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
     logger.info("Training a new student from scratch: %.2fM parameters.", count_parameters(model) / 1e6)
     return model

@@ -21,7 +21,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
-from ..model_card import count_parameters
+from ..parameters import count_parameters
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
