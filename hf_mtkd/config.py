@@ -10,10 +10,11 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .alignment import FEATURE_LOSSES
 from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .dtypes import DTYPE_CHOICES
-from .losses import FEATURE_LOSSES, FUSIONS
+from .fusion import FUSIONS
 from .redaction import redact
 from .weighting import GRANULARITIES, WEIGHTINGS
 

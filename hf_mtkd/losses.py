@@ -24,23 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .alignment import FEATURE_LOSSES
 from .dtypes import upcast
+from .fusion import FUSIONS
+from .settings import DistillationSettings
 from .topk import SparseRows, TeacherLogits, TopKLogits, sparse_fused_kl, take_rows
-from .weighting import (
-    POSITION_LOCAL_WEIGHTINGS,
-    TeacherSignals,
-    WeightingParameters,
-    check_teacher_prior,
-    normalize_prior,
-    weights_from_signals,
-)
+from .weighting import TeacherSignals, check_teacher_prior, weights_from_signals
 
-FUSIONS = ("probability", "logit")
+__all__ = ["FEATURE_LOSSES", "FUSIONS"]  # re-exported: they were importable from here
 CHUNK_ELEMENTS = 2**22
 """With `chunk_size=None`, positions are read `CHUNK_ELEMENTS // V` at a time: each `[chunk, V]` float32 tensor is
 16 MiB, small enough to be reused from the allocator's cache instead of faulted in afresh, large enough that the
 per-chunk overhead is negligible."""
-FEATURE_LOSSES = ("mse", "cosine")
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -263,29 +258,30 @@ def _signals(
 
 @dataclass(frozen=True)
 class _Weighting:
-    """How the teachers are weighted: the arguments of `weights_from_signals` besides the signals."""
+    """How K teachers are weighted: the settings' weighting with the static prior `[K]` on the batch's device."""
 
-    weighting: str
+    settings: DistillationSettings
     prior: Tensor
-    params: WeightingParameters
-    granularity: str
-    min_weight: float
+
+    @classmethod
+    def of(cls, settings: DistillationSettings, num_teachers: int, device: torch.device) -> _Weighting:
+        settings.check_num_teachers(num_teachers)
+        return cls(settings, settings.prior(num_teachers, device=device))
 
     @property
     def local(self) -> bool:
-        """Whether a position's weights depend only on that position's signals (so they can be made per chunk)."""
-        return self.granularity == "token" and self.weighting in POSITION_LOCAL_WEIGHTINGS
+        return self.settings.position_local
 
     def __call__(
         self, signals: TeacherSignals, teacher_mask: Tensor | None, teacher_prior: Tensor | None = None
     ) -> Tensor:
         return weights_from_signals(
             signals,
-            weighting=self.weighting,
+            weighting=self.settings.weighting,
             prior=self.prior,
-            params=self.params,
-            granularity=self.granularity,
-            min_weight=self.min_weight,
+            params=self.settings.weighting_parameters,
+            granularity=self.settings.granularity,
+            min_weight=self.settings.min_weight,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
         )
@@ -328,10 +324,11 @@ class _Distillation(torch.autograd.Function):
         weigh: _Weighting,
         teacher_mask: Tensor | None,
         teacher_prior: Tensor | None,
-        options: tuple[float, str, float, float | None, int | None],
+        settings: DistillationSettings,
         *teacher_logits: TeacherLogits,
     ) -> tuple[Tensor, ...]:
-        temperature, fusion, alpha_kd, alpha_ce, chunk_size = options
+        temperature, fusion, chunk_size = settings.temperature, settings.fusion, settings.chunk_size
+        alpha_kd, alpha_ce = settings.alpha_kd, settings.alpha_ce
         targets = shift_labels(labels)
         mask = targets != -100
         flat_targets = targets.flatten().clamp(min=0)
@@ -414,6 +411,92 @@ class _Distillation(torch.autograd.Function):
         return (grad, *[None] * (ctx.num_inputs - 1))
 
 
+class DistillationLoss:
+    """
+    The distillation loss of one `DistillationSettings` (built and checked once, e.g. by the trainer from its
+    config); the functions below are thin wrappers that build the settings from their keywords.
+    """
+
+    def __init__(self, settings: DistillationSettings) -> None:
+        self.settings = settings
+
+    def weights(
+        self,
+        teacher_logits: Sequence[TeacherLogits],
+        labels: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        teacher_mask: Tensor | None = None,
+        teacher_prior: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher weights `[K, B, T]` (see `compute_teacher_weights`)."""
+        _check_logits(None, teacher_logits)
+        if teacher_prior is not None:
+            check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
+        weigh = _Weighting.of(self.settings, len(teacher_logits), labels.device)
+        signals = _teacher_statistics(
+            teacher_logits,
+            labels,
+            temperature=self.settings.temperature,
+            position_ids=position_ids,
+            chunk_size=self.settings.chunk_size,
+        )
+        return weigh(signals, teacher_mask, teacher_prior)
+
+    def kd(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Sequence[TeacherLogits],
+        labels: Tensor,
+        *,
+        num_items_in_batch: Tensor | int | None = None,
+        position_ids: Tensor | None = None,
+        teacher_mask: Tensor | None = None,
+        teacher_prior: Tensor | None = None,
+    ) -> MultiTeacherKDOutput:
+        """$\\alpha_{kd} L_{kd} + \\alpha_{ce} L_{ce}$ with its terms, weights and signals (see `multi_teacher_kd`)."""
+        settings = self.settings
+        _check_logits(student_logits, teacher_logits)
+        if teacher_prior is not None:
+            check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
+        weigh = _Weighting.of(settings, len(teacher_logits), labels.device)
+        mask = next_token_mask(labels)
+        weights = None
+        if not weigh.local:
+            signals = _teacher_statistics(
+                teacher_logits,
+                labels,
+                temperature=settings.temperature,
+                position_ids=position_ids,
+                chunk_size=settings.chunk_size,
+            )
+            weights = weigh(signals, teacher_mask, teacher_prior)
+        teachers = [logits.detach() for logits in teacher_logits]
+        loss, loss_kd, loss_ce, entropy, target_log_prob = _Distillation.apply(
+            student_logits,
+            labels,
+            _normalizer(mask, num_items_in_batch),
+            weights,
+            weigh,
+            teacher_mask,
+            teacher_prior,
+            settings,
+            *teachers,
+        )
+        if weights is None:
+            segment_starts = None if position_ids is None else position_ids == 0
+            signals = TeacherSignals(entropy, target_log_prob, mask, segment_starts)
+            weights = weigh(signals, teacher_mask, teacher_prior)
+        return MultiTeacherKDOutput(
+            loss=loss,
+            loss_kd=loss_kd,
+            loss_ce=None if settings.alpha_ce is None else loss_ce,
+            weights=weights,
+            signals=signals,
+            teacher_mask=teacher_mask,
+        )
+
+
 def compute_teacher_weights(
     teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
@@ -452,20 +535,21 @@ def compute_teacher_weights(
             one-hot row routes its sequence to one teacher, a uniform row changes nothing, and a teacher with
             $r_{b,k} = 0$ is unavailable in row b as with `teacher_mask`.
     """
-    _check_logits(None, teacher_logits)
-    if teacher_prior is not None:
-        check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
-    weigh = _Weighting(
-        weighting,
-        normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
-        WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
-        granularity,
-        min_weight,
+    return DistillationLoss(
+        DistillationSettings(
+            temperature=temperature,
+            weighting=weighting,
+            entropy_temperature=entropy_temperature,
+            teacher_weights=teacher_weights,
+            granularity=granularity,
+            label_temperature=label_temperature,
+            posterior_decay=posterior_decay,
+            min_weight=min_weight,
+            chunk_size=chunk_size,
+        )
+    ).weights(
+        teacher_logits, labels, position_ids=position_ids, teacher_mask=teacher_mask, teacher_prior=teacher_prior
     )
-    signals = _teacher_statistics(
-        teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
-    )
-    return weigh(signals, teacher_mask, teacher_prior)
 
 
 def multi_teacher_kd(
@@ -500,47 +584,28 @@ def multi_teacher_kd(
     `correctness`); otherwise a first pass computes the teachers' statistics. Without `alpha_ce`, $L_{ce}$ is
     neither computed nor part of the loss.
     """
-    _check_logits(student_logits, teacher_logits)
-    if fusion not in FUSIONS:
-        raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
-    if teacher_prior is not None:
-        check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
-    weigh = _Weighting(
-        weighting,
-        normalize_prior(teacher_weights, len(teacher_logits), device=labels.device),
-        WeightingParameters(entropy_temperature, label_temperature, posterior_decay),
-        granularity,
-        min_weight,
+    settings = DistillationSettings(
+        temperature=temperature,
+        weighting=weighting,
+        entropy_temperature=entropy_temperature,
+        teacher_weights=teacher_weights,
+        fusion=fusion,
+        granularity=granularity,
+        label_temperature=label_temperature,
+        posterior_decay=posterior_decay,
+        min_weight=min_weight,
+        chunk_size=chunk_size,
+        alpha_kd=alpha_kd,
+        alpha_ce=alpha_ce,
     )
-    mask = next_token_mask(labels)
-    weights = None
-    if not weigh.local:
-        signals = _teacher_statistics(
-            teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
-        )
-        weights = weigh(signals, teacher_mask, teacher_prior)
-    teachers = [logits.detach() for logits in teacher_logits]
-    loss, loss_kd, loss_ce, entropy, target_log_prob = _Distillation.apply(
+    return DistillationLoss(settings).kd(
         student_logits,
+        teacher_logits,
         labels,
-        _normalizer(mask, num_items_in_batch),
-        weights,
-        weigh,
-        teacher_mask,
-        teacher_prior,
-        (temperature, fusion, alpha_kd, alpha_ce, chunk_size),
-        *teachers,
-    )
-    if weights is None:
-        signals = TeacherSignals(entropy, target_log_prob, mask, None if position_ids is None else position_ids == 0)
-        weights = weigh(signals, teacher_mask, teacher_prior)
-    return MultiTeacherKDOutput(
-        loss=loss,
-        loss_kd=loss_kd,
-        loss_ce=None if alpha_ce is None else loss_ce,
-        weights=weights,
-        signals=signals,
+        num_items_in_batch=num_items_in_batch,
+        position_ids=position_ids,
         teacher_mask=teacher_mask,
+        teacher_prior=teacher_prior,
     )
 
 

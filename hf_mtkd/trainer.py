@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import datasets
@@ -38,15 +39,16 @@ from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import (
+    DistillationLoss,
     MultiTeacherKDOutput,
     feature_alignment_loss,
-    multi_teacher_kd,
     next_token_mask,
     universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
+from .settings import DistillationSettings
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -158,6 +160,8 @@ class MultiTeacherDistillationTrainer(Trainer):
                     "projections are used outside the student's forward. Leave it unset (or False)."
                 )
             args.ddp_find_unused_parameters = False
+        self.settings = DistillationSettings.from_config(args)
+        """The loss settings, built from `args` once."""
         self.teacher_cache = cache
         """The teacher-logits cache trained on instead of live teachers, if any."""
         if cache is not None:
@@ -521,26 +525,14 @@ class MultiTeacherDistillationTrainer(Trainer):
             valid = torch.ones_like(labels, dtype=torch.bool)
             teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
         uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
-        kd = multi_teacher_kd(
+        kd = DistillationLoss(replace(self.settings, alpha_kd=0.0) if uld else self.settings).kd(
             outputs.logits,
             teacher_logits,
             labels,
-            temperature=args.temperature,
-            weighting=args.teacher_weighting,
-            entropy_temperature=args.entropy_temperature,
-            teacher_weights=args.teacher_weights,
-            fusion=args.fusion,
-            granularity=args.weighting_granularity,
             num_items_in_batch=num_items_in_batch,
-            label_temperature=args.label_temperature,
-            posterior_decay=args.posterior_decay,
-            min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
-            chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
-            alpha_kd=0.0 if uld else args.alpha_kd,
-            alpha_ce=args.alpha_ce,
         )
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
         loss, loss_kd = kd.loss, kd.loss_kd

@@ -10,6 +10,7 @@ PACKAGE = Path(hf_mtkd.__file__).parent
 LAYERS = [
     # helpers and the loss math: pure functions of tensors and settings
     {"version", "dtypes", "model_config", "parameters", "redaction", "topk", "weighting", "routing", "alignment"},
+    {"fusion", "settings"},
     {"losses"},
     # teachers and where their outputs come from
     {"teachers", "distributed", "generation_eval", "pruning"},

@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
 from ..parameters import count_parameters
+from ..settings import DistillationSettings
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
@@ -89,13 +90,11 @@ def distill(
     return student, scale.distill_steps * scale.batch_size * scale.block_size / seconds
 
 
-def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | None:
-    """The `compute_teacher_weights` arguments a multi-teacher method trains with (None for one teacher or none)."""
+def weighting_of(method: Method, hparams: dict[str, Any]) -> DistillationSettings | None:
+    """The loss settings of the config fields a multi-teacher method trains with (None for one teacher or none)."""
     if len(method.teachers) < 2:
         return None
-    config = {**method.settings, **hparams}
-    keys = ("temperature", "entropy_temperature", "label_temperature", "posterior_decay")
-    return {"weighting": config["teacher_weighting"], **{k: config[k] for k in keys if k in config}}
+    return DistillationSettings.from_fields({**method.settings, **hparams})
 
 
 def evaluate(
