@@ -18,9 +18,10 @@ are then brought to the student's positions and vocabulary before they enter the
   unmapped mass $u_k$ being renormalised away (and reported).
 
 Temperature: the map is applied to $p_k = \mathrm{softmax}(z_k/\tau)$ and the result is handed to the loss as the
-logits $\tau \log \tilde p_k$, so the loss's $\mathrm{softmax}(\cdot/\tau)$ recovers $\tilde p_k$ exactly; the
-entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read $\log \tilde p_k$ at temperature 1
-as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map is one-to-one.
+logits $\tau \log \tilde p_k$ (`MappedTeacher.scaled_log_probs`), so the loss's $\mathrm{softmax}(\cdot/\tau)$
+recovers $\tilde p_k$ exactly; the entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read
+$\log \tilde p_k$ at temperature 1 as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map
+is one-to-one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .divergences import DIVERGENCES
 from .dtypes import upcast
 from .model_config import text_config
 from .teachers import pad_rows, teacher_forward, vocab_size
@@ -44,7 +46,8 @@ from .teachers import pad_rows, teacher_forward, vocab_size
 logger = logging.get_logger(__name__)
 
 CROSS_TOKENIZER_MODES = ("auto", "always", "never")
-CROSS_TOKENIZER_LOSSES = ("kl", "uld")
+CROSS_TOKENIZER_LOSSES = DIVERGENCES
+"""The divergences of the KD term with cross-tokenizer teachers (`hf_mtkd.divergences`)."""
 TEACHER_INPUTS_KEY = "teacher_inputs"
 """Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
 LOG_ZERO = -100.0
@@ -167,8 +170,8 @@ def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bo
 class MappedTeacher:
     """A teacher's tempered distribution on the student's vocabulary, with what the map lost or approximated."""
 
-    logits: Tensor
-    """`[..., V_s]` $\\tau \\log \\tilde p$: the loss's `softmax(logits / tau)` gives back $\\tilde p$."""
+    scaled_log_probs: Tensor
+    """`[..., V_s]` $\\tau \\log \\tilde p$ (logits at temperature tau): `softmax(them / tau)` is $\\tilde p$."""
     unmapped_mass: Tensor
     """`[...]` teacher probability (at temperature tau) on tokens with no student counterpart, renormalised away."""
     inexact_mass: Tensor
@@ -253,7 +256,7 @@ class VocabularyMap:
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
         return MappedTeacher(
-            logits=temperature * log_probs,
+            scaled_log_probs=temperature * log_probs,
             unmapped_mass=probs[..., ~self.mapped].sum(dim=-1),
             inexact_mass=probs[..., self.mapped & ~self.exact].sum(dim=-1),
             has_mass=total[..., 0] > 0,
@@ -503,8 +506,8 @@ def resolve_teacher_tokenizers(
 class AlignedTeacher:
     """A cross-tokenizer teacher's outputs at the student's positions and on the student's vocabulary."""
 
-    logits: Tensor
-    """`[B, T, V_s]` mapped logits (see `VocabularyMap.project`)."""
+    scaled_log_probs: Tensor
+    """`[B, T, V_s]` the mapped distribution as logits at temperature tau (see `MappedTeacher`)."""
     own_logits: Tensor
     """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss)."""
     hidden_states: tuple[Tensor, ...] | None
@@ -535,7 +538,7 @@ def teacher_on_student_positions(
     own = logits[rows, index]
     mapped = vocabulary_map.project(own, temperature)
     return AlignedTeacher(
-        logits=mapped.logits,
+        scaled_log_probs=mapped.scaled_log_probs,
         own_logits=own,
         hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
         available=available & mapped.has_mass,

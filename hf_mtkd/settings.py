@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from .alignment import FEATURE_LOSSES
+from .divergences import DIVERGENCES
 from .fusion import FUSIONS
 from .weighting import GRANULARITIES, POSITION_LOCAL_WEIGHTINGS, WEIGHTINGS, WeightingParameters, normalize_prior
 
@@ -37,8 +38,10 @@ CONFIG_FIELDS = {
     "alpha_feat": "alpha_feat",
     "feature_loss": "feature_loss",
     "normalize_feature_targets": "normalize_feature_targets",
+    "cross_tokenizer_loss": "divergence",
 }
-"""`MultiTeacherDistillationConfig` field -> `DistillationSettings` field, for `from_config`."""
+"""`MultiTeacherDistillationConfig` field -> `DistillationSettings` field, for `from_config` (`cross_tokenizer_loss`
+is the divergence only when some teacher runs in cross-tokenizer mode; the KL otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,9 @@ class DistillationSettings:
 
     Weighting: `weighting` (a key of `hf_mtkd.weighting.WEIGHTINGS`), `entropy_temperature`, `label_temperature`,
     `posterior_decay`, `teacher_weights` (the static prior, None: uniform), `granularity`, `min_weight`.
-    Fusion and divergence: `temperature`, `fusion`. Memory: `chunk_size`. The total: `alpha_kd`, `alpha_ce` (None:
-    no cross-entropy term is computed), `alpha_feat` with `feature_loss` and `normalize_feature_targets`.
+    Fusion and divergence: `temperature`, `fusion`, `divergence` (a key of `hf_mtkd.divergences.DIVERGENCES`).
+    Memory: `chunk_size`. The total: `alpha_kd`, `alpha_ce` (None: no cross-entropy term is computed), `alpha_feat`
+    with `feature_loss` and `normalize_feature_targets`.
     """
 
     temperature: float = 1.0
@@ -67,6 +71,8 @@ class DistillationSettings:
     min_weight: float = 0.0
     """The floor $m$ of every teacher's weight, below 1/K."""
     fusion: str = "probability"
+    divergence: str = "kl"
+    """`kl`, the fused forward KL on the student's vocabulary; `uld`, the weighted ULD distance on each teacher's."""
     chunk_size: int | None = None
     """Positions the loss reads at once (None: `hf_mtkd.losses.auto_chunk_size`)."""
     alpha_kd: float = 1.0
@@ -84,6 +90,8 @@ class DistillationSettings:
             )
         if self.fusion not in FUSIONS:
             raise ValueError(f"Unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}.")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"Unknown divergence {self.divergence!r}; choose one of {list(DIVERGENCES)}.")
         if self.feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"Unknown feature loss {self.feature_loss!r}; choose one of {list(FEATURE_LOSSES)}.")
         if not 0 <= self.min_weight < 1:
@@ -94,9 +102,15 @@ class DistillationSettings:
             object.__setattr__(self, "teacher_weights", tuple(self.teacher_weights))
 
     @classmethod
-    def from_config(cls, config: Any) -> DistillationSettings:
-        """The settings of a `MultiTeacherDistillationConfig` (its fields named in `CONFIG_FIELDS`)."""
-        return cls(**{setting: getattr(config, name) for name, setting in CONFIG_FIELDS.items()})
+    def from_config(cls, config: Any, *, cross_tokenizer: bool = False) -> DistillationSettings:
+        """
+        The settings of a `MultiTeacherDistillationConfig` (its fields named in `CONFIG_FIELDS`); its
+        `cross_tokenizer_loss` applies when some teacher runs in cross-tokenizer mode (`cross_tokenizer`).
+        """
+        settings = {setting: getattr(config, name) for name, setting in CONFIG_FIELDS.items()}
+        if not cross_tokenizer:
+            settings["divergence"] = "kl"
+        return cls(**settings)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> DistillationSettings:
