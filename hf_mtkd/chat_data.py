@@ -91,6 +91,16 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, path: str | None) -> N
         tokenizer.chat_template = load_chat_template(path)
 
 
+def check_fast_tokenizer(tokenizer: Any, owner: str, purpose: str = "cross-tokenizer alignment") -> None:
+    """Refuse a slow tokenizer (of `owner`, e.g. "the student"): `purpose` reads character offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The tokenizer of {owner} ({type(tokenizer).__name__}) is not a fast tokenizer: {purpose} needs "
+            "character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load it with "
+            "`AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
+        )
+
+
 @dataclass(frozen=True)
 class RenderedExample:
     """One example as the text a model reads, with the character spans that carry loss and the message contents."""
@@ -191,11 +201,7 @@ def encode_rendered(
     rendered: RenderedExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
 ) -> EncodedExample:
     """Tokenize a rendered example with character offsets; a token carries loss when it starts in a loss span."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"{type(tokenizer).__name__} is not a fast tokenizer: marking completion tokens needs character offsets. "
-            "Load it with `AutoTokenizer.from_pretrained(..., use_fast=True)`."
-        )
+    check_fast_tokenizer(tokenizer, "the data", purpose="marking completion and assistant tokens")
     encoding = tokenizer(
         rendered.text,
         add_special_tokens=rendered.standard,

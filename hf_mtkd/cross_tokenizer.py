@@ -18,9 +18,10 @@ are then brought to the student's positions and vocabulary before they enter the
   unmapped mass $u_k$ being renormalised away (and reported).
 
 Temperature: the map is applied to $p_k = \mathrm{softmax}(z_k/\tau)$ and the result is handed to the loss as the
-logits $\tau \log \tilde p_k$, so the loss's $\mathrm{softmax}(\cdot/\tau)$ recovers $\tilde p_k$ exactly; the
-entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read $\log \tilde p_k$ at temperature 1
-as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map is one-to-one.
+logits $\tau \log \tilde p_k$ (`MappedTeacher.scaled_log_probs`), so the loss's $\mathrm{softmax}(\cdot/\tau)$
+recovers $\tilde p_k$ exactly; the entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read
+$\log \tilde p_k$ at temperature 1 as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map
+is one-to-one.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .chat_data import EncodedExample, ExampleRenderer
+from .chat_data import EncodedExample, ExampleRenderer, check_fast_tokenizer
+from .divergences import DIVERGENCES
+from .dtypes import upcast
+from .model_config import text_config
 from .teachers import pad_rows, teacher_forward, vocab_size
 
 logger = logging.get_logger(__name__)
 
 CROSS_TOKENIZER_MODES = ("auto", "always", "never")
-CROSS_TOKENIZER_LOSSES = ("kl", "uld")
+CROSS_TOKENIZER_LOSSES = DIVERGENCES
+"""The divergences of the KD term with cross-tokenizer teachers (`hf_mtkd.divergences`)."""
 TEACHER_INPUTS_KEY = "teacher_inputs"
 """Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
 LOG_ZERO = -100.0
@@ -113,8 +118,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
     `<0xAB>` byte-fallback tokens their byte; a WordPiece continuation `##ing` is `ing` and a word-initial `the` is
     ` the` (an approximation: WordPiece does not record whether a space preceded the word).
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; its vocabulary cannot be decoded.")
+    check_fast_tokenizer(tokenizer, "the vocabulary to decode")
     conventions = _conventions(tokenizer)
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
@@ -153,8 +157,8 @@ def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bo
 class MappedTeacher:
     """A teacher's tempered distribution on the student's vocabulary, with what the map lost or approximated."""
 
-    logits: Tensor
-    """`[..., V_s]` $\\tau \\log \\tilde p$: the loss's `softmax(logits / tau)` gives back $\\tilde p$."""
+    scaled_log_probs: Tensor
+    """`[..., V_s]` $\\tau \\log \\tilde p$ (logits at temperature tau): `softmax(them / tau)` is $\\tilde p$."""
     unmapped_mass: Tensor
     """`[...]` teacher probability (at temperature tau) on tokens with no student counterpart, renormalised away."""
     inexact_mass: Tensor
@@ -233,14 +237,13 @@ class VocabularyMap:
         device = teacher_logits.device
         if self.index.device != device:
             self.index, self.exact, self.mapped = self.index.to(device), self.exact.to(device), self.mapped.to(device)
-        logits = teacher_logits.float() if teacher_logits.dtype != torch.float64 else teacher_logits
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(upcast(teacher_logits) / temperature, dim=-1)
         mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
         mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
         return MappedTeacher(
-            logits=temperature * log_probs,
+            scaled_log_probs=temperature * log_probs,
             unmapped_mass=probs[..., ~self.mapped].sum(dim=-1),
             inexact_mass=probs[..., self.mapped & ~self.exact].sum(dim=-1),
             has_mass=total[..., 0] > 0,
@@ -369,8 +372,8 @@ class MultiTokenizerCollator:
             ("the student", tokenizer),
             *((f"teacher {k}", t) for k, t in enumerate(teacher_tokenizers)),
         ]:
-            if tok is not None and not getattr(tok, "is_fast", False):
-                raise ValueError(f"The tokenizer of {name} is not a fast tokenizer: {_FAST_HINT}")
+            if tok is not None:
+                check_fast_tokenizer(tok, name)
         self.tokenizer, self.teacher_tokenizers = tokenizer, list(teacher_tokenizers)
         self.max_length, self.text_column = max_length, text_column
         self.teacher_max_lengths = list(teacher_max_lengths or [None] * len(self.teacher_tokenizers))
@@ -483,11 +486,6 @@ def _learned_only(position_map: list[int], labels: Sequence[int]) -> list[int]:
 
 # ---- choosing the mode and running a cross-tokenizer teacher ----
 
-_FAST_HINT = (
-    "cross-tokenizer alignment needs character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load "
-    "it with `AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
-)
-
 
 def uses_cross_tokenizer(
     names: Sequence[str],
@@ -577,11 +575,8 @@ def resolve_teacher_tokenizers(
                 "`cross_tokenizer='always'`), which tokenizes raw text for every model: pass the student's tokenizer "
                 "as `processing_class`."
             )
-        for owner, tok in (("the student", student_tokenizer), (f"teacher {name!r}", tokenizer)):
-            if not getattr(tok, "is_fast", False):
-                raise ValueError(
-                    f"The tokenizer of {owner} ({type(tok).__name__}) is not a fast tokenizer: {_FAST_HINT}"
-                )
+        check_fast_tokenizer(student_tokenizer, "the student")
+        check_fast_tokenizer(tokenizer, f"teacher {name!r}")
         resolved.append(tokenizer)
     return resolved
 
@@ -590,8 +585,8 @@ def resolve_teacher_tokenizers(
 class AlignedTeacher:
     """A cross-tokenizer teacher's outputs at the student's positions and on the student's vocabulary."""
 
-    logits: Tensor
-    """`[B, T, V_s]` mapped logits (see `VocabularyMap.project`)."""
+    scaled_log_probs: Tensor
+    """`[B, T, V_s]` the mapped distribution as logits at temperature tau (see `MappedTeacher`)."""
     own_logits: Tensor
     """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss)."""
     hidden_states: tuple[Tensor, ...] | None
@@ -628,7 +623,7 @@ def teacher_on_student_positions(
         return full
 
     return AlignedTeacher(
-        logits=scatter(mapped.logits, 0.0),
+        scaled_log_probs=scatter(mapped.scaled_log_probs, 0.0),
         own_logits=own,
         hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
         available=scatter(mapped.has_mass, False),
@@ -672,9 +667,7 @@ def build_vocabulary_maps(
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest input a model accepts (`max_position_embeddings` of its text config), if it says."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def check_text_column(collator: Any, *datasets: Any) -> None:

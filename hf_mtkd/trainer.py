@@ -44,15 +44,15 @@ from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import (
+    DistillationLoss,
+    FeatureBatch,
     MultiTeacherKDOutput,
-    feature_alignment_loss,
-    multi_teacher_kd,
     next_token_mask,
-    universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
+from .settings import DistillationSettings
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -66,6 +66,7 @@ from .teachers import (
     check_teachers,
     load_teachers,
     on_student_vocabulary,
+    require_teachers,
     teacher_forward,
     teacher_names,
     teacher_record,
@@ -154,8 +155,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 f"`args` must be a MultiTeacherDistillationConfig, got {type(args).__name__}; it holds the "
                 "distillation settings on top of every TrainingArguments field."
             )
-        if not teachers:
-            raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+        require_teachers(teachers)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
         cache = teachers if isinstance(teachers, TeacherLogitsCache) else None
@@ -250,6 +250,10 @@ class MultiTeacherDistillationTrainer(Trainer):
                 check_text_column(data_collator, train_dataset, eval_dataset)
             elif reads_token_ids:
                 check_token_ids_column(train_dataset, eval_dataset)
+        self.settings = DistillationSettings.from_config(args, cross_tokenizer=self.cross_tokenizer)
+        """The loss settings, built from `args` once."""
+        self.distillation_loss = DistillationLoss(self.settings)
+        """The loss of `compute_loss`: `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -567,67 +571,44 @@ class MultiTeacherDistillationTrainer(Trainer):
                 aligned[k] = view = teacher_on_student_positions(
                     teacher, name, own, vocabulary_map, temperature=args.temperature, output_hidden_states=align
                 )
-                logits, hidden = view.logits, view.hidden_states
+                logits, hidden = view.scaled_log_probs, view.hidden_states
             teacher_logits.append(logits)
             teacher_hidden.append(hidden)
         teacher_mask = None
         if self.cross_tokenizer:
             valid = torch.ones_like(labels, dtype=torch.bool)
             teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
-        uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
-        kd = multi_teacher_kd(
+        uld = self.settings.divergence == "uld"
+
+        def features(mask: Tensor) -> FeatureBatch:
+            pairs = self.projector.pairs
+            return (
+                self.projector([outputs.hidden_states[s][mask] for _, s, _ in pairs]),
+                [teacher_hidden[k][t][mask] for k, _, t in pairs],
+                [k for k, _, _ in pairs],
+            )
+
+        result = self.distillation_loss(
             outputs.logits,
             teacher_logits,
             labels,
-            temperature=args.temperature,
-            weighting=args.teacher_weighting,
-            entropy_temperature=args.entropy_temperature,
-            teacher_weights=args.teacher_weights,
-            fusion=args.fusion,
-            granularity=args.weighting_granularity,
+            own_logits=[
+                logits if view is None else view.own_logits
+                for logits, view in zip(teacher_logits, aligned, strict=True)
+            ]
+            if uld
+            else None,
+            features=features if align else None,
             num_items_in_batch=num_items_in_batch,
-            label_temperature=args.label_temperature,
-            posterior_decay=args.posterior_decay,
-            min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
-            chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
-            alpha_kd=0.0 if uld else args.alpha_kd,
-            alpha_ce=args.alpha_ce,
         )
+        kd, loss = result.kd, result.loss
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
-        loss, loss_kd = kd.loss, kd.loss_kd
-        if uld:  # the same weights, the ULD distance on each teacher's own vocabulary instead of the fused KL
-            loss_kd = universal_logit_distillation_loss(
-                outputs.logits,
-                [
-                    logits if view is None else view.own_logits
-                    for logits, view in zip(teacher_logits, aligned, strict=True)
-                ],
-                labels,
-                kd.weights,
-                temperature=args.temperature,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.loss_chunk_size,
-            )
-            loss = loss + args.alpha_kd * loss_kd
-        components = {"loss_ce": kd.loss_ce, "loss_kd": loss_kd}
         if align:
-            pairs = self.projector.pairs
-            loss_feat = feature_alignment_loss(
-                self.projector([outputs.hidden_states[s][kd.mask] for _, s, _ in pairs]),
-                [teacher_hidden[k][t][kd.mask] for k, _, t in pairs],
-                [k for k, _, _ in pairs],
-                kd.weights[:, kd.mask],
-                kind=args.feature_loss,
-                normalize_targets=args.normalize_feature_targets,
-                num_items_in_batch=num_items_in_batch,
-            )
-            loss = loss + args.alpha_feat * loss_feat
-            components["loss_feat"] = loss_feat
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch, aligned)
+        self._record_metrics("train" if model.training else "eval", kd, result.terms, num_items_in_batch, aligned)
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from test_run_clm_distill import QUICK, check_results, isolated_logging, run_main, run_subprocess
-from test_trainer import tiny_config
+from trainer_helpers import tiny_config
 from transformers import AutoTokenizer
 
 from hf_mtkd import MultiTeacherDistillationTrainer, load_teacher_cache

@@ -21,7 +21,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
-from ..model_card import count_parameters
+from ..parameters import count_parameters
+from ..settings import DistillationSettings
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SDIST, default_cache_dir, load_domains
@@ -89,13 +90,11 @@ def distill(
     return student, scale.distill_steps * scale.batch_size * scale.block_size / seconds
 
 
-def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | None:
-    """The `compute_teacher_weights` arguments a multi-teacher method trains with (None for one teacher or none)."""
+def weighting_of(method: Method, hparams: dict[str, Any]) -> DistillationSettings | None:
+    """The loss settings of the config fields a multi-teacher method trains with (None for one teacher or none)."""
     if len(method.teachers) < 2:
         return None
-    config = {**method.settings, **hparams}
-    keys = ("temperature", "entropy_temperature", "label_temperature", "posterior_decay")
-    return {"weighting": config["teacher_weighting"], **{k: config[k] for k in keys if k in config}}
+    return DistillationSettings.from_fields({**method.settings, **hparams})
 
 
 def evaluate(
@@ -271,7 +270,7 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
         help="Compute the teachers' top-K logits once (on the steps x batch training blocks the budget reads, drawn "
         "once with a fixed seed, and on the held-out blocks), cache them in the cache dir, and train and evaluate "
         f"every method and seed from them. 0: run the teachers live on every step. Default: {DEFAULT_TOP_K} with "
-        "--pretrained_teacher, else 0 (the README's main tables ran live).",
+        "--pretrained_teacher, else 0 (the demo guide's main tables ran live).",
     )
     parser.add_argument(
         "--bad_teacher",
