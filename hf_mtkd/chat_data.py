@@ -419,7 +419,8 @@ def trainer_renderer(args: Any, *datasets: Any, cross_tokenizer: bool) -> Exampl
     """
     The renderer the trainer applies to its datasets (`args` a `MultiTeacherDistillationConfig`), or None when it
     reads them as they are: prompt/completion and conversational data always; plain text (without `input_ids`)
-    when it is packed, on the student's tokenizer. Cross-tokenizer teachers read plain text as it is.
+    when it is packed, on the student's tokenizer. Cross-tokenizer teachers read plain text as it is; token ids
+    asked to be packed must come packed (with `position_ids`).
     """
     data_format = dataset_format(*datasets)
     if args.packing and cross_tokenizer:
@@ -427,16 +428,29 @@ def trainer_renderer(args: Any, *datasets: Any, cross_tokenizer: bool) -> Exampl
             "`packing` needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
             "rendering of every example). Set packing=False, or use teachers that share the student's tokenizer."
         )
-    tokenized = any(
-        "input_ids" in (getattr(split, "column_names", None) or [])
+    columns = _columns(*datasets)
+    if data_format in ("messages", "prompt_completion"):
+        return ExampleRenderer(data_format, args.completion_only_loss, args.assistant_only_loss)
+    if args.packing and not cross_tokenizer:
+        if data_format == "text" and "input_ids" not in columns:
+            return ExampleRenderer("text")
+        if "input_ids" in columns and "position_ids" not in columns:
+            raise ValueError(
+                f"`packing` packs the data the trainer tokenizes (text, prompt/completion, messages), but the dataset "
+                f"holds token ids already (columns {sorted(columns)}): pack it first with "
+                "`hf_mtkd.chat_data.pack_dataset` (it needs `labels`), or give the raw text."
+            )
+    return None
+
+
+def _columns(*datasets: Any) -> set[str]:
+    """The columns of `datasets` (or of their splits) that say what they hold (a stream may say nothing)."""
+    return {
+        column
         for dataset in datasets
         for split in (dataset.values() if isinstance(dataset, Mapping) else [dataset])
-    )
-    if data_format in ("messages", "prompt_completion") or (
-        data_format == "text" and args.packing and not cross_tokenizer and not tokenized
-    ):
-        return ExampleRenderer(data_format, args.completion_only_loss, args.assistant_only_loss)
-    return None
+        for column in (getattr(split, "column_names", None) or [])
+    }
 
 
 def default_collator(tokenizer: PreTrainedTokenizerBase, *datasets: Any) -> Any:
@@ -444,12 +458,6 @@ def default_collator(tokenizer: PreTrainedTokenizerBase, *datasets: Any) -> Any:
     The collator for tokenized data: `CompletionCollator` when the data holds `labels` or `position_ids` (kept),
     else `DataCollatorForLanguageModeling(tokenizer, mlm=False)` (labels from the ids).
     """
-    columns = {
-        column
-        for dataset in datasets
-        for split in (dataset.values() if isinstance(dataset, Mapping) else [dataset])
-        for column in (getattr(split, "column_names", None) or [])
-    }
-    if columns & {"labels", "position_ids"}:
+    if _columns(*datasets) & {"labels", "position_ids"}:
         return CompletionCollator(tokenizer.pad_token_id)
     return DataCollatorForLanguageModeling(tokenizer, mlm=False)

@@ -219,6 +219,12 @@ def test_packed_row_logits_equal_each_example_alone(chatml, model_type):
     torch.testing.assert_close(packed[1, : len(examples[2])], alone[2], rtol=0, atol=1e-10)
 
 
+def test_packing_is_refused_for_token_ids_that_are_not_packed(tmp_path, chatml):
+    ids = Dataset.from_dict({"input_ids": [chatml("one plus one is two .")["input_ids"]] * 4})
+    with pytest.raises(ValueError, match=r"`packing` packs the data the trainer tokenizes .* pack it first"):
+        make_trainer(tmp_path, chatml, ids, packing=True, max_length=32)
+
+
 def make_trainer(tmp_path, tok, dataset, teachers=None, **config):
     teacher_tokenizers = config.pop("teacher_tokenizers", None)
     return MultiTeacherDistillationTrainer(
