@@ -252,6 +252,24 @@ def _teacher_statistics(
     return _signals(entropy, target_log_prob, mask, position_ids, len(teacher_logits))
 
 
+def teacher_signals(
+    teacher_logits: Sequence[TeacherLogits],
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> TeacherSignals:
+    """
+    What the weightings read (`hf_mtkd.weighting.TeacherSignals`): each teacher's entropy at `temperature` and
+    log-probability of the true next token at the valid positions of `labels`, e.g. to inspect score scales.
+    """
+    _check_logits(None, teacher_logits)
+    return _teacher_statistics(
+        teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
+    )
+
+
 def _signals(
     entropy: list[Tensor], target_log_prob: list[Tensor], mask: Tensor, position_ids: Tensor | None, k: int
 ) -> TeacherSignals:
