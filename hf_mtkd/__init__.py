@@ -1,7 +1,5 @@
 """hf_mtkd: multi-teacher knowledge distillation of language models, as a drop-in `transformers.Trainer`."""
 
-__version__ = "0.1.0"
-
 from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
@@ -13,6 +11,7 @@ from .losses import (
     multi_teacher_kd_loss,
     universal_logit_distillation_loss,
 )
+from .pruning import student_from_teacher
 from .teacher_cache import (
     StaleCacheError,
     TeacherCacheCollator,
@@ -22,6 +21,7 @@ from .teacher_cache import (
 )
 from .topk import TopKLogits
 from .trainer import MultiTeacherDistillationTrainer
+from .version import __version__
 from .weighting import WEIGHTINGS
 
 __all__ = [
@@ -44,5 +44,6 @@ __all__ = [
     "load_teacher_cache",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
+    "student_from_teacher",
     "universal_logit_distillation_loss",
 ]

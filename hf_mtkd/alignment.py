@@ -7,15 +7,16 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .model_config import text_config
+
 LayerPairs = list[list[tuple[int, int]]]
 
 
 def depth_and_width(model: nn.Module, name: str) -> tuple[int, int]:
     """(number of hidden layers, hidden size) of a transformers model, read from its (text) config."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    depth = getattr(text_config, "num_hidden_layers", None)
-    width = getattr(text_config, "hidden_size", None)
+    config = text_config(model)
+    depth = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "hidden_size", None)
     if depth is None or width is None:
         raise ValueError(
             f"Cannot align hidden states of {name}: its config has no `num_hidden_layers`/`hidden_size`. Pass "

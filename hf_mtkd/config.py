@@ -12,11 +12,10 @@ from transformers import TrainingArguments
 
 from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
+from .dtypes import DTYPE_CHOICES
 from .losses import FEATURE_LOSSES, FUSIONS
 from .redaction import redact
 from .weighting import GRANULARITIES, WEIGHTINGS
-
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -164,7 +163,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         metadata={
             "help": "dtype the teachers run in. 'auto' keeps a given model's dtype and loads a checkpoint in "
             "its stored dtype; 'bfloat16'/'float16' halve teacher memory.",
-            "choices": list(TEACHER_DTYPES),
+            "choices": list(DTYPE_CHOICES),
         },
     )
     teacher_names: list[str] | None = field(
@@ -257,7 +256,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             ("weighting_granularity", GRANULARITIES),
             ("fusion", FUSIONS),
             ("feature_loss", FEATURE_LOSSES),
-            ("teacher_dtype", TEACHER_DTYPES),
+            ("teacher_dtype", DTYPE_CHOICES),
             ("cross_tokenizer", CROSS_TOKENIZER_MODES),
             ("cross_tokenizer_loss", CROSS_TOKENIZER_LOSSES),
         ):

@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .dtypes import upcast
+from .model_config import text_config
 from .teachers import pad_rows, teacher_forward, vocab_size
 
 logger = logging.get_logger(__name__)
@@ -50,6 +52,20 @@ LOG_ZERO = -100.0
 Log-probability given to student tokens that no teacher token maps to: exp(-100) < 4e-44, nothing next to any real
 probability, while log-probabilities (the teacher's NLL, label-aware weightings) stay finite and bounded.
 """
+
+_FAST_HINT = (
+    "cross-tokenizer alignment needs character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load "
+    "it with `AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
+)
+
+
+def check_fast_tokenizer(tokenizer: Any, owner: str) -> None:
+    """Refuse a slow tokenizer (of `owner`, e.g. "the student"): cross-tokenizer mode reads character offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The tokenizer of {owner} ({type(tokenizer).__name__}) is not a fast tokenizer: {_FAST_HINT}"
+        )
+
 
 _SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -112,8 +128,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
     `<0xAB>` byte-fallback tokens their byte; a WordPiece continuation `##ing` is `ing` and a word-initial `the` is
     ` the` (an approximation: WordPiece does not record whether a space preceded the word).
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; its vocabulary cannot be decoded.")
+    check_fast_tokenizer(tokenizer, "the vocabulary to decode")
     conventions = _conventions(tokenizer)
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
@@ -232,8 +247,7 @@ class VocabularyMap:
         device = teacher_logits.device
         if self.index.device != device:
             self.index, self.exact, self.mapped = self.index.to(device), self.exact.to(device), self.mapped.to(device)
-        logits = teacher_logits.float() if teacher_logits.dtype != torch.float64 else teacher_logits
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(upcast(teacher_logits) / temperature, dim=-1)
         mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
         mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
         total = mapped.sum(dim=-1, keepdim=True)
@@ -324,8 +338,8 @@ class MultiTokenizerCollator:
             ("the student", tokenizer),
             *((f"teacher {k}", t) for k, t in enumerate(teacher_tokenizers)),
         ]:
-            if tok is not None and not getattr(tok, "is_fast", False):
-                raise ValueError(f"The tokenizer of {name} is not a fast tokenizer: {_FAST_HINT}")
+            if tok is not None:
+                check_fast_tokenizer(tok, name)
         self.tokenizer, self.teacher_tokenizers = tokenizer, list(teacher_tokenizers)
         self.max_length, self.text_column = max_length, text_column
         self.teacher_max_lengths = list(teacher_max_lengths or [None] * len(self.teacher_tokenizers))
@@ -389,11 +403,6 @@ class MultiTokenizerCollator:
 
 
 # ---- choosing the mode and running a cross-tokenizer teacher ----
-
-_FAST_HINT = (
-    "cross-tokenizer alignment needs character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load "
-    "it with `AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
-)
 
 
 def uses_cross_tokenizer(
@@ -484,11 +493,8 @@ def resolve_teacher_tokenizers(
                 "`cross_tokenizer='always'`), which tokenizes raw text for every model: pass the student's tokenizer "
                 "as `processing_class`."
             )
-        for owner, tok in (("the student", student_tokenizer), (f"teacher {name!r}", tokenizer)):
-            if not getattr(tok, "is_fast", False):
-                raise ValueError(
-                    f"The tokenizer of {owner} ({type(tok).__name__}) is not a fast tokenizer: {_FAST_HINT}"
-                )
+        check_fast_tokenizer(student_tokenizer, "the student")
+        check_fast_tokenizer(tokenizer, f"teacher {name!r}")
         resolved.append(tokenizer)
     return resolved
 
@@ -573,9 +579,7 @@ def build_vocabulary_maps(
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest input a model accepts (`max_position_embeddings` of its text config), if it says."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def check_text_column(collator: Any, *datasets: Any) -> None:

@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
+from .model_config import text_config
 from .parameters import count_parameters
 
 logger = logging.get_logger(__name__)
@@ -168,11 +169,10 @@ def _teacher_engine(teacher: nn.Module, training_config: dict[str, Any]) -> nn.M
 
 
 def _hidden_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden_size = getattr(text_config, "hidden_size", None)
-    if hidden_size is None and getattr(text_config, "hidden_sizes", None):
-        hidden_size = max(text_config.hidden_sizes)
+    config = text_config(model)
+    hidden_size = getattr(config, "hidden_size", None)
+    if hidden_size is None and getattr(config, "hidden_sizes", None):
+        hidden_size = max(config.hidden_sizes)
     return hidden_size
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .dtypes import upcast
 from .topk import SparseRows, TeacherLogits, TopKLogits, sparse_fused_kl, take_rows
 from .weighting import (
     POSITION_LOCAL_WEIGHTINGS,
@@ -56,10 +57,6 @@ def _normalizer(mask: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor
     """N: `num_items_in_batch`, else the number of valid positions in `mask`; at least 1, so empty batches give 0."""
     count = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
     return count.clamp(min=1)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 @dataclass
@@ -142,7 +139,7 @@ def _chunks(mask: Tensor, chunk_size: int | None, vocab_size: int) -> list[_Chun
 
 def _dense_rows(logits: TeacherLogits, rows: slice) -> Tensor:
     """A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `rows` (a view)."""
-    return logits.dense(rows) if isinstance(logits, TopKLogits) else _upcast(take_rows(logits.detach(), rows))
+    return logits.dense(rows) if isinstance(logits, TopKLogits) else upcast(take_rows(logits.detach(), rows))
 
 
 def _all_sparse(teacher_logits: Sequence[TeacherLogits]) -> bool:
@@ -368,7 +365,7 @@ class _Distillation(torch.autograd.Function):
         flat_mask = None if teacher_mask is None else teacher_mask.flatten(1)
         flat_weights = None if weights is None else weights.flatten(1)
         flat_prior = None if teacher_prior is None else teacher_prior.repeat_interleave(labels.shape[1], dim=0)
-        kl_total = ce_total = _upcast(student_logits.new_zeros(()))
+        kl_total = ce_total = upcast(student_logits.new_zeros(()))
         normalizer = normalizer.to(kl_total.dtype)
         kd_scale = alpha_kd * temperature / normalizer
         ce_scale = (alpha_ce or 0.0) / normalizer
@@ -388,7 +385,7 @@ class _Distillation(torch.autograd.Function):
             # the KD term counts at valid positions where some teacher has weight
             counted = valid if available is None else valid & (chunk_weights > 0).any(dim=0)
 
-            logits = _upcast(flat_student[rows])
+            logits = upcast(flat_student[rows])
             ce_log_probs = torch.log_softmax(logits, dim=-1) if alpha_ce is not None and temperature != 1 else None
             student = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
             del logits
@@ -635,7 +632,7 @@ def causal_lm_loss(student_logits: Tensor, labels: Tensor, num_items_in_batch: T
     r"""$L_{ce} = -\frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \log \mathrm{softmax}(z_s)_{b,t}[y_{b,t+1}]$."""
     targets = shift_labels(labels)
     mask = targets != -100
-    total = F.cross_entropy(_upcast(student_logits.flatten(0, 1)), targets.flatten(), reduction="sum")
+    total = F.cross_entropy(upcast(student_logits.flatten(0, 1)), targets.flatten(), reduction="sum")
     return total / _normalizer(mask, num_items_in_batch)
 
 
@@ -669,7 +666,7 @@ def feature_alignment_loss(
         raise ValueError(f"Unknown feature loss {kind!r}; choose one of {list(FEATURE_LOSSES)}.")
     distances: list[list[Tensor]] = [[] for _ in range(weights.shape[0])]
     for student, teacher, k in zip(student_features, teacher_features, pair_teachers, strict=True):
-        student, teacher = _upcast(student), _upcast(teacher.detach())
+        student, teacher = upcast(student), upcast(teacher.detach())
         if normalize_targets:
             teacher = F.layer_norm(teacher, teacher.shape[-1:])
         if kind == "mse":
@@ -717,11 +714,11 @@ def universal_logit_distillation_loss(
     if len(teacher_logits) != weights.shape[0]:
         raise ValueError(f"{len(teacher_logits)} teacher logits but weights for {weights.shape[0]} teachers.")
     mask = next_token_mask(labels)
-    total = _upcast(student_logits.new_zeros(()))
+    total = upcast(student_logits.new_zeros(()))
     flat_weights = weights.flatten(1)
     vocab_size = max(student_logits.shape[-1], *(logits.shape[-1] for logits in teacher_logits))
     for chunk in _chunks(mask, chunk_size, vocab_size):
-        student = torch.softmax(_upcast(take_rows(student_logits, chunk.rows)) / temperature, dim=-1).sort(
+        student = torch.softmax(upcast(take_rows(student_logits, chunk.rows)) / temperature, dim=-1).sort(
             dim=-1, descending=True
         )
         for k, logits in enumerate(teacher_logits):

@@ -11,18 +11,16 @@ import enum
 import os
 from collections.abc import Sequence
 from importlib import metadata, resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from .parameters import count_parameters
 from .redaction import redact
+from .version import __version__
 from .weighting import describe_weighting
-
-if TYPE_CHECKING:
-    from .trainer import MultiTeacherDistillationTrainer
 
 TEMPLATE_NAME = "distilled_student.md"
 CARD_TAGS = ("knowledge-distillation", "hf-mtkd")
@@ -88,7 +86,7 @@ def _last_log(log_history: Sequence[dict[str, Any]], key: str) -> dict[str, Any]
 
 
 def create_model_card(
-    trainer: MultiTeacherDistillationTrainer,
+    trainer: Trainer,
     *,
     model_name: str | None = None,
     language: str | None = None,
@@ -104,7 +102,9 @@ def create_model_card(
     Render the card of `trainer`'s student from its teachers, configuration, logs and generation results.
 
     Args:
-        trainer: the trainer after (or during) distillation.
+        trainer: a `MultiTeacherDistillationTrainer` after (or during) distillation (this module reads its
+            `teacher_records`, `teacher_names`, `projector`, `generation_metrics` and `training_command`, and is
+            imported by the trainer, not the other way round).
         model_name: the card's title and model-index name; defaults to the output directory's name.
         language, license: front matter fields.
         tags: extra tags (the card always has `knowledge-distillation` and `hf-mtkd`).
@@ -207,7 +207,7 @@ def _join(value: str | list[str] | None) -> str | None:
     return ", ".join(value) if isinstance(value, list) else value
 
 
-def _generation_section(trainer: MultiTeacherDistillationTrainer) -> dict[str, Any] | None:
+def _generation_section(trainer: Trainer) -> dict[str, Any] | None:
     """Rows (model, BLEU, ROUGE-L) of the last `evaluate_generation`, student first, or None when it was not run."""
     metrics = trainer.generation_metrics
     if not metrics:
@@ -252,8 +252,6 @@ def _eval_results(
 
 
 def _versions() -> list[tuple[str, str]]:
-    from . import __version__
-
     versions = [("hf-mtkd", __version__)]
     for package in ("transformers", "torch", "datasets", "tokenizers"):
         try:

@@ -29,7 +29,6 @@ from itertools import chain
 from typing import Any
 
 import datasets
-import torch
 import transformers
 import yaml
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
@@ -49,8 +48,11 @@ from transformers import (
 
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
+from .dtypes import DTYPE_CHOICES, torch_dtype
 from .hub import check_push_access
+from .model_config import text_config
 from .parameters import count_parameters
+from .pruning import student_from_teacher
 from .redaction import redact_arguments_file, redact_argv
 from .teacher_cache import StaleCacheError, TeacherLogitsCache, cache_teacher_logits
 from .teachers import teacher_names, unloadable_teacher_message
@@ -61,7 +63,6 @@ logger = transformers.utils.logging.get_logger(__name__)
 MODEL_TYPES = sorted({config.model_type for config in MODEL_FOR_CAUSAL_LM_MAPPING.keys()})
 DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv"}
 """Extensions accepted for `--train_file`/`--validation_file` and the `datasets` builder that reads each."""
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -108,6 +109,15 @@ class ModelArguments:
         default=None,
         metadata={"help": "Config (name or path) of the student, if not the one of --model_name_or_path."},
     )
+    student_from_teacher_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Cut the student from the first teacher (depth pruning): one number N keeps N evenly spaced "
+            "decoder layers (the first and the last among them), several numbers are the indices of the layers to "
+            "keep; embeddings, final norm and head are copied. Not with --model_name_or_path, --config_name or "
+            "--model_type."
+        },
+    )
     tokenizer_name: str | None = field(
         default=None,
         metadata={
@@ -152,7 +162,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "dtype to load the student in; 'auto' takes the checkpoint's. Teachers use --teacher_dtype.",
-            "choices": list(DTYPES),
+            "choices": list(DTYPE_CHOICES),
         },
     )
 
@@ -172,6 +182,13 @@ class ModelArguments:
             raise ValueError(
                 f"--teacher_tokenizer_name has {len(self.teacher_tokenizer_name)} entries but there are "
                 f"{len(self.teacher_model_name_or_path)} teachers: give one per teacher, in the same order."
+            )
+        if self.student_from_teacher_layers is not None and (
+            self.model_name_or_path or self.config_name or self.model_type
+        ):
+            raise ValueError(
+                "--student_from_teacher_layers cuts the student from the first teacher; leave out "
+                "--model_name_or_path, --config_name and --model_type."
             )
         if self.config_overrides is not None and self.model_name_or_path is not None:
             raise ValueError(
@@ -391,8 +408,7 @@ def max_input_length(tokenizer: PreTrainedTokenizerBase, configs: Iterable[Pretr
     """The longest input the tokenizer and every model (student and teachers) accept."""
     lengths = [tokenizer.model_max_length]
     for config in configs:
-        text_config = config.get_text_config()
-        lengths += [getattr(text_config, "max_position_embeddings", None) or math.inf]
+        lengths += [getattr(text_config(config), "max_position_embeddings", None) or math.inf]
     return int(min(lengths))
 
 
@@ -415,8 +431,8 @@ def load_student(
     vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """
-    The student from `--model_name_or_path`, or a new one from `--config_name`/`--model_type` (+ overrides) with
-    `vocab_size` (default: the first teacher's).
+    The student from `--model_name_or_path`, cut from the first teacher (`--student_from_teacher_layers`), or a new one
+    from `--config_name`/`--model_type` (+ overrides) with `vocab_size` (default: the first teacher's).
     """
     kwargs = {
         "cache_dir": model_args.cache_dir,
@@ -424,7 +440,16 @@ def load_student(
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    dtype = None if model_args.dtype is None else torch_dtype(model_args.dtype)
+    if model_args.student_from_teacher_layers:
+        layers = model_args.student_from_teacher_layers
+        chosen = {"num_layers": layers[0]} if len(layers) == 1 else {"layers": layers}
+        try:
+            return student_from_teacher(
+                model_args.teacher_model_name_or_path[0], **chosen, dtype=dtype, **{**kwargs, "revision": None}
+            )
+        except ValueError as err:
+            parser.error(str(err))
     if model_args.config_name or model_args.model_name_or_path:
         config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path, **kwargs)
     elif model_args.model_type:
@@ -441,10 +466,10 @@ def load_student(
     if model_args.config_overrides:
         logger.info("Overriding the student's config with %s", model_args.config_overrides)
         config.update_from_string(model_args.config_overrides)
-    target_vocab = vocab_size or teacher_config.get_text_config().vocab_size
-    if config.get_text_config().vocab_size != target_vocab:
+    target_vocab = vocab_size or text_config(teacher_config).vocab_size
+    if text_config(config).vocab_size != target_vocab:
         logger.info("The new student gets a vocabulary of %d tokens, that of its tokenizer.", target_vocab)
-        config.get_text_config().vocab_size = target_vocab
+        text_config(config).vocab_size = target_vocab
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
     logger.info("Training a new student from scratch: %.2fM parameters.", count_parameters(model) / 1e6)
     return model
@@ -768,7 +793,12 @@ def _num_samples(prefix: str, dataset: Dataset | IterableDataset) -> dict[str, i
 
 def _card_kwargs(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict[str, Any]:
     """What the model card says about the student's origin and data, as `run_clm.py` passes it."""
-    kwargs: dict[str, Any] = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    origin = model_args.model_name_or_path
+    if model_args.student_from_teacher_layers:
+        layers = model_args.student_from_teacher_layers
+        kept = f"{layers[0]} of its layers" if len(layers) == 1 else f"its layers {layers}"
+        origin = f"{model_args.teacher_model_name_or_path[0]}, cut to {kept}"
+    kwargs: dict[str, Any] = {"finetuned_from": origin, "tasks": "text-generation"}
     if data_args.dataset_name is not None:
         kwargs["dataset_tags"] = data_args.dataset_name
         if data_args.dataset_config_name is not None:

@@ -29,11 +29,17 @@ from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
+from .dtypes import DTYPES, torch_dtype
+from .model_config import text_config
 from .parameters import count_parameters
 
 TEACHER_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def require_teachers(teachers: Any) -> None:
+    """Refuse an empty `teachers` argument (a list of models or names/paths, or a teacher-logits cache)."""
+    if not teachers:
+        raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
 
 
 def load_teachers(
@@ -46,12 +52,11 @@ def load_teachers(
     Teachers as frozen models in eval mode: names/paths are loaded with `AutoModelForCausalLM.from_pretrained`,
     models are cast to `dtype` unless it is "auto".
     """
-    if len(teachers) == 0:
-        raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+    require_teachers(teachers)
     loaded = []
     for teacher in teachers:
         if isinstance(teacher, (str, os.PathLike)):
-            kwargs = {"dtype": _DTYPES.get(dtype, "auto"), **(init_kwargs or {})}
+            kwargs = {"dtype": torch_dtype(dtype), **(init_kwargs or {})}
             try:
                 teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
             except (OSError, ValueError) as err:
@@ -59,7 +64,7 @@ def load_teachers(
         elif not isinstance(teacher, nn.Module):
             raise TypeError(f"A teacher must be a model or a name/path, got {type(teacher).__name__}.")
         elif dtype != "auto":
-            teacher = teacher.to(_DTYPES[dtype])
+            teacher = teacher.to(DTYPES[dtype])
         teacher.eval()
         teacher.requires_grad_(False)
         loaded.append(teacher)
@@ -126,9 +131,7 @@ def teacher_record(model: nn.Module, name: str, *, hash_weights: bool = False) -
 
 def vocab_size(model: nn.Module) -> int | None:
     """Width of the model's next-token logits, from its (text) config."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "vocab_size", None)
+    return getattr(text_config(model), "vocab_size", None)
 
 
 def shared_vocabulary_size(

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dtypes import compute_dtype
+
 TAIL_LOG_PROB_FLOOR = -1e4
 """Lower bound of a tail token's log-probability, so an empty tail (m = 0) stays finite (e^-10000 is 0 anyway)."""
 
@@ -73,7 +75,7 @@ class TopKLogits:
         vocab_size = logits.shape[-1]
         if not 0 < k <= vocab_size:
             raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab_size}.")
-        log_probs = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+        log_probs = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
         top, indices = log_probs.topk(k, dim=-1)
         tail = log_probs.scatter(-1, indices, -math.inf).logsumexp(dim=-1)
         return cls(indices=indices, log_probs=top, log_tail_mass=tail, vocab_size=vocab_size)
@@ -100,7 +102,7 @@ class TopKLogits:
 
     def rows(self, index: slice | Tensor) -> SparseRows:
         """The flat positions `index` (into B x T) in sparse form, without any `[n, V]` tensor."""
-        dtype = _compute_dtype(self.log_probs)
+        dtype = compute_dtype(self.log_probs)
         indices, order = take_rows(self.indices, index).long().sort(dim=-1)
         log_probs = take_rows(self.log_probs, index).to(dtype).gather(-1, order)
         tail = take_rows(self.log_tail_mass, index).to(dtype) - math.log(max(self.support_size - self.k, 1))
@@ -229,11 +231,6 @@ def _union(tokens: Tensor) -> tuple[Tensor, Tensor]:
 def take_rows(tensor: Tensor, rows: slice | Tensor) -> Tensor:
     """`tensor.flatten(0, 1)[rows]` for a `[B, T, ...]` tensor: a view for a `slice` of flat positions."""
     return tensor.reshape(-1, *tensor.shape[2:])[rows]
-
-
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 stays float64; anything else is read in float32."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 TeacherLogits = Tensor | TopKLogits

@@ -60,6 +60,7 @@ from .teachers import (
     check_teachers,
     load_teachers,
     on_student_vocabulary,
+    require_teachers,
     teacher_forward,
     teacher_names,
     teacher_record,
@@ -143,8 +144,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 f"`args` must be a MultiTeacherDistillationConfig, got {type(args).__name__}; it holds the "
                 "distillation settings on top of every TrainingArguments field."
             )
-        if not teachers:
-            raise ValueError("`teachers` is empty: pass at least one teacher model, name or path.")
+        require_teachers(teachers)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
         cache = teachers if isinstance(teachers, TeacherLogitsCache) else None

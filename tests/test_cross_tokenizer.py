@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from test_trainer import tiny_config
+from trainer_helpers import tiny_config
 from transformers import PreTrainedTokenizerFast
 
 from hf_mtkd import MultiTeacherDistillationTrainer

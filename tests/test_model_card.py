@@ -20,6 +20,7 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from peft import LoraConfig, get_peft_model
 from test_run_clm_distill import QUICK, run_main, run_subprocess
+from trainer_helpers import tiny_config
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.utils.hub import hf_api
 
@@ -184,20 +185,10 @@ def test_push_uploads_the_student_and_card_without_projections(pushed_run):
 @pytest.fixture
 def make_trainer(tmp_path, make_student, teacher_dirs, dataset, tokenizer):
     def make(student=None, teachers=None, **config):
-        args = MultiTeacherDistillationConfig(
-            output_dir=str(tmp_path / "out"),
-            max_steps=1,
-            per_device_train_batch_size=4,
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
-            **config,
-        )
         return MultiTeacherDistillationTrainer(
             model=student or make_student(),
             teachers=teachers or teacher_dirs[:2],
-            args=args,
+            args=tiny_config(tmp_path, max_steps=1, **config),
             train_dataset=dataset,
             processing_class=tokenizer,
         )

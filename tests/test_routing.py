@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from test_losses import random_logits, valid_positions
 from test_teacher_mask import reference_masked_weights
-from test_trainer import tiny_config
+from trainer_helpers import tiny_config
 
 from hf_mtkd import MultiTeacherDistillationTrainer, cache_teacher_logits
 from hf_mtkd.losses import compute_teacher_weights, multi_teacher_kd, multi_teacher_kd_loss
