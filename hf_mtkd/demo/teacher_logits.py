@@ -41,6 +41,8 @@ class CachedTeachers:
     """The training rows with the teachers' cached columns."""
     train_rows: Dataset
     """The same rows without them (for the student trained without a teacher)."""
+    train_domains: list[str]
+    """The domain of each training row."""
     validation: dict[str, Dataset]
     test: dict[str, Dataset]
 
@@ -49,18 +51,19 @@ class CachedTeachers:
         return self.cache.select_teachers(list(names))
 
 
-def training_rows(train: dict[str, Dataset], count: int, seed: int = ROWS_SEED) -> Dataset:
+def training_rows(train: dict[str, Dataset], count: int, seed: int = ROWS_SEED) -> tuple[Dataset, list[str]]:
     """
     `count` training blocks drawn from every domain's blocks together, in a fixed shuffled order (whole passes over
-    the blocks, each in its own order, when `count` exceeds them).
+    the blocks, each in its own order, when `count` exceeds them), and the domain of each.
     """
     blocks = concatenate_datasets(list(train.values()))
+    domains = [domain for domain, d in train.items() for _ in range(len(d))]
     generator, order = random.Random(seed), []
     while len(order) < count:
         shuffled = list(range(len(blocks)))
         generator.shuffle(shuffled)
         order += shuffled
-    return blocks.select(order[:count]).flatten_indices()
+    return blocks.select(order[:count]).flatten_indices(), [domains[i] for i in order[:count]]
 
 
 def cache_scenario(
@@ -71,7 +74,7 @@ def cache_scenario(
     `cache_dir/logits-top<k>-<key>` (resumed if a run stopped) or loaded; the key hashes what the cache depends
     on: the teachers (names and weights), the rows and k.
     """
-    rows = training_rows(data.train, scale.distill_steps * scale.batch_size)
+    rows, row_domains = training_rows(data.train, scale.distill_steps * scale.batch_size)
     held_out = [(split, domain, d) for split in ("validation", "test") for domain, d in getattr(data, split).items()]
     dataset = concatenate_datasets([rows, *[blocks for *_, blocks in held_out]])
     names = list(teachers)
@@ -105,6 +108,7 @@ def cache_scenario(
         cache=cache,
         train=cache.dataset.select(range(len(rows))),
         train_rows=rows,
+        train_domains=row_domains,
         validation=parts["validation"],
         test=parts["test"],
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,10 @@ PRETRAINED_SCALES = {"quick": "quick", "default": "pretrained", "full": "pretrai
 TEACHER_SCALE_FIELDS = ("vocab_size", "block_size", "batch_size", "teacher_steps", "width")
 """What a teacher depends on: two scales that agree on these share cached teachers."""
 
-# Each teacher is a specialist of one domain, of its own architecture, width and depth.
-TEACHERS: dict[str, tuple[str, float, int]] = {
-    "comedies": ("gpt2", 2.0, 4),
-    "tragedies": ("llama", 2.5, 3),
-    "histories": ("gpt_neox", 1.75, 5),
+# Each teacher is a specialist of one domain of its scenario, of its own architecture, width and depth.
+TEACHERS: dict[str, dict[str, tuple[str, float, int]]] = {
+    "domains": {"python": ("gpt2", 2.0, 4), "prose": ("llama", 2.5, 3), "shakespeare": ("gpt_neox", 1.75, 5)},
+    "genres": {"comedies": ("gpt2", 2.0, 4), "tragedies": ("llama", 2.5, 3), "histories": ("gpt_neox", 1.75, 5)},
 }
 STUDENT: tuple[str, float, int] = ("qwen2", 1.0, 2)
 
@@ -127,13 +127,17 @@ class DemoData:
 
 
 def prepare_data(
-    domains: dict[str, list[str]], scale: Scale, cache_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+    domains: dict[str, list[str]],
+    scale: Scale,
+    cache_dir: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    split: Callable[[list[str]], dict[str, str]] = split_works,
 ) -> DemoData:
     """
-    Split every domain, train (or load) the tokenizer on the training text unless one is given (a pretrained
-    teacher's), and cut everything into blocks.
+    Split every domain's documents with `split`, train (or load) the tokenizer on the training text unless one is
+    given (a pretrained teacher's), and cut everything into blocks.
     """
-    splits = {domain: split_works(works) for domain, works in domains.items()}
+    splits = {domain: split(documents) for domain, documents in domains.items()}
     if tokenizer is None:
         corpus_hash = hashlib.sha256("".join(s["train"] for s in splits.values()).encode()).hexdigest()[:12]
         tokenizer_dir = cache_dir / f"tokenizer-{scale.vocab_size}-{corpus_hash}"
@@ -152,10 +156,12 @@ def prepare_data(
     return DemoData(tokenizer, by_split["train"], by_split["validation"], by_split["test"])
 
 
-def load_teachers(data: DemoData, scale: Scale, cache_dir: Path) -> dict[str, PreTrainedModel]:
-    """One specialist per domain of `TEACHERS`, trained on that domain's training blocks; cached by fingerprint."""
+def load_teachers(
+    data: DemoData, scale: Scale, cache_dir: Path, specs: dict[str, tuple[str, float, int]]
+) -> dict[str, PreTrainedModel]:
+    """One specialist per domain of `specs`, trained on that domain's training blocks; cached by fingerprint."""
     teachers = {}
-    for domain, spec in TEACHERS.items():
+    for domain, spec in specs.items():
         if domain not in data.train:
             raise ValueError(f"The corpus has no {domain!r} domain for its specialist teacher: {list(data.train)}.")
         fingerprint = {
