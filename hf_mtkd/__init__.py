@@ -4,6 +4,7 @@ from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
+    DistillationLoss,
     causal_lm_loss,
     compute_teacher_weights,
     feature_alignment_loss,
@@ -11,6 +12,9 @@ from .losses import (
     multi_teacher_kd_loss,
     universal_logit_distillation_loss,
 )
+from .settings import DistillationSettings
+from .sources import TeacherSource
+from .storage import TopKLogits, TopKLogProbs
 from .teacher_cache import (
     StaleCacheError,
     TeacherCacheCollator,
@@ -18,13 +22,14 @@ from .teacher_cache import (
     cache_teacher_logits,
     load_teacher_cache,
 )
-from .topk import TopKLogits
 from .trainer import MultiTeacherDistillationTrainer
 from .version import __version__
 from .weighting import WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
+    "DistillationLoss",
+    "DistillationSettings",
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
@@ -32,6 +37,8 @@ __all__ = [
     "StaleCacheError",
     "TeacherCacheCollator",
     "TeacherLogitsCache",
+    "TeacherSource",
+    "TopKLogProbs",
     "TopKLogits",
     "VocabularyMap",
     "__version__",

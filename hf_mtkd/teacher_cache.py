@@ -377,6 +377,49 @@ def check_same_teachers(cache: TeacherLogitsCache, other: TeacherLogitsCache, ro
         )
 
 
+def check_cache(
+    cache: TeacherLogitsCache,
+    args: Any,
+    student: nn.Module,
+    processing_class: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+) -> tuple[Any, Any]:
+    """
+    Check a cache against the student, tokenizer and settings (`args`, a `MultiTeacherDistillationConfig`); the
+    datasets to train and evaluate on, with caches unwrapped (`cache.dataset` by default for training).
+    """
+    if args.alpha_feat > 0:
+        raise ValueError(
+            "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
+            "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
+        )
+    if vocab_size(student) < cache.manifest.vocab_size:  # more rows are padding, given probability 0
+        raise ValueError(
+            f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
+            f"but the student has {vocab_size(student)}; the student must share the teachers' vocabulary."
+        )
+    if isinstance(processing_class, PreTrainedTokenizerBase):
+        check_cache_tokenizer(cache.manifest, processing_class, cache.path)
+
+    def unwrap(dataset: Any, role: str) -> Any:
+        if isinstance(dataset, dict):
+            return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
+        if isinstance(dataset, TeacherLogitsCache):
+            check_same_teachers(cache, dataset, role)
+            dataset = dataset.dataset
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
+            raise ValueError(
+                f"The {role} has no cached teacher logits (columns {columns}). With a teacher-logits cache, pass "
+                "`cache.dataset` or a `select`/`shuffle`/split of it, or another cache of the same teachers."
+            )
+        return dataset
+
+    train_dataset = cache.dataset if train_dataset is None else train_dataset
+    return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+
+
 def stale_cache_error(path: str, differences: Sequence[tuple[str, Any, Any]]) -> StaleCacheError:
     """The error for a cache computed from other inputs than those given: each differing field with both values."""
     return StaleCacheError(
