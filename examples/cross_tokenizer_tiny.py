@@ -1,6 +1,6 @@
 """
 Three teachers on three tokenizers (byte-level BPE of 300 tokens, Unigram, WordPiece) distilled into a student on a
-byte-level BPE of 512, offline in about a minute on a CPU: the numbers of the README's cross-tokenizer table.
+byte-level BPE of 512, offline in about a minute on a CPU: the numbers of the cross-tokenizer guide's table.
 """
 
 import tempfile

@@ -1,6 +1,7 @@
 """hf_mtkd: multi-teacher knowledge distillation of language models, as a drop-in `transformers.Trainer`."""
 
 from .alignment import FeatureProjector
+from .chat_data import CompletionCollator, ExampleRenderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
@@ -12,6 +13,7 @@ from .losses import (
     multi_teacher_kd_loss,
     universal_logit_distillation_loss,
 )
+from .pruning import student_from_teacher
 from .settings import DistillationSettings
 from .sources import TeacherSource
 from .storage import TopKLogits, TopKLogProbs
@@ -28,8 +30,10 @@ from .weighting import WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
+    "CompletionCollator",
     "DistillationLoss",
     "DistillationSettings",
+    "ExampleRenderer",
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
@@ -50,5 +54,6 @@ __all__ = [
     "load_teacher_cache",
     "multi_teacher_kd",
     "multi_teacher_kd_loss",
+    "student_from_teacher",
     "universal_logit_distillation_loss",
 ]

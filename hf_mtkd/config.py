@@ -54,6 +54,12 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `teacher_dtype`, `teacher_names`, `teacher_model_init_kwargs`: how teachers given by name are loaded and named.
     - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_max_length`: teachers on other tokenizers.
 
+    > Instruction and chat data (see `hf_mtkd.chat_data`)
+
+    - `completion_only_loss`, `assistant_only_loss`: which tokens carry the loss.
+    - `chat_template_path`, `teacher_chat_template_path`: the chat templates of the student and of each teacher.
+    - `packing`, `max_length`: packed rows and their length.
+
     > Scale
 
     - `deepspeed`: a DeepSpeed config, or the name of one shipped with hf_mtkd (teachers are sharded under ZeRO-3).
@@ -235,6 +241,52 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "(the teachers get the same character span). None: no truncation."
         },
     )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Prompt/completion data: only the completion's tokens carry loss (cross-entropy, KD and feature "
+            "terms), so prompt positions cost no KD work. False: every token does."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Conversational data (a 'messages' column): only the assistant turns (with their end-of-turn "
+            "markers) carry loss. Unlike TRL's SFT default (False), on by default: a student distils the assistant. "
+            "False: every token of the rendered conversation does."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template for the student's tokenizer (saved with the student): a .jinja file, or a "
+            "tokenizer directory or Hub id whose template is taken. Needed when the data is conversational and the "
+            "tokenizer has no template; teachers on the student's tokenizer read its rendering."
+        },
+    )
+    teacher_chat_template_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Cross-tokenizer teachers: one chat template per teacher (as for chat_template_path, or 'own' "
+            "to keep the teacher tokenizer's own), in teacher order. Each such teacher renders every conversation "
+            "with its own template."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack short tokenized examples (plain text, prompt/completion or conversations) into rows of "
+            "max_length tokens, position_ids restarting at 0 for each: attention and the 'posterior' weighting's "
+            "running sums stay within an example. Teachers on the student's tokenizer only."
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt/completion, chat and packed data tokenized by the trainer: tokens kept per example (the "
+            "rest is cut), and the length of a packed row. None: no cut (packing needs a length)."
+        },
+    )
     projector_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -312,6 +364,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError(
                 f"`cross_tokenizer_max_length` must be at least 2 tokens, got {self.cross_tokenizer_max_length}."
             )
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"`max_length` must be at least 2 tokens, got {self.max_length}.")
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)
@@ -325,7 +379,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
                 f"`min_weight` {self.min_weight} is too large for {num_teachers} teachers: it must be below "
                 f"1/{num_teachers} so the weights can still sum to 1."
             )
-        for name in ("teacher_weights", "teacher_names", "feature_layers"):
+        for name in ("teacher_weights", "teacher_names", "feature_layers", "teacher_chat_template_path"):
             value = getattr(self, name)
             if value is not None and len(value) != num_teachers:
                 raise ValueError(

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, default_data_collator
+from transformers import PreTrainedTokenizerBase, default_data_collator
 
+from .chat_data import ExampleRenderer, trainer_renderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
@@ -99,8 +100,8 @@ class TeacherBatch:
 class TeacherSource:
     """
     Where the teachers' outputs come from. Built by `teacher_source`, then, in this order: `load` (after the
-    routing column was checked against `names`), `collator`, `check_data`; once the Trainer exists, `prepare`; per
-    batch `check_batch`, `__call__` and `add_metrics`.
+    routing column was checked against `names`), `renderer`, `collator` (when the user gave none), `wrap_collator`,
+    `check_data`; once the Trainer exists, `prepare`; per batch `check_batch`, `__call__` and `add_metrics`.
     """
 
     names: list[str]
@@ -144,11 +145,21 @@ class TeacherSource:
     ) -> None:
         """Load the teachers and check them against the student (nothing to do for outputs read from disk)."""
 
-    def collator(self, data_collator: Any, processing_class: Any, args: MultiTeacherDistillationConfig) -> Any:
-        """The collator to train with: `data_collator`, the source's default when it is None, wrapped if needed."""
-        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-            return DataCollatorForLanguageModeling(processing_class, mlm=False)
-        return data_collator
+    def renderer(
+        self, args: MultiTeacherDistillationConfig, train_dataset: Any, eval_dataset: Any
+    ) -> ExampleRenderer | None:
+        """How prompt/completion and chat data are rendered for this source (None: the data is read as it is)."""
+        return None
+
+    def collator(
+        self, processing_class: Any, args: MultiTeacherDistillationConfig, renderer: ExampleRenderer | None
+    ) -> Any:
+        """The source's own default collator, when it needs one (None: the trainer's default for tokenized data)."""
+        return None
+
+    def wrap_collator(self, collator: Any) -> Any:
+        """The collator to train with, around the chosen one (itself, unless the source adds columns to batches)."""
+        return collator
 
     def check_data(self, collator: Any, reads_token_ids: bool, train_dataset: Any, eval_dataset: Any) -> None:
         """Refuse up front datasets that lack the columns the source reads."""
@@ -314,19 +325,35 @@ class LiveTeachers(TeacherSource):
     def models(self) -> list[nn.Module]:
         return [teacher.model for teacher in self.teachers]
 
+    @models.setter
+    def models(self, models: Sequence[nn.Module]) -> None:
+        """Run these models instead, one per teacher in order (e.g. their DeepSpeed engines, or wrapped ones)."""
+        for teacher, model in zip(self.teachers, models, strict=True):
+            teacher.model = model
+
     @property
     def generation_teachers(self) -> dict[str, nn.Module]:
         return {t.name: t.model for t in self.teachers if isinstance(t, SharedVocabularyTeacher)}
 
-    def collator(self, data_collator: Any, processing_class: Any, args: MultiTeacherDistillationConfig) -> Any:
-        if data_collator is None and self.cross_tokenizer:
-            return MultiTokenizerCollator(
-                processing_class,
-                self.tokenizers,
-                max_length=args.cross_tokenizer_max_length,
-                teacher_max_lengths=[max_positions(model) for model in self.models],
-            )
-        return super().collator(data_collator, processing_class, args)
+    def renderer(
+        self, args: MultiTeacherDistillationConfig, train_dataset: Any, eval_dataset: Any
+    ) -> ExampleRenderer | None:
+        return trainer_renderer(args, train_dataset, eval_dataset, cross_tokenizer=self.cross_tokenizer)
+
+    def collator(
+        self, processing_class: Any, args: MultiTeacherDistillationConfig, renderer: ExampleRenderer | None
+    ) -> Any:
+        """With cross-tokenizer teachers, a `MultiTokenizerCollator`: every model tokenizes (renders) the raw data."""
+        if not self.cross_tokenizer:
+            return None
+        return MultiTokenizerCollator(
+            processing_class,
+            self.tokenizers,
+            max_length=args.cross_tokenizer_max_length,
+            teacher_max_lengths=[max_positions(model) for model in self.models],
+            renderer=renderer,
+            teacher_names=self.names,
+        )
 
     def check_data(self, collator: Any, reads_token_ids: bool, train_dataset: Any, eval_dataset: Any) -> None:
         if self.cross_tokenizer:
@@ -336,13 +363,11 @@ class LiveTeachers(TeacherSource):
 
     def columns(self, collator: Any) -> list[str]:
         if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
-            return [collator.text_column]
+            return list(collator.columns)
         return []
 
     def prepare(self, accelerator: Any, args: MultiTeacherDistillationConfig) -> None:
-        ready = prepare_teachers(self.models, self.names, accelerator, args)
-        for teacher, model in zip(self.teachers, ready, strict=True):
-            teacher.model = model
+        self.models = prepare_teachers(self.models, self.names, accelerator, args)
 
     def describe(self, args: MultiTeacherDistillationConfig) -> str:
         names = ", ".join(self.names)
@@ -386,9 +411,8 @@ class CachedTeacherLogits(TeacherSource):
         ]
         self.batch_keys = CACHE_COLUMNS
 
-    def collator(self, data_collator: Any, processing_class: Any, args: MultiTeacherDistillationConfig) -> Any:
-        base = super().collator(data_collator, processing_class, args)
-        return TeacherCacheCollator(base or default_data_collator, self.cache.teacher_indices)
+    def wrap_collator(self, collator: Any) -> Any:
+        return TeacherCacheCollator(collator or default_data_collator, self.cache.teacher_indices)
 
     def columns(self, collator: Any) -> list[str]:
         return list(CACHE_COLUMNS)

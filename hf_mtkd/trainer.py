@@ -22,6 +22,12 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
+from .chat_data import (
+    CompletionCollator,
+    default_collator,
+    set_chat_template,
+    tokenize_dataset,
+)
 from .config import MultiTeacherDistillationConfig
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
@@ -76,8 +82,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             `hf_mtkd.sources.TeacherSource` (e.g. a teacher served by another process).
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache), or to a
-            `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
+            `processing_class` is a tokenizer, to `hf_mtkd.chat_data.CompletionCollator` (which keeps the labels) for
+            data with `labels` or `position_ids` (both wrapped in a `TeacherCacheCollator` with a cache), or to a
+            `MultiTokenizerCollator` (which reads a `text` column, or the prompt/completion or `messages` columns)
+            when some teacher runs in cross-tokenizer mode.
+        train_dataset, eval_dataset: tokenized data, plain `text` (cross-tokenizer mode, or with `packing`), or
+            prompt/completion or conversational (`messages`) data as TRL's SFT trainer reads it, which the trainer
+            renders and masks (see `hf_mtkd.chat_data` and the config's instruction and chat data fields).
         teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
             use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
             A teacher given the student's tokenizer stays on the shared vocabulary even when its embedding has more
@@ -131,7 +142,23 @@ class MultiTeacherDistillationTrainer(Trainer):
         self._check_routing(args, train_dataset, eval_dataset)
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
         self.teacher_records = self.teacher_source.records
-        data_collator = self.teacher_source.collator(data_collator, processing_class, args)
+        # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model by the source's collator, or
+        # tokenized here
+        renderer = self.teacher_source.renderer(args, train_dataset, eval_dataset)
+        if renderer is not None:
+            self._set_chat_templates(args, processing_class)
+        own_collator = (
+            None if data_collator is not None else self.teacher_source.collator(processing_class, args, renderer)
+        )
+        if own_collator is not None:
+            data_collator = own_collator
+        elif renderer is not None:
+            train_dataset = self._tokenize(train_dataset, renderer, args, processing_class)
+            eval_dataset = self._tokenize(eval_dataset, renderer, args, processing_class)
+            data_collator = data_collator or CompletionCollator(processing_class.pad_token_id)
+        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+            data_collator = default_collator(processing_class, train_dataset, eval_dataset)
+        data_collator = self.teacher_source.wrap_collator(data_collator)
         self.teacher_source.check_data(data_collator, reads_token_ids, train_dataset, eval_dataset)
         self.settings = DistillationSettings.from_config(args, cross_tokenizer=self.teacher_source.cross_tokenizer)
         """The loss settings, built from `args` once."""
@@ -178,6 +205,10 @@ class MultiTeacherDistillationTrainer(Trainer):
         """The teacher models this process runs (DeepSpeed engines under ZeRO-3; none with a teacher-logits cache)."""
         return self.teacher_source.models
 
+    @teachers.setter
+    def teachers(self, models: Sequence[nn.Module]) -> None:
+        self.teacher_source.models = models
+
     @property
     def cross_tokenizer(self) -> bool:
         """Whether some teacher runs in cross-tokenizer mode (on its own tokens of the raw text)."""
@@ -192,6 +223,39 @@ class MultiTeacherDistillationTrainer(Trainer):
     def shared_vocabulary_sizes(self) -> list[int | None]:
         """Per teacher on the student's tokenizer, the leading token ids it is distilled on (None for the others)."""
         return self.teacher_source.shared_vocabulary_sizes
+
+    # ---- prompt/completion and chat data ----
+
+    def _set_chat_templates(self, args: MultiTeacherDistillationConfig, processing_class: Any) -> None:
+        """Give the student's tokenizer `chat_template_path`, each teacher's `teacher_chat_template_path`."""
+        if isinstance(processing_class, PreTrainedTokenizerBase):
+            set_chat_template(processing_class, args.chat_template_path)
+        paths = args.teacher_chat_template_path or [None] * len(self.teacher_tokenizers)
+        for tokenizer, path in zip(self.teacher_tokenizers, paths, strict=True):
+            if tokenizer is not None and path not in (None, "", "own"):
+                set_chat_template(tokenizer, path)
+
+    @staticmethod
+    def _tokenize(dataset: Any, renderer: Any, args: MultiTeacherDistillationConfig, tokenizer: Any) -> Any:
+        """A dataset (or dict of them) in a prompt/completion, chat or packed-text format, tokenized and masked."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            tokenize = MultiTeacherDistillationTrainer._tokenize
+            return {key: tokenize(split, renderer, args, tokenizer) for key, split in dataset.items()}
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(
+                "Prompt/completion and chat data are tokenized by the trainer: pass the student's tokenizer as "
+                "`processing_class`."
+            )
+        return tokenize_dataset(
+            dataset,
+            tokenizer,
+            renderer,
+            max_length=args.max_length,
+            packing=args.packing,
+            keep_columns=[args.routing_column] if args.routing_column else [],
+        )
 
     # ---- a training set with nothing to learn ----
 

@@ -91,9 +91,9 @@ def free_port() -> int:
 
 def launcher(name: str) -> list[str]:
     """
-    The README's launchers on `NUM_PROCESSES` CPU processes: `torchrun`, `accelerate launch` (which without GPUs starts
-    one process unless given `--multi_gpu`) and the `deepspeed` launcher (which passes `--local_rank` to the script),
-    each on a free port where it would otherwise take the fixed 29500.
+    The scaling guide's launchers on `NUM_PROCESSES` CPU processes: `torchrun`, `accelerate launch` (which without
+    GPUs starts one process unless given `--multi_gpu`) and the `deepspeed` launcher (which passes `--local_rank` to
+    the script), each on a free port where it would otherwise take the fixed 29500.
     """
     scripts = Path(sys.executable).parent
     if name == "torchrun":
@@ -326,7 +326,7 @@ def test_teachers_run_in_teacher_dtype(runs, kind):
 @pytest.mark.parametrize("name", ["torchrun", "accelerate", "deepspeed"])
 def test_example_script_under_each_launcher(runs, tmp_path, teacher_dirs, name):
     """
-    The README's multi-GPU commands, scaled down to 2 CPU processes: `--deepspeed zero3` (a shipped config's short
+    The scaling guide's GPU commands, scaled down to 2 CPU processes: `--deepspeed zero3` (a shipped config's short
     name) on examples/run_clm_distill.py, launched with `torchrun`, `accelerate launch` and `deepspeed`.
     """
     data = tmp_path / "train.jsonl"

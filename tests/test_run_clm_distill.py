@@ -230,16 +230,16 @@ ARGUMENT_ERRORS = {  # arguments ({teacher}, {student}, {txt} and {csv} filled i
     ),
     "missing-train-file": (
         "--teacher_model_name_or_path {teacher} --train_file /no/such/train.txt",
-        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl or "
-        ".csv file.",
+        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl, "
+        ".csv or .parquet file.",
     ),
     "mixed-formats": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --validation_file {csv}",
         "have different formats; give both as .txt",
     ),
     "unknown-format": (
-        "--teacher_model_name_or_path {teacher} --train_file corpus.parquet",
-        "should be a .txt, .json, .jsonl, .csv file, got .parquet",
+        "--teacher_model_name_or_path {teacher} --train_file corpus.xlsx",
+        "should be a .txt, .json, .jsonl, .csv, .parquet file, got .xlsx",
     ),
     "no-data": ("--teacher_model_name_or_path {teacher}", "No data given"),
     "no-student": ("--teacher_model_name_or_path {teacher} --train_file {txt} --do_train", "No student given"),
@@ -255,6 +255,15 @@ ARGUMENT_ERRORS = {  # arguments ({teacher}, {student}, {txt} and {csv} filled i
     "invalid-setting": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --temperature 0",
         "`temperature` must be > 0",
+    ),
+    "pruned-and-given-student": (
+        "--teacher_model_name_or_path {teacher} --model_name_or_path {student} --train_file {txt} "
+        "--student_from_teacher_layers 2",
+        "--student_from_teacher_layers cuts the student from the first teacher; leave out --model_name_or_path",
+    ),
+    "pruned-too-deep": (
+        "--teacher_model_name_or_path {teacher} --train_file {txt} --do_train --student_from_teacher_layers 9",
+        "A student cut from a teacher of 4 layers keeps 1 to 4 layers, not 9.",
     ),
     "typo": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --tempreature 2",
@@ -278,6 +287,22 @@ def test_argument_errors_exit_with_a_message(
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_student_cut_from_the_first_teacher(tmp_path, teacher_dirs, text_files):
+    train, validation = text_files["txt"]
+    output_dir = tmp_path / "out"
+    run_main([
+        "--teacher_model_name_or_path", *teacher_dirs[:2], "--student_from_teacher_layers", "0", "3",
+        "--train_file", train, "--validation_file", validation, "--do_train", "--do_eval",
+        "--output_dir", str(output_dir), *QUICK,
+    ])  # fmt: skip
+    check_results(output_dir, [Path(d).name for d in teacher_dirs[:2]])
+    student = AutoModelForCausalLM.from_pretrained(output_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dirs[0])
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
+    assert student.config.n_embd == teacher.config.n_embd
+    assert f"`{teacher_dirs[0]}, cut to its layers [0, 3]`" in (output_dir / "README.md").read_text()
 
 
 def test_an_argument_error_prints_no_traceback(tmp_path, text_files):
@@ -312,10 +337,19 @@ def test_cli_version_help_and_unknown_command(capsys):
 
 
 def readme_section_commands() -> list[str]:
-    """The bash blocks of the README's "Distill with the example script" section."""
+    """The bash blocks of the example-script guide (docs/example_script.md, linked from the README)."""
+    guide = (ROOT / "docs" / "example_script.md").read_text()
+    return re.findall(r"```bash\n(.*?)```", guide, flags=re.S)
+
+
+def test_readme_front_page_command_is_valid_arguments():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Distill with the example script\n")[1].split("\n## ")[0]
-    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    section = readme.split("## Distill from the command line\n")[1].split("\n## ")[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    args = shlex.split(block.split("hf-mtkd distill", 1)[1].replace("\\\n", " "))
+    model_args, data_args, _, training_args = parse_args(build_parser(), args)
+    assert len(model_args.teacher_model_name_or_path) == 2 and training_args.teacher_weighting == "entropy"
+    assert data_args.dataset_config_name == "wikitext-2-raw-v1" and training_args.do_train
 
 
 def test_readme_commands_are_valid_arguments(tmp_path, monkeypatch):

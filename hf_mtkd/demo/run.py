@@ -270,7 +270,7 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
         help="Compute the teachers' top-K logits once (on the steps x batch training blocks the budget reads, drawn "
         "once with a fixed seed, and on the held-out blocks), cache them in the cache dir, and train and evaluate "
         f"every method and seed from them. 0: run the teachers live on every step. Default: {DEFAULT_TOP_K} with "
-        "--pretrained_teacher, else 0 (the README's main tables ran live).",
+        "--pretrained_teacher, else 0 (the demo guide's main tables ran live).",
     )
     parser.add_argument(
         "--bad_teacher",
