@@ -5,6 +5,7 @@ from .chat_data import CompletionCollator, ExampleRenderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
+    DistillationLoss,
     causal_lm_loss,
     compute_teacher_weights,
     feature_alignment_loss,
@@ -13,6 +14,9 @@ from .losses import (
     universal_logit_distillation_loss,
 )
 from .pruning import student_from_teacher
+from .settings import DistillationSettings
+from .sources import TeacherSource
+from .storage import TopKLogits, TopKLogProbs
 from .teacher_cache import (
     StaleCacheError,
     TeacherCacheCollator,
@@ -20,7 +24,6 @@ from .teacher_cache import (
     cache_teacher_logits,
     load_teacher_cache,
 )
-from .topk import TopKLogits
 from .trainer import MultiTeacherDistillationTrainer
 from .version import __version__
 from .weighting import WEIGHTINGS
@@ -28,6 +31,8 @@ from .weighting import WEIGHTINGS
 __all__ = [
     "WEIGHTINGS",
     "CompletionCollator",
+    "DistillationLoss",
+    "DistillationSettings",
     "ExampleRenderer",
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
@@ -36,6 +41,8 @@ __all__ = [
     "StaleCacheError",
     "TeacherCacheCollator",
     "TeacherLogitsCache",
+    "TeacherSource",
+    "TopKLogProbs",
     "TopKLogits",
     "VocabularyMap",
     "__version__",

@@ -26,10 +26,43 @@ class MultiTeacherDistillationConfig(TrainingArguments):
 
     The training loss is `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat` (see `hf_mtkd.losses`). All fields
     of `transformers.TrainingArguments` are available too, so `HfArgumentParser` turns this class into the usual
-    command-line flags plus the distillation ones below.
+    command-line flags plus the distillation ones below, by section (each field's help says more):
 
-    Instruction and chat data (see `hf_mtkd.chat_data`): `completion_only_loss`, `assistant_only_loss`,
-    `chat_template_path`, `teacher_chat_template_path`, `packing`, `max_length`.
+    > The loss
+
+    - `temperature`: tau of the tempered distributions in the KD term.
+    - `alpha_ce`, `alpha_kd`, `alpha_feat`: the weights of the three terms.
+    - `fusion`: how the weighted teachers form one target (`probability` or `logit`).
+    - `loss_chunk_size`: positions the loss reads at once (memory only; the loss does not depend on it).
+
+    > Teacher weighting
+
+    - `teacher_weighting`: the strategy (`entropy`, `static`, label-aware ones; see `hf_mtkd.weighting`).
+    - `teacher_weights`: the static prior over teachers; `min_weight`: the floor of every weight.
+    - `entropy_temperature`, `label_temperature`, `posterior_decay`: the strategies' hyperparameters.
+    - `weighting_granularity`: scores pooled per token, sequence or batch.
+    - `routing_column`: the dataset column that routes rows to teachers.
+
+    > Feature alignment
+
+    - `feature_loss`, `normalize_feature_targets`, `feature_layers`: the distance, the target normalisation and the
+      layer pairs.
+    - `projector_learning_rate`, `push_projector`: the projections' learning rate, and whether they go to the Hub.
+
+    > Teachers
+
+    - `teacher_dtype`, `teacher_names`, `teacher_model_init_kwargs`: how teachers given by name are loaded and named.
+    - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_max_length`: teachers on other tokenizers.
+
+    > Instruction and chat data (see `hf_mtkd.chat_data`)
+
+    - `completion_only_loss`, `assistant_only_loss`: which tokens carry the loss.
+    - `chat_template_path`, `teacher_chat_template_path`: the chat templates of the student and of each teacher.
+    - `packing`, `max_length`: packed rows and their length.
+
+    > Scale
+
+    - `deepspeed`: a DeepSpeed config, or the name of one shipped with hf_mtkd (teachers are sharded under ZeRO-3).
     """
 
     temperature: float = field(

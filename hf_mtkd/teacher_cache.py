@@ -7,7 +7,7 @@ A cache is a directory:
 * `shards/00000`, `shards/00001`, ...: `datasets` Arrow shards (memory-mapped when read), each holding a slice of
   the dataset's own columns plus, per example of L tokens, `mtkd_topk_indices` and `mtkd_topk_log_probs`
   `[L - 1, K, k]` and `mtkd_log_tail_mass` `[L - 1, K]`: teacher k's distribution for the token after each position
-  that has one, in the form of `hf_mtkd.topk.TopKLogits`;
+  that has one, in the form of `hf_mtkd.storage.TopKLogProbs`;
 * `manifest.json`: the teachers (name, path, revision, parameter count and a hash of their weights), the tokenizer
   (a hash of its vocabulary), k, the value dtype, a hash of the tokenized data, and the shards already written.
 
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .storage import TopKLogProbs
 from .teachers import (
     TEACHER_INPUT_KEYS,
     check_finite,
@@ -45,7 +46,6 @@ from .teachers import (
     teacher_record,
     vocab_size,
 )
-from .topk import TopKLogits
 
 logger = logging.get_logger(__name__)
 
@@ -232,7 +232,7 @@ def cache_teacher_logits(
         teachers: models or names/paths (loaded in `teacher_dtype`), all on one vocabulary.
         dataset: tokenized examples (`input_ids`, optionally `attention_mask`, `position_ids`, `labels`), as the
             trainer will see them. Its columns are kept in the cache.
-        k: tokens kept per position and teacher; the rest of the mass is kept as one number (`TopKLogits`).
+        k: tokens kept per position and teacher; the rest of the mass is kept as one number (`TopKLogProbs`).
         tokenizer: recorded in the manifest, so a student trained with another tokenizer is refused; the cached
             distributions are over its tokens, the teachers' padding rows beyond them dropped (`hf_mtkd.teachers`).
         names: display names of the teachers (default: from their paths or configs).
@@ -377,6 +377,49 @@ def check_same_teachers(cache: TeacherLogitsCache, other: TeacherLogitsCache, ro
         )
 
 
+def check_cache(
+    cache: TeacherLogitsCache,
+    args: Any,
+    student: nn.Module,
+    processing_class: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+) -> tuple[Any, Any]:
+    """
+    Check a cache against the student, tokenizer and settings (`args`, a `MultiTeacherDistillationConfig`); the
+    datasets to train and evaluate on, with caches unwrapped (`cache.dataset` by default for training).
+    """
+    if args.alpha_feat > 0:
+        raise ValueError(
+            "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
+            "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
+        )
+    if vocab_size(student) < cache.manifest.vocab_size:  # more rows are padding, given probability 0
+        raise ValueError(
+            f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
+            f"but the student has {vocab_size(student)}; the student must share the teachers' vocabulary."
+        )
+    if isinstance(processing_class, PreTrainedTokenizerBase):
+        check_cache_tokenizer(cache.manifest, processing_class, cache.path)
+
+    def unwrap(dataset: Any, role: str) -> Any:
+        if isinstance(dataset, dict):
+            return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
+        if isinstance(dataset, TeacherLogitsCache):
+            check_same_teachers(cache, dataset, role)
+            dataset = dataset.dataset
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
+            raise ValueError(
+                f"The {role} has no cached teacher logits (columns {columns}). With a teacher-logits cache, pass "
+                "`cache.dataset` or a `select`/`shuffle`/split of it, or another cache of the same teachers."
+            )
+        return dataset
+
+    train_dataset = cache.dataset if train_dataset is None else train_dataset
+    return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+
+
 def stale_cache_error(path: str, differences: Sequence[tuple[str, Any, Any]]) -> StaleCacheError:
     """The error for a cache computed from other inputs than those given: each differing field with both values."""
     return StaleCacheError(
@@ -455,7 +498,7 @@ def _cache_columns(
         per_teacher = []
         for model, name in zip(models, names, strict=True):
             logits, _ = teacher_forward(model, name, inputs, output_hidden_states=False)
-            per_teacher.append(TopKLogits.from_logits(logits[..., :vocab], k))
+            per_teacher.append(TopKLogProbs.from_logits(logits[..., :vocab], k))
         # NaN/inf logits make the most likely token's log-probability NaN
         check_finite(torch.stack([t.log_probs[valid][:, 0] for t in per_teacher]), names)
         for i, n in enumerate(lengths):
@@ -532,14 +575,14 @@ def _offset(padded: Tensor, ids: Sequence[int]) -> int:
     )
 
 
-def batch_teacher_logits(inputs: dict[str, Any], vocab_size: int, support: int | None = None) -> list[TopKLogits]:
+def batch_teacher_logits(inputs: dict[str, Any], vocab_size: int, support: int | None = None) -> list[TopKLogProbs]:
     """
-    Pop the cached columns from a collated batch as one `TopKLogits` per teacher, `vocab_size` wide (the student's
+    Pop the cached columns from a collated batch as one `TopKLogProbs` per teacher, `vocab_size` wide (the student's
     logits); with `support` (the cache's `manifest.vocab_size`, when the student has more rows) the rows from
     `support` on have probability 0.
     """
     indices, log_probs, log_tail = (inputs.pop(name) for name in CACHE_COLUMNS)
     return [
-        TopKLogits(indices=i, log_probs=p, log_tail_mass=m, vocab_size=vocab_size, support=support)
+        TopKLogProbs(indices=i, log_probs=p, log_tail_mass=m, vocab_size=vocab_size, support=support)
         for i, p, m in zip(indices, log_probs, log_tail, strict=True)
     ]

@@ -27,51 +27,18 @@ from .chat_data import (
     default_collator,
     set_chat_template,
     tokenize_dataset,
-    trainer_renderer,
 )
 from .config import MultiTeacherDistillationConfig
-from .cross_tokenizer import (
-    TEACHER_INPUTS_KEY,
-    MultiTokenizerCollator,
-    build_vocabulary_maps,
-    check_text_column,
-    check_token_ids_column,
-    max_positions,
-    resolve_teacher_tokenizers,
-    teacher_on_student_positions,
-)
-from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
-from .losses import (
-    DistillationLoss,
-    FeatureBatch,
-    MultiTeacherKDOutput,
-    next_token_mask,
-)
+from .losses import DistillationLoss, FeatureBatch, MultiTeacherKDOutput, next_token_mask
 from .model_card import create_model_card
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .settings import DistillationSettings
-from .teacher_cache import (
-    CACHE_COLUMNS,
-    TeacherCacheCollator,
-    TeacherLogitsCache,
-    batch_teacher_logits,
-    check_cache_tokenizer,
-    check_same_teachers,
-)
-from .teachers import (
-    check_finite,
-    check_teachers,
-    load_teachers,
-    on_student_vocabulary,
-    require_teachers,
-    teacher_forward,
-    teacher_names,
-    teacher_record,
-    vocab_size,
-)
+from .sources import PER_ALIGNED_POSITION, TeacherBatch, TeacherSource, teacher_source
+from .teacher_cache import TeacherLogitsCache
+from .teachers import check_finite, require_teachers
 
 logger = logging.get_logger(__name__)
 
@@ -83,8 +50,6 @@ PROJECTOR_WEIGHTS_NAME = "mtkd_projector.safetensors"
 
 _NO_TOKEN = "no position with a next-token label"
 """How warnings and errors name a batch or dataset whose labels leave nothing to predict."""
-_PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
-"""Metrics of cross-tokenizer teachers averaged over the positions where the teacher is aligned."""
 
 
 class MultiTeacherDistillationTrainer(Trainer):
@@ -113,7 +78,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         model: the student, a causal LM model or a name/path to load.
         teachers: teacher models or names/paths (loaded with `AutoModelForCausalLM.from_pretrained`), on the
             student's vocabulary or, in cross-tokenizer mode (`cross_tokenizer`), on their own; or a
-            `TeacherLogitsCache` of their top-k outputs (on the student's vocabulary).
+            `TeacherLogitsCache` of their top-k outputs (on the student's vocabulary); or any
+            `hf_mtkd.sources.TeacherSource` (e.g. a teacher served by another process).
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
             `processing_class` is a tokenizer, to `hf_mtkd.chat_data.CompletionCollator` (which keeps the labels) for
@@ -135,7 +101,7 @@ class MultiTeacherDistillationTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | str | None = None,
-        teachers: Sequence[nn.Module | str] | TeacherLogitsCache | None = None,
+        teachers: Sequence[nn.Module | str] | TeacherLogitsCache | TeacherSource | None = None,
         args: MultiTeacherDistillationConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
@@ -158,8 +124,6 @@ class MultiTeacherDistillationTrainer(Trainer):
         require_teachers(teachers)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: the distillation loss is the trainer's own.")
-        cache = teachers if isinstance(teachers, TeacherLogitsCache) else None
-        args.check_num_teachers(len(cache.teacher_names) if cache else len(teachers))
         if args.alpha_feat > 0:
             # The projections run outside the student's forward: DDP's search for unused parameters would mark them
             # unused in the forward and then see their gradients in the backward, which it refuses.
@@ -169,88 +133,34 @@ class MultiTeacherDistillationTrainer(Trainer):
                     "projections are used outside the student's forward. Leave it unset (or False)."
                 )
             args.ddp_find_unused_parameters = False
-        self.teacher_cache = cache
-        """The teacher-logits cache trained on instead of live teachers, if any."""
-        if cache is not None:
-            if teacher_tokenizers is not None:
-                raise ValueError(
-                    "`teacher_tokenizers` cannot be combined with a teacher-logits cache: a cache holds teachers on "
-                    "the student's vocabulary. Pass the teachers themselves for cross-tokenizer distillation."
-                )
-            self.teachers = []
-            self.teacher_names = teacher_names(cache.teacher_names, args.teacher_names)
-            self.teacher_records = [
-                {**record, "name": name}
-                for record, name in zip(cache.manifest.teachers, self.teacher_names, strict=True)
-            ]
-            self.teacher_tokenizers = self.vocabulary_maps = [None] * len(self.teacher_names)
-            self.cross_tokenizer = False
-            train_dataset, eval_dataset = self._check_cache(
-                cache, args, model, processing_class, train_dataset, eval_dataset
-            )
-            self._check_routing(args, train_dataset, eval_dataset)
-            if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
-            data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
-        else:
-            reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
-            self.teacher_names = teacher_names(teachers, args.teacher_names)
-            self._check_routing(args, train_dataset, eval_dataset)
-            with zero3_init_dtype(args.teacher_dtype):
-                self.teachers = load_teachers(
-                    teachers, dtype=args.teacher_dtype, init_kwargs=args.teacher_model_init_kwargs
-                )
-            self.teacher_records = [
-                teacher_record(t, n) for t, n in zip(self.teachers, self.teacher_names, strict=True)
-            ]
-            self.teacher_tokenizers = resolve_teacher_tokenizers(
-                teachers,
-                self.teachers,
-                self.teacher_names,
-                model,
-                processing_class,
-                teacher_tokenizers,
-                args.cross_tokenizer,
-            )
-            """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
-            tokenizer_length = len(processing_class) if isinstance(processing_class, PreTrainedTokenizerBase) else None
-            self.shared_vocabulary_sizes = check_teachers(
-                self.teachers,
-                self.teacher_names,
-                model,
-                need_hidden_states=args.alpha_feat > 0,
-                cross_tokenizer=[t is not None for t in self.teacher_tokenizers],
-                tokenizer_length=tokenizer_length,
-            )
-            """Per shared-vocabulary teacher, the leading token ids it is distilled on (`shared_vocabulary_size`)."""
-            self.vocabulary_maps = build_vocabulary_maps(
-                self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
-            )
-            self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
-            # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model, or tokenized here
-            renderer = trainer_renderer(args, train_dataset, eval_dataset, cross_tokenizer=self.cross_tokenizer)
-            if renderer is not None:
-                self._set_chat_templates(args, processing_class)
-            if data_collator is None and self.cross_tokenizer:
-                data_collator = MultiTokenizerCollator(
-                    processing_class,
-                    self.teacher_tokenizers,
-                    max_length=args.cross_tokenizer_max_length,
-                    teacher_max_lengths=[max_positions(t) for t in self.teachers],
-                    renderer=renderer,
-                    teacher_names=self.teacher_names,
-                )
-            elif renderer is not None:
-                train_dataset = self._tokenize(train_dataset, renderer, args, processing_class)
-                eval_dataset = self._tokenize(eval_dataset, renderer, args, processing_class)
-                data_collator = data_collator or CompletionCollator(processing_class.pad_token_id)
-            if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
-            if self.cross_tokenizer:
-                check_text_column(data_collator, train_dataset, eval_dataset)
-            elif reads_token_ids:
-                check_token_ids_column(train_dataset, eval_dataset)
-        self.settings = DistillationSettings.from_config(args, cross_tokenizer=self.cross_tokenizer)
+        reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
+        self.teacher_source, train_dataset, eval_dataset = teacher_source(
+            teachers, args, model, processing_class, teacher_tokenizers, train_dataset, eval_dataset
+        )
+        """Where the teachers' outputs come from (`hf_mtkd.sources`): live models or a teacher-logits cache."""
+        self.teacher_names = self.teacher_source.names
+        self._check_routing(args, train_dataset, eval_dataset)
+        self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
+        self.teacher_records = self.teacher_source.records
+        # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model by the source's collator, or
+        # tokenized here
+        renderer = self.teacher_source.renderer(args, train_dataset, eval_dataset)
+        if renderer is not None:
+            self._set_chat_templates(args, processing_class)
+        own_collator = (
+            None if data_collator is not None else self.teacher_source.collator(processing_class, args, renderer)
+        )
+        if own_collator is not None:
+            data_collator = own_collator
+        elif renderer is not None:
+            train_dataset = self._tokenize(train_dataset, renderer, args, processing_class)
+            eval_dataset = self._tokenize(eval_dataset, renderer, args, processing_class)
+            data_collator = data_collator or CompletionCollator(processing_class.pad_token_id)
+        if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+            data_collator = default_collator(processing_class, train_dataset, eval_dataset)
+        data_collator = self.teacher_source.wrap_collator(data_collator)
+        self.teacher_source.check_data(data_collator, reads_token_ids, train_dataset, eval_dataset)
+        self.settings = DistillationSettings.from_config(args, cross_tokenizer=self.teacher_source.cross_tokenizer)
         """The loss settings, built from `args` once."""
         self.distillation_loss = DistillationLoss(self.settings)
         """The loss of `compute_loss`: `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`."""
@@ -276,23 +186,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         if self.train_dataset is not None:
             self._check_train_labels()
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
-        if cache is None:
-            logger.info(
-                "Distilling %d teacher(s) (%s) on %s, teacher_dtype=%s.",
-                len(self.teachers),
-                ", ".join(self.teacher_names),
-                self.args.device,
-                args.teacher_dtype,
-            )
-            self.teachers = prepare_teachers(self.teachers, self.teacher_names, self.accelerator, self.args)
-        else:
-            logger.info(
-                "Distilling %d teacher(s) (%s) from their cached top-%d logits in %s; no teacher runs.",
-                len(self.teacher_names),
-                ", ".join(self.teacher_names),
-                cache.manifest.k,
-                cache.path,
-            )
+        logger.info("Distilling %s.", self.teacher_source.describe(self.args))
+        self.teacher_source.prepare(self.accelerator, self.args)
         self._metrics: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
         self._empty_batches = 0
         """Training batches so far without a position that has a next-token label (warned about)."""
@@ -303,47 +198,31 @@ class MultiTeacherDistillationTrainer(Trainer):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
-    # ---- teacher-logits cache ----
+    # ---- the teachers ----
 
-    @staticmethod
-    def _check_cache(
-        cache: TeacherLogitsCache,
-        args: MultiTeacherDistillationConfig,
-        model: nn.Module,
-        processing_class: Any,
-        train_dataset: Any,
-        eval_dataset: Any,
-    ) -> tuple[Any, Any]:
-        """Check a cache against the student, tokenizer and settings; the datasets with caches unwrapped."""
-        if args.alpha_feat > 0:
-            raise ValueError(
-                "Feature alignment (`alpha_feat > 0`) needs the teachers' hidden states, which a teacher-logits cache "
-                "does not hold. Pass the teachers themselves, or set `alpha_feat=0` to train on the cache."
-            )
-        if vocab_size(model) < cache.manifest.vocab_size:  # more rows are padding, given probability 0
-            raise ValueError(
-                f"The teacher-logits cache in {cache.path} is over a vocabulary of {cache.manifest.vocab_size} tokens "
-                f"but the student has {vocab_size(model)}; the student must share the teachers' vocabulary."
-            )
-        if isinstance(processing_class, PreTrainedTokenizerBase):
-            check_cache_tokenizer(cache.manifest, processing_class, cache.path)
+    @property
+    def teachers(self) -> list[nn.Module]:
+        """The teacher models this process runs (DeepSpeed engines under ZeRO-3; none with a teacher-logits cache)."""
+        return self.teacher_source.models
 
-        def unwrap(dataset: Any, role: str) -> Any:
-            if isinstance(dataset, dict):
-                return {key: unwrap(value, f"{role}[{key!r}]") for key, value in dataset.items()}
-            if isinstance(dataset, TeacherLogitsCache):
-                check_same_teachers(cache, dataset, role)
-                dataset = dataset.dataset
-            columns = getattr(dataset, "column_names", None)
-            if columns is not None and not set(CACHE_COLUMNS) <= set(columns):
-                raise ValueError(
-                    f"The {role} has no cached teacher logits (columns {columns}). With a teacher-logits cache, pass "
-                    "`cache.dataset` or a `select`/`shuffle`/split of it, or another cache of the same teachers."
-                )
-            return dataset
+    @teachers.setter
+    def teachers(self, models: Sequence[nn.Module]) -> None:
+        self.teacher_source.models = models
 
-        train_dataset = cache.dataset if train_dataset is None else train_dataset
-        return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether some teacher runs in cross-tokenizer mode (on its own tokens of the raw text)."""
+        return self.teacher_source.cross_tokenizer
+
+    @property
+    def teacher_tokenizers(self) -> list[PreTrainedTokenizerBase | None]:
+        """Each teacher's own tokenizer when it runs in cross-tokenizer mode, else None."""
+        return self.teacher_source.tokenizers
+
+    @property
+    def shared_vocabulary_sizes(self) -> list[int | None]:
+        """Per teacher on the student's tokenizer, the leading token ids it is distilled on (None for the others)."""
+        return self.teacher_source.shared_vocabulary_sizes
 
     # ---- prompt/completion and chat data ----
 
@@ -421,14 +300,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         if self._signature_columns is None:
             return
         extra = []
-        if self.teacher_cache is not None:
-            extra.extend(CACHE_COLUMNS)
         collator = self.data_collator
         if isinstance(collator, RoutingCollator):
             extra.append(collator.column)
             collator = collator.collator
-        if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
-            extra.extend(collator.columns)
+        extra.extend(self.teacher_source.columns(collator))
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ---- feature projections ----
@@ -538,46 +414,14 @@ class MultiTeacherDistillationTrainer(Trainer):
         args = self.args
         align = self.projector is not None
         inputs = dict(inputs)
-        if (CACHE_COLUMNS[0] in inputs) != (self.teacher_cache is not None):
-            raise ValueError(
-                "The batch holds cached teacher logits but the trainer runs live teachers: pass the cache as "
-                "`teachers`."
-                if self.teacher_cache is None
-                else "The batch has no cached teacher logits: collate it with the trainer's TeacherCacheCollator."
-            )
+        self.teacher_source.check_batch(inputs)
         teacher_prior = inputs.pop(ROUTING_KEY, None)
-        student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY, *CACHE_COLUMNS)}
+        student_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in self.teacher_source.batch_keys}
         outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
-        student_vocab = outputs.logits.shape[-1]
-        cached = (
-            batch_teacher_logits(inputs, student_vocab, support=self.teacher_cache.manifest.vocab_size)
-            if self.teacher_cache
-            else None
+        teachers = self.teacher_source(
+            inputs, student_vocab=outputs.logits.shape[-1], temperature=args.temperature, output_hidden_states=align
         )
-
-        teacher_logits, teacher_hidden, aligned = cached or [], [], [None] * len(self.teacher_names)
-        own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
-        live = zip(self.teachers, self.teacher_names, self.vocabulary_maps, own_inputs, strict=True)
-        for k, (teacher, name, vocabulary_map, own) in enumerate([] if cached else live):
-            if vocabulary_map is None:
-                logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-                logits = on_student_vocabulary(logits, self.shared_vocabulary_sizes[k], student_vocab)
-            else:
-                if own is None:
-                    raise ValueError(
-                        f"Teacher {name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
-                        "`MultiTokenizerCollator` (the default collator in that mode) on a dataset with raw text."
-                    )
-                aligned[k] = view = teacher_on_student_positions(
-                    teacher, name, own, vocabulary_map, temperature=args.temperature, output_hidden_states=align
-                )
-                logits, hidden = view.scaled_log_probs, view.hidden_states
-            teacher_logits.append(logits)
-            teacher_hidden.append(hidden)
-        teacher_mask = None
-        if self.cross_tokenizer:
-            valid = torch.ones_like(labels, dtype=torch.bool)
-            teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
+        teacher_logits, teacher_hidden = teachers.logits, teachers.hidden_states
         uld = self.settings.divergence == "uld"
 
         def features(mask: Tensor) -> FeatureBatch:
@@ -592,23 +436,18 @@ class MultiTeacherDistillationTrainer(Trainer):
             outputs.logits,
             teacher_logits,
             labels,
-            own_logits=[
-                logits if view is None else view.own_logits
-                for logits, view in zip(teacher_logits, aligned, strict=True)
-            ]
-            if uld
-            else None,
+            own_logits=teachers.own_logits if uld else None,
             features=features if align else None,
             num_items_in_batch=num_items_in_batch,
             position_ids=inputs.get("position_ids"),
-            teacher_mask=teacher_mask,
+            teacher_mask=teachers.teacher_mask(labels),
             teacher_prior=teacher_prior,
         )
         kd, loss = result.kd, result.loss
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
         if align:
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, result.terms, num_items_in_batch, aligned)
+        self._record_metrics("train" if model.training else "eval", kd, result.terms, num_items_in_batch, teachers)
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
@@ -623,13 +462,13 @@ class MultiTeacherDistillationTrainer(Trainer):
         kd: MultiTeacherKDOutput,
         components: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
-        aligned: Sequence[Any] = (),
+        teachers: TeacherBatch,
     ) -> None:
         """
-        Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log;
-        for cross-tokenizer teachers also the aligned positions (`teacher_aligned/<name>`) and, over those, the
-        unmapped and prefix-mapped probability mass. Entropy, NLL and masses are summed over the positions where
-        the teacher is available, and later averaged over them.
+        Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log, and
+        the teacher source's own (`TeacherSource.add_metrics`: for cross-tokenizer teachers the aligned positions,
+        `teacher_aligned/<name>`, and over those the unmapped and prefix-mapped probability mass). Entropy, NLL and
+        masses are summed over the positions where the teacher is available, and later averaged over them.
         """
         count = kd.mask.sum()
         normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
@@ -644,12 +483,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             sums[f"teacher_weight/{name}"] = weights[k]
             sums[f"teacher_entropy/{name}"] = entropy[k]
             sums[f"teacher_nll/{name}"] = nll[k]
-            view = aligned[k] if k < len(aligned) else None
-            if view is not None:
-                here = available[k]
-                sums[f"teacher_aligned/{name}"] = here.sum()
-                sums[f"teacher_unmapped_mass/{name}"] = view.unmapped_mass[kd.mask][here].sum()
-                sums[f"teacher_prefix_mapped_mass/{name}"] = view.inexact_mass[kd.mask][here].sum()
+        self.teacher_source.add_metrics(sums, teachers, kd.mask)
         store = self._metrics[mode]
         batch = {"num_tokens": count, "num_batches": torch.ones_like(count), "num_empty_batches": count == 0}
         for key, value in {**batch, **sums}.items():
@@ -682,7 +516,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         for key, value in values.items():
             kind, _, name = key.partition("/")
             aligned = f"teacher_aligned/{name}"
-            per_aligned = kind in _PER_ALIGNED_POSITION and aligned in values
+            per_aligned = kind in PER_ALIGNED_POSITION and aligned in values
             means[key] = value / max(values[aligned], 1.0) if per_aligned else value / count
         if mode == "eval":
             means["perplexity"] = math.exp(means["loss_ce"]) if means["loss_ce"] < 700 else math.inf
@@ -745,13 +579,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             raise ValueError("Generation evaluation needs the tokenizer as `processing_class`.")
         metrics = evaluate_generation(
             self.accelerator.unwrap_model(self.model),
-            {  # a cross-tokenizer teacher cannot read the student's token ids
-                name: teacher
-                for name, teacher, own in zip(self.teacher_names, self.teachers, self.teacher_tokenizers, strict=True)
-                if own is None
-            }
-            if include_teachers and self.teachers
-            else {},
+            self.teacher_source.generation_teachers if include_teachers else {},
             self.processing_class,
             texts,
             prompt_length=prompt_length,

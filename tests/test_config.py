@@ -1,7 +1,9 @@
 """Config validation and command-line parsing."""
 
+import dataclasses
+
 import pytest
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from hf_mtkd import MultiTeacherDistillationConfig
 from hf_mtkd.alignment import FeatureProjector, default_layer_pairs, resolve_layer_pairs
@@ -99,3 +101,10 @@ def test_projector_maps_student_width_to_each_teacher_width():
     out = projector([torch.randn(5, 8, dtype=torch.bfloat16) for _ in range(3)])
     assert [tuple(o.shape) for o in out] == [(5, 16), (5, 16), (5, 12)]
     assert all(o.dtype == torch.float32 for o in out)
+
+
+def test_the_class_docstring_lists_every_distillation_field():
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    added = [f.name for f in dataclasses.fields(MultiTeacherDistillationConfig) if f.name not in inherited]
+    missing = [name for name in added if f"`{name}`" not in MultiTeacherDistillationConfig.__doc__]
+    assert added and missing == []

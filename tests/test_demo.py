@@ -9,8 +9,8 @@ import zipfile
 import pytest
 import torch
 
+import hf_mtkd.sources as sources
 import hf_mtkd.teacher_cache as teacher_cache
-import hf_mtkd.trainer as trainer
 from hf_mtkd.demo import corpus, pretrained
 from hf_mtkd.demo.corpus import (
     CorpusUnavailableError,
@@ -315,7 +315,7 @@ def test_pretrained_teacher_scenario_with_a_local_stand_in(tmp_path, monkeypatch
         raise AssertionError("a teacher ran although its logits are cached")
 
     monkeypatch.setattr(teacher_cache, "teacher_forward", no_teacher)
-    monkeypatch.setattr(trainer, "teacher_forward", no_teacher)
+    monkeypatch.setattr(sources, "teacher_forward", no_teacher)
     again = tmp_path / "again"
     methods = ["single: tiny-llama", "entropy+posterior"]
     main([*argv, "--cache_dir", str(cache), "--output_dir", str(again), "--methods", *methods])

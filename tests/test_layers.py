@@ -19,6 +19,7 @@ LAYERS = [
     {"teachers", "distributed", "generation_eval", "pruning"},
     {"cross_tokenizer", "teacher_cache"},
     {"config"},
+    {"sources"},  # teacher sources: live models or a teacher-logits cache, one interface
     # presentation helpers the trainer renders with: they read a trainer's attributes, never import it
     {"model_card", "hub"},
     {"trainer"},

@@ -400,7 +400,7 @@ def test_cache_teachers_then_distill_from_the_cache(
         raise AssertionError("a teacher ran although the cache is complete")
 
     monkeypatch.setattr(hf_mtkd.teacher_cache, "teacher_forward", no_teacher_runs)
-    monkeypatch.setattr(hf_mtkd.trainer, "teacher_forward", no_teacher_runs)
+    monkeypatch.setattr(hf_mtkd.sources, "teacher_forward", no_teacher_runs)
     output_dir = tmp_path / "out"
     # The same content from other paths: the teachers relative to another directory, the student's tokenizer (with
     # the same vocabulary). The cache is reused, not refused as stale.
