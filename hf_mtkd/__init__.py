@@ -1,6 +1,7 @@
 """hf_mtkd: multi-teacher knowledge distillation of language models, as a drop-in `transformers.Trainer`."""
 
 from .alignment import FeatureProjector
+from .chat_data import CompletionCollator, ExampleRenderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
 from .losses import (
@@ -26,6 +27,8 @@ from .weighting import WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
+    "CompletionCollator",
+    "ExampleRenderer",
     "FeatureProjector",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from .model_config import text_config
 
 LayerPairs = list[list[tuple[int, int]]]
+FEATURE_LOSSES = ("mse", "cosine")
+"""Distances between projected student and teacher hidden states (`hf_mtkd.losses.feature_alignment_loss`)."""
 
 
 def depth_and_width(model: nn.Module, name: str) -> tuple[int, int]:

@@ -10,10 +10,11 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .alignment import FEATURE_LOSSES
 from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .dtypes import DTYPE_CHOICES
-from .losses import FEATURE_LOSSES, FUSIONS
+from .fusion import FUSIONS
 from .redaction import redact
 from .weighting import GRANULARITIES, WEIGHTINGS
 
@@ -26,6 +27,9 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     The training loss is `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat` (see `hf_mtkd.losses`). All fields
     of `transformers.TrainingArguments` are available too, so `HfArgumentParser` turns this class into the usual
     command-line flags plus the distillation ones below.
+
+    Instruction and chat data (see `hf_mtkd.chat_data`): `completion_only_loss`, `assistant_only_loss`,
+    `chat_template_path`, `teacher_chat_template_path`, `packing`, `max_length`.
     """
 
     temperature: float = field(
@@ -208,6 +212,52 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "(the teachers get the same character span). None: no truncation."
         },
     )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Prompt/completion data: only the completion's tokens carry loss (cross-entropy, KD and feature "
+            "terms), so prompt positions cost no KD work. False: every token does."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Conversational data (a 'messages' column): only the assistant turns (with their end-of-turn "
+            "markers) carry loss. Unlike TRL's SFT default (False), on by default: a student distils the assistant. "
+            "False: every token of the rendered conversation does."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template for the student's tokenizer (saved with the student): a .jinja file, or a "
+            "tokenizer directory or Hub id whose template is taken. Needed when the data is conversational and the "
+            "tokenizer has no template; teachers on the student's tokenizer read its rendering."
+        },
+    )
+    teacher_chat_template_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Cross-tokenizer teachers: one chat template per teacher (as for chat_template_path, or 'own' "
+            "to keep the teacher tokenizer's own), in teacher order. Each such teacher renders every conversation "
+            "with its own template."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack short tokenized examples (plain text, prompt/completion or conversations) into rows of "
+            "max_length tokens, position_ids restarting at 0 for each: attention and the 'posterior' weighting's "
+            "running sums stay within an example. Teachers on the student's tokenizer only."
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt/completion, chat and packed data tokenized by the trainer: tokens kept per example (the "
+            "rest is cut), and the length of a packed row. None: no cut (packing needs a length)."
+        },
+    )
     projector_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -285,6 +335,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError(
                 f"`cross_tokenizer_max_length` must be at least 2 tokens, got {self.cross_tokenizer_max_length}."
             )
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"`max_length` must be at least 2 tokens, got {self.max_length}.")
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
         self.feature_layers = _parse_feature_layers(self.feature_layers)
@@ -298,7 +350,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
                 f"`min_weight` {self.min_weight} is too large for {num_teachers} teachers: it must be below "
                 f"1/{num_teachers} so the weights can still sum to 1."
             )
-        for name in ("teacher_weights", "teacher_names", "feature_layers"):
+        for name in ("teacher_weights", "teacher_names", "feature_layers", "teacher_chat_template_path"):
             value = getattr(self, name)
             if value is not None and len(value) != num_teachers:
                 raise ValueError(

@@ -18,9 +18,10 @@ are then brought to the student's positions and vocabulary before they enter the
   unmapped mass $u_k$ being renormalised away (and reported).
 
 Temperature: the map is applied to $p_k = \mathrm{softmax}(z_k/\tau)$ and the result is handed to the loss as the
-logits $\tau \log \tilde p_k$, so the loss's $\mathrm{softmax}(\cdot/\tau)$ recovers $\tilde p_k$ exactly; the
-entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read $\log \tilde p_k$ at temperature 1
-as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map is one-to-one.
+logits $\tau \log \tilde p_k$ (`MappedTeacher.scaled_log_probs`), so the loss's $\mathrm{softmax}(\cdot/\tau)$
+recovers $\tilde p_k$ exactly; the entropy weighting sees the entropy of $\tilde p_k$. Label-aware weightings read
+$\log \tilde p_k$ at temperature 1 as $\tau \log \tilde p_k$ renormalised, which is exact when $\tau = 1$ or the map
+is one-to-one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .chat_data import EncodedExample, ExampleRenderer, check_fast_tokenizer
+from .divergences import DIVERGENCES
 from .dtypes import upcast
 from .model_config import text_config
 from .teachers import pad_rows, teacher_forward, vocab_size
@@ -44,7 +47,8 @@ from .teachers import pad_rows, teacher_forward, vocab_size
 logger = logging.get_logger(__name__)
 
 CROSS_TOKENIZER_MODES = ("auto", "always", "never")
-CROSS_TOKENIZER_LOSSES = ("kl", "uld")
+CROSS_TOKENIZER_LOSSES = DIVERGENCES
+"""The divergences of the KD term with cross-tokenizer teachers (`hf_mtkd.divergences`)."""
 TEACHER_INPUTS_KEY = "teacher_inputs"
 """Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
 LOG_ZERO = -100.0
@@ -52,20 +56,6 @@ LOG_ZERO = -100.0
 Log-probability given to student tokens that no teacher token maps to: exp(-100) < 4e-44, nothing next to any real
 probability, while log-probabilities (the teacher's NLL, label-aware weightings) stay finite and bounded.
 """
-
-_FAST_HINT = (
-    "cross-tokenizer alignment needs character offsets, which only fast (🤗 tokenizers-backed) tokenizers give. Load "
-    "it with `AutoTokenizer.from_pretrained(..., use_fast=True)` or convert it to a `PreTrainedTokenizerFast`."
-)
-
-
-def check_fast_tokenizer(tokenizer: Any, owner: str) -> None:
-    """Refuse a slow tokenizer (of `owner`, e.g. "the student"): cross-tokenizer mode reads character offsets."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"The tokenizer of {owner} ({type(tokenizer).__name__}) is not a fast tokenizer: {_FAST_HINT}"
-        )
-
 
 _SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -167,8 +157,8 @@ def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bo
 class MappedTeacher:
     """A teacher's tempered distribution on the student's vocabulary, with what the map lost or approximated."""
 
-    logits: Tensor
-    """`[..., V_s]` $\\tau \\log \\tilde p$: the loss's `softmax(logits / tau)` gives back $\\tilde p$."""
+    scaled_log_probs: Tensor
+    """`[..., V_s]` $\\tau \\log \\tilde p$ (logits at temperature tau): `softmax(them / tau)` is $\\tilde p$."""
     unmapped_mass: Tensor
     """`[...]` teacher probability (at temperature tau) on tokens with no student counterpart, renormalised away."""
     inexact_mass: Tensor
@@ -253,7 +243,7 @@ class VocabularyMap:
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
         return MappedTeacher(
-            logits=temperature * log_probs,
+            scaled_log_probs=temperature * log_probs,
             unmapped_mass=probs[..., ~self.mapped].sum(dim=-1),
             inexact_mass=probs[..., self.mapped & ~self.exact].sum(dim=-1),
             has_mass=total[..., 0] > 0,
@@ -299,14 +289,50 @@ def align_positions(
     teacher_special: Sequence[int] | None = None,
 ) -> list[int]:
     """For each student position, the teacher position with the same context end and next-token start, or -1."""
+    return _match(
+        boundary_keys(text, student_offsets, student_special), boundary_keys(text, teacher_offsets, teacher_special)
+    )
+
+
+def segment_keys(keys: Sequence[Any], segments: Sequence[tuple[int, int] | None]) -> list[Any]:
+    """
+    Boundary keys of one rendering moved into message coordinates: `(i, end - a_i, start - a_i)` where the context
+    ends and the next token starts in the content `[a_i, b_i)` of message i (the context may end at `a_i`, the next
+    token must start before `b_i`); None elsewhere (the template's own text differs from model to model).
+    """
+    moved: list[Any] = []
+    for key in keys:
+        found = None
+        if key is not None:
+            end, start = key
+            for i, segment in enumerate(segments):
+                if segment is not None and segment[0] <= end <= start < segment[1]:
+                    found = (i, end - segment[0], start - segment[0])
+                    break
+        moved.append(found)
+    return moved
+
+
+def align_encoded(student: EncodedExample, teacher: EncodedExample) -> list[int]:
+    """
+    `align_positions` for two renderings of one example that may differ around its messages (each model's chat
+    template): positions are matched inside the same message content, by offsets relative to its start.
+    """
+
+    def keys(encoded: EncodedExample) -> list[Any]:
+        raw = boundary_keys(encoded.rendered.text, encoded.offsets, encoded.special)
+        return segment_keys(raw, encoded.rendered.segments)
+
+    return _match(keys(student), keys(teacher))
+
+
+def _match(student_keys: Sequence[Any], teacher_keys: Sequence[Any]) -> list[int]:
+    """For each student key, the first teacher position with the same key, or -1."""
     teacher_positions: dict[Any, int] = {}
-    for j, key in enumerate(boundary_keys(text, teacher_offsets, teacher_special)):
+    for j, key in enumerate(teacher_keys):
         if key is not None:
             teacher_positions.setdefault(key, j)
-    return [
-        -1 if key is None else teacher_positions.get(key, -1)
-        for key in boundary_keys(text, student_offsets, student_special)
-    ]
+    return [-1 if key is None else teacher_positions.get(key, -1) for key in student_keys]
 
 
 # ---- the collator ----
@@ -323,6 +349,12 @@ class MultiTokenizerCollator:
     `max_length`; every teacher then tokenizes the same character span (the text up to the end of the student's
     last token), so all models see the same text; a teacher's tokens beyond its `teacher_max_lengths` entry are cut
     and its positions there stay unaligned. Padding is on the right; labels are -100 on padding.
+
+    With a `renderer` (prompt/completion or conversational data, `hf_mtkd.chat_data`), each model renders the
+    example itself, conversations with its own chat template; the student's labels are -100 outside the completion
+    or assistant turns, each teacher reads its whole rendering (cut to its `teacher_max_lengths` entry) and is
+    aligned inside the message contents (`align_encoded`) at the positions whose next token carries loss (so the
+    teacher's predictions are mapped nowhere else). `teacher_names` name the teachers in errors.
     """
 
     def __init__(
@@ -333,6 +365,8 @@ class MultiTokenizerCollator:
         max_length: int | None = None,
         teacher_max_lengths: Sequence[int | None] | None = None,
         text_column: str = "text",
+        renderer: ExampleRenderer | None = None,
+        teacher_names: Sequence[str] | None = None,
     ) -> None:
         for name, tok in [
             ("the student", tokenizer),
@@ -343,6 +377,13 @@ class MultiTokenizerCollator:
         self.tokenizer, self.teacher_tokenizers = tokenizer, list(teacher_tokenizers)
         self.max_length, self.text_column = max_length, text_column
         self.teacher_max_lengths = list(teacher_max_lengths or [None] * len(self.teacher_tokenizers))
+        self.renderer = renderer
+        self.teacher_names = list(teacher_names or [str(k) for k in range(len(self.teacher_tokenizers))])
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The dataset columns the collator reads."""
+        return self.renderer.columns if self.renderer is not None else (self.text_column,)
 
     def _encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None) -> Any:
         return tokenizer(
@@ -354,6 +395,8 @@ class MultiTokenizerCollator:
         )
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if self.renderer is not None:
+            return self._collate_rendered(features)
         if any(self.text_column not in f for f in features):
             raise ValueError(
                 f"Cross-tokenizer distillation tokenizes raw text for every model, but an example has no "
@@ -400,6 +443,45 @@ class MultiTokenizerCollator:
             )
         batch[TEACHER_INPUTS_KEY] = teacher_inputs
         return batch
+
+    def _collate_rendered(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        renderer = self.renderer
+        student = [renderer.encode(f, self.tokenizer, self.max_length) for f in features]
+        input_ids = pad_rows([e.input_ids for e in student], self.tokenizer.pad_token_id or 0)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": pad_rows([[1] * len(e.input_ids) for e in student], 0),
+            "labels": pad_rows([e.labels for e in student], -100),
+        }
+        teacher_inputs: list[dict[str, Tensor] | None] = []
+        for tokenizer, max_length, name in zip(
+            self.teacher_tokenizers, self.teacher_max_lengths, self.teacher_names, strict=True
+        ):
+            if tokenizer is None:
+                teacher_inputs.append(None)
+                continue
+            owner = f"teacher {name!r}"
+            teacher = [
+                renderer.encode(f, tokenizer, max_length, owner=owner, template_flag="teacher_chat_template_path")
+                for f in features
+            ]
+            teacher_inputs.append(
+                {
+                    "input_ids": pad_rows([e.input_ids for e in teacher], tokenizer.pad_token_id or 0),
+                    "attention_mask": pad_rows([[1] * len(e.input_ids) for e in teacher], 0),
+                    "position_map": pad_rows(
+                        [_learned_only(align_encoded(s, t), s.labels) for s, t in zip(student, teacher, strict=True)],
+                        -1,
+                    ),
+                }
+            )
+        batch[TEACHER_INPUTS_KEY] = teacher_inputs
+        return batch
+
+
+def _learned_only(position_map: list[int], labels: Sequence[int]) -> list[int]:
+    """A position map kept where the student's next token carries loss (-1 elsewhere: no teacher work there)."""
+    return [j if t + 1 < len(labels) and labels[t + 1] != -100 else -1 for t, j in enumerate(position_map)]
 
 
 # ---- choosing the mode and running a cross-tokenizer teacher ----
@@ -503,8 +585,8 @@ def resolve_teacher_tokenizers(
 class AlignedTeacher:
     """A cross-tokenizer teacher's outputs at the student's positions and on the student's vocabulary."""
 
-    logits: Tensor
-    """`[B, T, V_s]` mapped logits (see `VocabularyMap.project`)."""
+    scaled_log_probs: Tensor
+    """`[B, T, V_s]` the mapped distribution as logits at temperature tau (see `MappedTeacher`)."""
     own_logits: Tensor
     """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss)."""
     hidden_states: tuple[Tensor, ...] | None
@@ -533,14 +615,20 @@ def teacher_on_student_positions(
     rows = torch.arange(position_map.shape[0], device=position_map.device)[:, None]
     index = position_map.clamp(min=0)
     own = logits[rows, index]
-    mapped = vocabulary_map.project(own, temperature)
+    mapped = vocabulary_map.project(own[available], temperature)  # only where aligned: e.g. no prompt position
+
+    def scatter(values: Tensor, fill: float | bool) -> Tensor:
+        full = values.new_full((*available.shape, *values.shape[1:]), fill)
+        full[available] = values
+        return full
+
     return AlignedTeacher(
-        logits=mapped.logits,
+        scaled_log_probs=scatter(mapped.scaled_log_probs, 0.0),
         own_logits=own,
         hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
-        available=available & mapped.has_mass,
-        unmapped_mass=mapped.unmapped_mass,
-        inexact_mass=mapped.inexact_mass,
+        available=scatter(mapped.has_mass, False),
+        unmapped_mass=scatter(mapped.unmapped_mass, 0.0),
+        inexact_mass=scatter(mapped.inexact_mass, 0.0),
     )
 
 
@@ -589,7 +677,11 @@ def check_text_column(collator: Any, *datasets: Any) -> None:
     for dataset in datasets:
         for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
             columns = getattr(split, "column_names", None)
-            if columns is not None and collator.text_column not in columns:
+            if columns is not None and collator.renderer is not None:
+                missing = [c for c in collator.columns if c not in columns]
+                if missing:
+                    raise ValueError(f"The dataset has no {missing} column(s) (it has {columns}) to render.")
+            elif columns is not None and collator.text_column not in columns:
                 raise ValueError(
                     f"Cross-tokenizer distillation needs the raw text, but the dataset has no "
                     f"{collator.text_column!r} column (it has {columns}). Each model tokenizes the text with its own "

@@ -11,6 +11,14 @@ Teachers may use other tokenizers than the student (each its own, or `--teacher_
 distilled in cross-tokenizer mode (see `hf_mtkd.cross_tokenizer`), on the raw texts, each cut to `--block_size`
 student tokens, instead of concatenated token blocks.
 
+The data may also be in the formats TRL's SFT trainer reads (see `hf_mtkd.chat_data` and docs/chat.md): prompt/
+completion pairs (strings, or lists of messages) and conversations (`messages`), from `--dataset_name` or .json,
+.jsonl or .parquet files. Conversations are rendered with each model's chat template (`--chat_template_path` for a
+tokenizer without one); only completions and assistant turns carry loss (`--completion_only_loss`,
+`--assistant_only_loss`); `--packing` packs short examples into rows of `--block_size` tokens without attention
+across them. Rendered and tokenized here on the student's tokenizer, such data also works with
+`--teacher_logits_cache`.
+
 When the data has the `--routing_column` (`teacher_ids` by default, see `hf_mtkd.routing`), each text is routed to
 the teachers it names. Blocks concatenated from several texts would mix rows routed to different teachers, so each
 text is then one example of its own, cut to `--block_size` tokens, and keeps its routing value.
@@ -46,6 +54,7 @@ from transformers import (
     set_seed,
 )
 
+from .chat_data import CompletionCollator, ExampleRenderer, detect_format, set_chat_template, tokenize_dataset
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
 from .dtypes import DTYPE_CHOICES, torch_dtype
@@ -61,7 +70,7 @@ from .trainer import MultiTeacherDistillationTrainer
 logger = transformers.utils.logging.get_logger(__name__)
 
 MODEL_TYPES = sorted({config.model_type for config in MODEL_FOR_CAUSAL_LM_MAPPING.keys()})
-DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv"}
+DATA_FILE_BUILDERS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 """Extensions accepted for `--train_file`/`--validation_file` and the `datasets` builder that reads each."""
 
 
@@ -209,11 +218,18 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Configuration of the dataset, e.g. wikitext-2-raw-v1."}
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "Training data: a .txt (one text per line), .json, .jsonl or .csv file."}
+        default=None,
+        metadata={
+            "help": "Training data: a .txt (one text per line), .json, .jsonl, .csv or .parquet file. Besides plain "
+            "text, rows may be prompt/completion pairs ('prompt' and 'completion' columns, strings or lists of "
+            "messages) or conversations (a 'messages' column of {'role', 'content'} dicts), as TRL's SFT reads them."
+        },
     )
     validation_file: str | None = field(
         default=None,
-        metadata={"help": "Evaluation data, in the same format as --train_file (.txt, .json, .jsonl or .csv)."},
+        metadata={
+            "help": "Evaluation data, in the same format as --train_file (.txt, .json, .jsonl, .csv, .parquet)."
+        },
     )
     text_column_name: str | None = field(
         default=None,
@@ -252,8 +268,8 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
             raise ValueError(
-                "No data given: pass --dataset_name, or --train_file and/or --validation_file (.txt, .json, .jsonl or "
-                ".csv)."
+                "No data given: pass --dataset_name, or --train_file and/or --validation_file (.txt, .json, .jsonl, "
+                ".csv or .parquet)."
             )
         builders = {}
         for name in ("train_file", "validation_file"):
@@ -268,13 +284,14 @@ class DataTrainingArguments:
                 )
             if not os.path.isfile(path) and "://" not in path and not any(c in path for c in "*?["):
                 raise ValueError(
-                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl or .csv file."
+                    f"--{name} {path!r} does not exist: give the path of an existing .txt, .json, .jsonl, .csv or "
+                    ".parquet file."
                 )
             builders[name] = DATA_FILE_BUILDERS[extension]
         if len(set(builders.values())) > 1:
             raise ValueError(
                 f"--train_file {self.train_file!r} and --validation_file {self.validation_file!r} have different "
-                "formats; give both as .txt, both as .json/.jsonl or both as .csv."
+                "formats; give both as .txt, both as .json/.jsonl, both as .csv or both as .parquet."
             )
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError(
@@ -513,6 +530,39 @@ def prepare_text_datasets(
     return texts.filter(_non_blank("text"))
 
 
+def _map_kwargs(data_args: DataTrainingArguments, description: str) -> dict[str, Any]:
+    """`Dataset.map` settings from the data arguments; a stream is mapped lazily, without them."""
+    if data_args.streaming:
+        return {}
+    return {
+        "num_proc": data_args.preprocessing_num_workers,
+        "load_from_cache_file": not data_args.overwrite_cache,
+        "desc": description,
+    }
+
+
+def _collator(
+    tokenizer: PreTrainedTokenizerBase, cross: bool, routing: str | None, renderer: ExampleRenderer | None
+) -> Any:
+    """
+    The data collator: None (the trainer's, which pads) in cross-tokenizer mode or for routed texts, one that keeps
+    the labels (and packed position ids) of rendered data, else `default_data_collator` for the equal blocks.
+    """
+    if cross or (routing and renderer is None):
+        return None
+    return default_data_collator if renderer is None else CompletionCollator(tokenizer.pad_token_id)
+
+
+def _masking(renderer: ExampleRenderer, training_args: MultiTeacherDistillationConfig) -> str:
+    """What carries loss in the renderer's format, for the log."""
+    packing = ", packed into rows of --block_size tokens" if training_args.packing else ""
+    if renderer.data_format == "messages" and renderer.assistant_only_loss:
+        return "loss on the assistant turns only" + packing
+    if renderer.data_format == "prompt_completion" and renderer.completion_only_loss:
+        return "loss on the completions only" + packing
+    return "loss on every token" + packing
+
+
 def prepare_datasets(
     raw: DatasetDict | IterableDatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -528,14 +578,8 @@ def prepare_datasets(
     """
     columns = column_names(next(iter(raw.values())))
 
-    def map_kwargs(description: str) -> dict[str, Any]:  # a stream is mapped lazily, without these
-        if data_args.streaming:
-            return {}
-        return {
-            "num_proc": data_args.preprocessing_num_workers,
-            "load_from_cache_file": not data_args.overwrite_cache,
-            "desc": description,
-        }
+    def map_kwargs(description: str) -> dict[str, Any]:
+        return _map_kwargs(data_args, description)
 
     with training_args.main_process_first(desc="tokenizing and grouping"):
         if routing_column is not None:
@@ -637,6 +681,25 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
 
     raw_columns = column_names(next(iter(raw.values())))
     text_column = pick_text_column(raw_columns, data_args.text_column_name, parser)
+    try:
+        data_format = detect_format(raw_columns)
+        set_chat_template(tokenizer, training_args.chat_template_path)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    renderer = None  # prompt/completion or chat data, or packed text: rendered and masked (hf_mtkd.chat_data)
+    if data_format in ("messages", "prompt_completion") or training_args.packing:
+        if training_args.packing and cross:
+            parser.error(
+                "--packing needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
+                "rendering of every example); leave --packing out."
+            )
+        renderer = ExampleRenderer(
+            data_format if data_format in ("messages", "prompt_completion") else "text",
+            training_args.completion_only_loss,
+            training_args.assistant_only_loss,
+            text_column=text_column,
+        )
+        logger.info("The data is in the %r format: %s.", renderer.data_format, _masking(renderer, training_args))
     routing = training_args.routing_column if training_args.routing_column in raw_columns else None
     if routing is not None and not cross:
         logger.info(
@@ -651,10 +714,37 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     if block_size > limit:
         logger.warning("--block_size %d is longer than the models accept; using %d.", block_size, limit)
         block_size = limit
-    if cross:
+    if training_args.max_length is None:
+        training_args.max_length = block_size
+    if cross and renderer is not None:
+        lm_datasets = raw.select_columns([*renderer.columns, *([routing] if routing else [])])
+        if training_args.cross_tokenizer_max_length is None:
+            training_args.cross_tokenizer_max_length = block_size
+    elif cross:
         lm_datasets = prepare_text_datasets(raw, text_column, routing)
         if training_args.cross_tokenizer_max_length is None:
             training_args.cross_tokenizer_max_length = block_size
+    elif renderer is not None:
+        if tokenizer.pad_token is None:  # examples of different lengths are padded
+            tokenizer.pad_token = tokenizer.eos_token
+        with training_args.main_process_first(desc="rendering and tokenizing"):
+            try:
+                lm_datasets = type(raw)(
+                    {
+                        split: tokenize_dataset(
+                            dataset,
+                            tokenizer,
+                            renderer,
+                            max_length=block_size,
+                            packing=training_args.packing,
+                            keep_columns=[routing] if routing else [],
+                            map_kwargs=_map_kwargs(data_args, f"Rendering and tokenizing the {split} split"),
+                        )
+                        for split, dataset in raw.items()
+                    }
+                )
+            except ValueError as err:
+                parser.error(str(err))
     else:
         lm_datasets = prepare_datasets(raw, tokenizer, block_size, data_args, training_args, text_column, routing)
 
@@ -683,7 +773,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=None if cross or routing else default_data_collator,  # None: one that pads
+            data_collator=_collator(tokenizer, cross, routing, renderer),
             # the tokenizers found here, so that the trainer decides each teacher's mode on the same ones
             teacher_tokenizers=None if isinstance(teachers, TeacherLogitsCache) else teacher_tokenizers,
         )
@@ -712,7 +802,10 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     if generation_args.do_generate_eval:
         logger.info("*** Generation quality ***")
         metrics = trainer.evaluate_generation(
-            (example[text_column] for example in raw["validation"]),
+            (
+                example[text_column] if renderer is None else renderer.render(example, tokenizer).text
+                for example in raw["validation"]
+            ),
             prompt_length=generation_args.generate_prompt_length,
             max_new_tokens=generation_args.generate_max_new_tokens,
             max_samples=generation_args.generate_eval_samples,

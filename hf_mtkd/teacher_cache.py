@@ -449,7 +449,8 @@ def _cache_columns(
         inputs = {key: pad_rows(examples[key]).to(device) for key in present}
         positions = torch.arange(max(lengths), device=device)[None, :]
         counts = torch.tensor(lengths, device=device)[:, None]
-        inputs.setdefault("attention_mask", (positions < counts).long())
+        if "position_ids" not in inputs:  # packed rows get their block-diagonal mask from the position ids
+            inputs.setdefault("attention_mask", (positions < counts).long())
         valid = positions < counts - 1  # the positions that have a next token
         per_teacher = []
         for model, name in zip(models, names, strict=True):

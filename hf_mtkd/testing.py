@@ -169,3 +169,61 @@ class ConfidentlyWrongTeacher(nn.Module):
         outputs = self.model(**kwargs)
         outputs["logits"] = outputs.logits[..., self.permutation] * self.sharpness
         return outputs
+
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    ),
+}
+"""Small chat templates in the styles of ChatML (Qwen), Llama 3 and Mistral, for offline chat examples."""
+CHAT_MARKERS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "mistral": ["[INST]", "[/INST]"],
+}
+"""The markup tokens of each of `CHAT_TEMPLATES`, added to a tokenizer as special tokens."""
+
+
+def synthetic_conversations(num_conversations: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """
+    `num_conversations` short user/assistant conversations (one or two exchanges) about the synthetic domains: the
+    user asks for a sum or a count, the assistant answers in the corpus's words.
+    """
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(num_conversations):
+        messages = []
+        for _ in range(rng.choice([1, 2])):
+            if rng.random() < 0.5:
+                a, b = rng.randrange(5), rng.randrange(5)
+                question = f"what is {_NUMBERS[a]} plus {_NUMBERS[b]} ?"
+                answer = f"{_NUMBERS[a]} plus {_NUMBERS[b]} is {_NUMBERS[a + b]} ."
+            else:
+                start = rng.randrange(5)
+                question = f"count from {_NUMBERS[start]} ."
+                answer = "count : " + " ".join(_NUMBERS[start : start + 5]) + " ."
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append(messages)
+    return conversations
+
+
+def chat_tokenizer(
+    conversations: list[list[dict[str, str]]], style: str, vocab_size: int = 512, algorithm: str = "bpe"
+) -> PreTrainedTokenizerFast:
+    """A tokenizer trained on the conversations' texts, with the chat template of `style` and its markup tokens."""
+    texts = ["\n".join(m["content"] for m in conversation) for conversation in conversations]
+    tokenizer = train_tiny_tokenizer(texts, vocab_size, algorithm=algorithm)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_MARKERS[style]})
+    tokenizer.chat_template = CHAT_TEMPLATES[style]
+    return tokenizer

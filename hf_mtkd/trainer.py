@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     Trainer,
     default_data_collator,
@@ -23,6 +22,13 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .alignment import FeatureProjector, depth_and_width, resolve_layer_pairs
+from .chat_data import (
+    CompletionCollator,
+    default_collator,
+    set_chat_template,
+    tokenize_dataset,
+    trainer_renderer,
+)
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
@@ -38,15 +44,15 @@ from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
 from .hub import ignored_on_upload
 from .losses import (
+    DistillationLoss,
+    FeatureBatch,
     MultiTeacherKDOutput,
-    feature_alignment_loss,
-    multi_teacher_kd,
     next_token_mask,
-    universal_logit_distillation_loss,
 )
 from .model_card import create_model_card
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
+from .settings import DistillationSettings
 from .teacher_cache import (
     CACHE_COLUMNS,
     TeacherCacheCollator,
@@ -110,8 +116,13 @@ class MultiTeacherDistillationTrainer(Trainer):
             `TeacherLogitsCache` of their top-k outputs (on the student's vocabulary).
         args: the configuration.
         data_collator: defaults to `DataCollatorForLanguageModeling(processing_class, mlm=False)` when
-            `processing_class` is a tokenizer (wrapped in a `TeacherCacheCollator` with a cache), or to a
-            `MultiTokenizerCollator` (which reads a `text` column) when some teacher runs in cross-tokenizer mode.
+            `processing_class` is a tokenizer, to `hf_mtkd.chat_data.CompletionCollator` (which keeps the labels) for
+            data with `labels` or `position_ids` (both wrapped in a `TeacherCacheCollator` with a cache), or to a
+            `MultiTokenizerCollator` (which reads a `text` column, or the prompt/completion or `messages` columns)
+            when some teacher runs in cross-tokenizer mode.
+        train_dataset, eval_dataset: tokenized data, plain `text` (cross-tokenizer mode, or with `packing`), or
+            prompt/completion or conversational (`messages`) data as TRL's SFT trainer reads it, which the trainer
+            renders and masks (see `hf_mtkd.chat_data` and the config's instruction and chat data fields).
         teacher_tokenizers: one entry per teacher for cross-tokenizer mode: a tokenizer, a name/path, or None to
             use the one in the teacher's directory (or, for a model, the student's when the vocabularies agree).
             A teacher given the student's tokenizer stays on the shared vocabulary even when its embedding has more
@@ -179,7 +190,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
             self._check_routing(args, train_dataset, eval_dataset)
             if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
             data_collator = TeacherCacheCollator(data_collator or default_data_collator, cache.teacher_indices)
         else:
             reads_token_ids = data_collator is None or args.remove_unused_columns  # a column `text` is not kept
@@ -216,19 +227,33 @@ class MultiTeacherDistillationTrainer(Trainer):
                 self.teachers, self.teacher_names, self.teacher_tokenizers, model, processing_class
             )
             self.cross_tokenizer = any(m is not None for m in self.vocabulary_maps)
+            # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model, or tokenized here
+            renderer = trainer_renderer(args, train_dataset, eval_dataset, cross_tokenizer=self.cross_tokenizer)
+            if renderer is not None:
+                self._set_chat_templates(args, processing_class)
             if data_collator is None and self.cross_tokenizer:
                 data_collator = MultiTokenizerCollator(
                     processing_class,
                     self.teacher_tokenizers,
                     max_length=args.cross_tokenizer_max_length,
                     teacher_max_lengths=[max_positions(t) for t in self.teachers],
+                    renderer=renderer,
+                    teacher_names=self.teacher_names,
                 )
-            elif data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
-                data_collator = DataCollatorForLanguageModeling(processing_class, mlm=False)
+            elif renderer is not None:
+                train_dataset = self._tokenize(train_dataset, renderer, args, processing_class)
+                eval_dataset = self._tokenize(eval_dataset, renderer, args, processing_class)
+                data_collator = data_collator or CompletionCollator(processing_class.pad_token_id)
+            if data_collator is None and isinstance(processing_class, PreTrainedTokenizerBase):
+                data_collator = default_collator(processing_class, train_dataset, eval_dataset)
             if self.cross_tokenizer:
                 check_text_column(data_collator, train_dataset, eval_dataset)
             elif reads_token_ids:
                 check_token_ids_column(train_dataset, eval_dataset)
+        self.settings = DistillationSettings.from_config(args, cross_tokenizer=self.cross_tokenizer)
+        """The loss settings, built from `args` once."""
+        self.distillation_loss = DistillationLoss(self.settings)
+        """The loss of `compute_loss`: `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -320,6 +345,39 @@ class MultiTeacherDistillationTrainer(Trainer):
         train_dataset = cache.dataset if train_dataset is None else train_dataset
         return unwrap(train_dataset, "train_dataset"), unwrap(eval_dataset, "eval_dataset")
 
+    # ---- prompt/completion and chat data ----
+
+    def _set_chat_templates(self, args: MultiTeacherDistillationConfig, processing_class: Any) -> None:
+        """Give the student's tokenizer `chat_template_path`, each teacher's `teacher_chat_template_path`."""
+        if isinstance(processing_class, PreTrainedTokenizerBase):
+            set_chat_template(processing_class, args.chat_template_path)
+        paths = args.teacher_chat_template_path or [None] * len(self.teacher_tokenizers)
+        for tokenizer, path in zip(self.teacher_tokenizers, paths, strict=True):
+            if tokenizer is not None and path not in (None, "", "own"):
+                set_chat_template(tokenizer, path)
+
+    @staticmethod
+    def _tokenize(dataset: Any, renderer: Any, args: MultiTeacherDistillationConfig, tokenizer: Any) -> Any:
+        """A dataset (or dict of them) in a prompt/completion, chat or packed-text format, tokenized and masked."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            tokenize = MultiTeacherDistillationTrainer._tokenize
+            return {key: tokenize(split, renderer, args, tokenizer) for key, split in dataset.items()}
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(
+                "Prompt/completion and chat data are tokenized by the trainer: pass the student's tokenizer as "
+                "`processing_class`."
+            )
+        return tokenize_dataset(
+            dataset,
+            tokenizer,
+            renderer,
+            max_length=args.max_length,
+            packing=args.packing,
+            keep_columns=[args.routing_column] if args.routing_column else [],
+        )
+
     # ---- a training set with nothing to learn ----
 
     def _check_train_labels(self) -> None:
@@ -370,7 +428,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             extra.append(collator.column)
             collator = collator.collator
         if self.cross_tokenizer and isinstance(collator, MultiTokenizerCollator):
-            extra.append(collator.text_column)
+            extra.extend(collator.columns)
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ---- feature projections ----
@@ -513,67 +571,44 @@ class MultiTeacherDistillationTrainer(Trainer):
                 aligned[k] = view = teacher_on_student_positions(
                     teacher, name, own, vocabulary_map, temperature=args.temperature, output_hidden_states=align
                 )
-                logits, hidden = view.logits, view.hidden_states
+                logits, hidden = view.scaled_log_probs, view.hidden_states
             teacher_logits.append(logits)
             teacher_hidden.append(hidden)
         teacher_mask = None
         if self.cross_tokenizer:
             valid = torch.ones_like(labels, dtype=torch.bool)
             teacher_mask = torch.stack([valid if view is None else view.available for view in aligned])
-        uld = self.cross_tokenizer and args.cross_tokenizer_loss == "uld"
-        kd = multi_teacher_kd(
+        uld = self.settings.divergence == "uld"
+
+        def features(mask: Tensor) -> FeatureBatch:
+            pairs = self.projector.pairs
+            return (
+                self.projector([outputs.hidden_states[s][mask] for _, s, _ in pairs]),
+                [teacher_hidden[k][t][mask] for k, _, t in pairs],
+                [k for k, _, _ in pairs],
+            )
+
+        result = self.distillation_loss(
             outputs.logits,
             teacher_logits,
             labels,
-            temperature=args.temperature,
-            weighting=args.teacher_weighting,
-            entropy_temperature=args.entropy_temperature,
-            teacher_weights=args.teacher_weights,
-            fusion=args.fusion,
-            granularity=args.weighting_granularity,
+            own_logits=[
+                logits if view is None else view.own_logits
+                for logits, view in zip(teacher_logits, aligned, strict=True)
+            ]
+            if uld
+            else None,
+            features=features if align else None,
             num_items_in_batch=num_items_in_batch,
-            label_temperature=args.label_temperature,
-            posterior_decay=args.posterior_decay,
-            min_weight=args.min_weight,
             position_ids=inputs.get("position_ids"),
-            chunk_size=args.loss_chunk_size,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
-            alpha_kd=0.0 if uld else args.alpha_kd,
-            alpha_ce=args.alpha_ce,
         )
+        kd, loss = result.kd, result.loss
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
-        loss, loss_kd = kd.loss, kd.loss_kd
-        if uld:  # the same weights, the ULD distance on each teacher's own vocabulary instead of the fused KL
-            loss_kd = universal_logit_distillation_loss(
-                outputs.logits,
-                [
-                    logits if view is None else view.own_logits
-                    for logits, view in zip(teacher_logits, aligned, strict=True)
-                ],
-                labels,
-                kd.weights,
-                temperature=args.temperature,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.loss_chunk_size,
-            )
-            loss = loss + args.alpha_kd * loss_kd
-        components = {"loss_ce": kd.loss_ce, "loss_kd": loss_kd}
         if align:
-            pairs = self.projector.pairs
-            loss_feat = feature_alignment_loss(
-                self.projector([outputs.hidden_states[s][kd.mask] for _, s, _ in pairs]),
-                [teacher_hidden[k][t][kd.mask] for k, _, t in pairs],
-                [k for k, _, _ in pairs],
-                kd.weights[:, kd.mask],
-                kind=args.feature_loss,
-                normalize_targets=args.normalize_feature_targets,
-                num_items_in_batch=num_items_in_batch,
-            )
-            loss = loss + args.alpha_feat * loss_feat
-            components["loss_feat"] = loss_feat
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, components, num_items_in_batch, aligned)
+        self._record_metrics("train" if model.training else "eval", kd, result.terms, num_items_in_batch, aligned)
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.

@@ -226,16 +226,11 @@ def weights_from_signals(
             with $r_{b,k} = 0$ is unavailable in row b, exactly as with `teacher_mask`.
 
     Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a sequence with no
-    valid position gets the prior.
+    valid position gets the prior. The options are taken as given: `hf_mtkd.settings.DistillationSettings` checks
+    them once, when it is built.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"Unknown teacher weighting {weighting!r}; choose one of {list(WEIGHTINGS)}.")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"Unknown weighting granularity {granularity!r}; choose one of {list(GRANULARITIES)}.")
     mask = signals.mask
     num_teachers = signals.entropy.shape[0]
-    if not 0 <= min_weight * num_teachers < 1:
-        raise ValueError(f"`min_weight` must be in [0, 1/K) = [0, {1 / num_teachers:.4g}), got {min_weight}.")
     batch_size, seq_len = mask.shape
     if teacher_prior is not None:
         teacher_mask = routed_teacher_mask(teacher_prior, teacher_mask, seq_len)

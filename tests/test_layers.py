@@ -9,8 +9,12 @@ PACKAGE = Path(hf_mtkd.__file__).parent
 
 LAYERS = [
     # helpers and the loss math: pure functions of tensors and settings
-    {"version", "dtypes", "model_config", "parameters", "redaction", "topk", "weighting", "routing", "alignment"},
-    {"losses"},
+    {"version", "dtypes", "model_config", "parameters", "redaction", "weighting", "routing", "alignment"},
+    {"chat_data"},  # data formats, chat templates, masks and packing (what the collators and the script read)
+    {"storage", "topk"},  # storage formats (`topk` keeps the old import path)
+    {"fusion", "divergences", "settings"},
+    {"chunked"},  # the chunked driver
+    {"losses"},  # the total and the functional API
     # teachers and where their outputs come from
     {"teachers", "distributed", "generation_eval", "pruning"},
     {"cross_tokenizer", "teacher_cache"},

@@ -481,7 +481,7 @@ def test_upstream_gradient_scales_the_fused_gradient(batch):
 
 
 def test_chunks_are_views_of_the_valid_runs():
-    from hf_mtkd.losses import _chunks
+    from hf_mtkd.chunked import chunks as _chunks
 
     mask = torch.tensor([[True, True, False, False], [False, True, True, False]])
     chunks = _chunks(mask, 3, vocab_size=10)

@@ -230,16 +230,16 @@ ARGUMENT_ERRORS = {  # arguments ({teacher}, {student}, {txt} and {csv} filled i
     ),
     "missing-train-file": (
         "--teacher_model_name_or_path {teacher} --train_file /no/such/train.txt",
-        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl or "
-        ".csv file.",
+        "error: --train_file '/no/such/train.txt' does not exist: give the path of an existing .txt, .json, .jsonl, "
+        ".csv or .parquet file.",
     ),
     "mixed-formats": (
         "--teacher_model_name_or_path {teacher} --train_file {txt} --validation_file {csv}",
         "have different formats; give both as .txt",
     ),
     "unknown-format": (
-        "--teacher_model_name_or_path {teacher} --train_file corpus.parquet",
-        "should be a .txt, .json, .jsonl, .csv file, got .parquet",
+        "--teacher_model_name_or_path {teacher} --train_file corpus.xlsx",
+        "should be a .txt, .json, .jsonl, .csv, .parquet file, got .xlsx",
     ),
     "no-data": ("--teacher_model_name_or_path {teacher}", "No data given"),
     "no-student": ("--teacher_model_name_or_path {teacher} --train_file {txt} --do_train", "No student given"),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
 
-from ..losses import causal_lm_loss, compute_teacher_weights, multi_teacher_kd_loss, teacher_signals
+from ..chunked import teacher_statistics
+from ..losses import DistillationLoss, causal_lm_loss, multi_teacher_kd_loss
+from ..settings import DistillationSettings
 from ..teacher_cache import TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits
 from ..teachers import pad_rows
 from ..topk import TeacherLogits
@@ -23,16 +24,16 @@ def evaluate_domains(
     teachers: Sequence[nn.Module] | TeacherLogitsCache,
     *,
     weighted: Sequence[int] = (),
-    weighting: Mapping[str, Any] | None = None,
+    weighting: DistillationSettings | None = None,
     routes: Mapping[str, Sequence[float]] | None = None,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """
     Per domain (and `overall`, token-weighted): the model's `perplexity` (exact: it needs only the model);
     `kd_loss`, KL(p̄ ‖ q) at temperature 1 against the uniform probability mixture p̄ of all `teachers` (the same
-    target for every method); and, when `weighting` is given, the mean weight each of the teachers at positions
-    `weighted` gets under it (`weight/<index>`), with each domain's rows routed by `routes[domain]` (a prior over
-    the teachers at `weighted`, `hf_mtkd.routing`) when given.
+    target for every method); and, when `weighting` (a method's loss settings) is given, the mean weight each of the
+    teachers at positions `weighted` gets under it (`weight/<index>`), with each domain's rows routed by
+    `routes[domain]` (a prior over the teachers at `weighted`, `hf_mtkd.routing`) when given.
 
     `teachers` are models run on every batch, or a teacher-logits cache whose rows `datasets` are (subsets of
     `cache.dataset`). From a cache, each teacher is its top-k form (`hf_mtkd.topk.TopKLogits`: its k most likely
@@ -58,7 +59,7 @@ def evaluate_domains(
             if weighting is not None:
                 own = [teacher_logits[k] for k in weighted]
                 prior = None if routes is None else torch.tensor([routes[domain]] * len(labels), device=device)
-                weights = compute_teacher_weights(own, labels, **weighting, teacher_prior=prior)[:, :, :-1]
+                weights = DistillationLoss(weighting).weights(own, labels, teacher_prior=prior)[:, :, :-1]
                 for k, w in enumerate(weights.sum(dim=(1, 2)).tolist()):
                     batch[f"weight/{k}"] = w
             for key, value in batch.items():
@@ -94,7 +95,7 @@ def score_scales(
         log_probs, entropies, blocks = [], [], []
         for start in range(0, len(dataset), batch_size):
             input_ids, logits = _batch(dataset, start, min(start + batch_size, len(dataset)), teachers, device)
-            signals = teacher_signals(logits, input_ids)
+            signals = teacher_statistics(logits, input_ids, temperature=1.0, position_ids=None, chunk_size=None)
             log_probs.append(signals.target_log_prob.double())
             entropies.append(signals.entropy.double())
             blocks.append(signals.mask.nonzero()[:, 0] + start)

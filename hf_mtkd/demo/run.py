@@ -23,6 +23,7 @@ from transformers.utils import logging
 from ..config import MultiTeacherDistillationConfig
 from ..parameters import count_parameters
 from ..routing import routing_prior
+from ..settings import DistillationSettings
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SCENARIOS, SDIST, default_cache_dir, load_domains, split_documents, split_works
@@ -121,13 +122,11 @@ def routed(blocks: Dataset, domain: str, method: Method) -> Dataset:
     return blocks.add_column(ROUTING_COLUMN, [routing_value(domain, method)] * len(blocks), feature=Value("string"))
 
 
-def weighting_of(method: Method, hparams: dict[str, Any]) -> dict[str, Any] | None:
-    """The `compute_teacher_weights` arguments a multi-teacher method trains with (None for one teacher or none)."""
+def weighting_of(method: Method, hparams: dict[str, Any]) -> DistillationSettings | None:
+    """The loss settings of the config fields a multi-teacher method trains with (None for one teacher or none)."""
     if len(method.teachers) < 2:
         return None
-    config = {**method.settings, **hparams}
-    keys = ("temperature", "entropy_temperature", "label_temperature", "posterior_decay")
-    return {"weighting": config["teacher_weighting"], **{k: config[k] for k in keys if k in config}}
+    return DistillationSettings.from_fields({**method.settings, **hparams})
 
 
 def evaluate(

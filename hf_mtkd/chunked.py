@@ -1,0 +1,294 @@
+r"""
+The chunked driver: the loss reads the `[B, T, V]` tensors a run of positions at a time, so that its extra memory is
+O(chunk x V x K) instead of O(B x T x V x K).
+
+`chunks` cuts the valid positions (those with a next-token label) into runs that are views of the flat tensors;
+`teacher_statistics` reads the teachers' entropies and true-token log-probabilities (no gradient); and
+`ChunkedDistillation`, the one autograd function, makes the fused KD term, the cross-entropy and their gradient in
+one pass, writing the gradient during the forward.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .divergences import forward_kl
+from .dtypes import upcast
+from .fusion import fuse_dense, fuse_sparse
+from .settings import DistillationSettings
+from .storage import SparseRows, TeacherLogits, read_rows
+from .weighting import TeacherSignals, weights_from_signals
+
+CHUNK_ELEMENTS = 2**22
+"""With `chunk_size=None`, positions are read `CHUNK_ELEMENTS // V` at a time: each `[chunk, V]` float32 tensor is
+16 MiB, small enough to be reused from the allocator's cache instead of faulted in afresh, large enough that the
+per-chunk overhead is negligible."""
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """`[B, T]` next-token targets: `labels[:, t+1]` at position t, -100 at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def next_token_mask(labels: Tensor) -> Tensor:
+    """`[B, T]` bool, True at the valid positions t, those where `labels[:, t+1] != -100`."""
+    return shift_labels(labels) != -100
+
+
+def normalizer(mask: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+    """N: `num_items_in_batch`, else the number of valid positions in `mask`; at least 1, so empty batches give 0."""
+    count = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
+    return count.clamp(min=1)
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk when `chunk_size` is None: `CHUNK_ELEMENTS // vocab_size`, at least 1."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of flat positions (into B x T) that the loss reads at once, as views of the `[B, T, V]` tensors."""
+
+    rows: slice
+    """Positions `[start, stop)`: the first and last are valid, those between may not be (padding, row ends)."""
+    valid: Tensor
+    """`[stop - start]` bool, the valid positions of the run."""
+    all_valid: bool
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    def select(self, values: Tensor) -> Tensor:
+        """`values[..., n]` at the valid positions only."""
+        return values if self.all_valid else values[..., self.valid]
+
+
+def chunks(mask: Tensor, chunk_size: int | None, vocab_size: int) -> list[Chunk]:
+    """
+    The valid positions of `mask` in runs of at most `chunk_size` consecutive flat positions (None:
+    `auto_chunk_size(vocab_size)`), each starting and ending at a valid one, so that a chunk is a view, not a copy.
+    """
+    size = auto_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    flat = mask.flatten()
+    positions = flat.nonzero().squeeze(1).tolist()
+    chunks, i = [], 0
+    while i < len(positions):
+        start = positions[i]
+        j = bisect.bisect_left(positions, start + size, lo=i)
+        stop = positions[j - 1] + 1
+        chunks.append(Chunk(slice(start, stop), flat[start:stop], all_valid=j - i == stop - start))
+        i = j
+    return chunks
+
+
+def teacher_statistics(
+    teacher_logits: Sequence[TeacherLogits],
+    labels: Tensor,
+    *,
+    temperature: float,
+    position_ids: Tensor | None,
+    chunk_size: int | None,
+) -> TeacherSignals:
+    """The teachers' `TeacherSignals` at the valid positions, read `chunk_size` positions at once."""
+    targets = shift_labels(labels)
+    mask = targets != -100
+    flat_targets = targets.flatten().clamp(min=0)
+    entropy, target_log_prob = [], []
+    with torch.no_grad():
+        for chunk in chunks(mask, chunk_size, teacher_logits[0].shape[-1]):
+            _, chunk_entropy, chunk_log_prob = read_rows(
+                teacher_logits, chunk.rows, flat_targets[chunk.rows], temperature
+            )
+            entropy.append(chunk.select(chunk_entropy))
+            target_log_prob.append(chunk.select(chunk_log_prob))
+    return signals(entropy, target_log_prob, mask, position_ids, len(teacher_logits))
+
+
+def signals(
+    entropy: list[Tensor], target_log_prob: list[Tensor], mask: Tensor, position_ids: Tensor | None, k: int
+) -> TeacherSignals:
+    empty = torch.zeros(k, 0, device=mask.device)
+    return TeacherSignals(
+        entropy=torch.cat(entropy, dim=1) if entropy else empty,
+        target_log_prob=torch.cat(target_log_prob, dim=1) if target_log_prob else empty,
+        mask=mask,
+        segment_starts=None if position_ids is None else position_ids == 0,
+    )
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How K teachers are weighted: the settings' weighting with the static prior `[K]` on the batch's device."""
+
+    settings: DistillationSettings
+    prior: Tensor
+
+    @classmethod
+    def of(cls, settings: DistillationSettings, num_teachers: int, device: torch.device) -> Weighting:
+        settings.check_num_teachers(num_teachers)
+        return cls(settings, settings.prior(num_teachers, device=device))
+
+    @property
+    def local(self) -> bool:
+        return self.settings.position_local
+
+    def __call__(
+        self, signals: TeacherSignals, teacher_mask: Tensor | None, teacher_prior: Tensor | None = None
+    ) -> Tensor:
+        return weights_from_signals(
+            signals,
+            weighting=self.settings.weighting,
+            prior=self.prior,
+            params=self.settings.weighting_parameters,
+            granularity=self.settings.granularity,
+            min_weight=self.settings.min_weight,
+            teacher_mask=teacher_mask,
+            teacher_prior=teacher_prior,
+        )
+
+    def chunk(
+        self, entropy: Tensor, target_log_prob: Tensor, teacher_mask: Tensor | None, teacher_prior: Tensor | None
+    ) -> Tensor:
+        """
+        Weights `[K, n]` of n positions from their own signals (only when `local`), with `teacher_mask` `[K, n]`
+        and `teacher_prior` `[n, K]` (each position's row prior) at those positions: each position is a row.
+        """
+        everywhere = torch.ones(entropy.shape[1], 1, dtype=torch.bool, device=entropy.device)
+        signals = TeacherSignals(entropy, target_log_prob, everywhere)
+        return self(signals, None if teacher_mask is None else teacher_mask[:, :, None], teacher_prior)[:, :, 0]
+
+
+class ChunkedDistillation(torch.autograd.Function):
+    r"""
+    $\alpha_{kd} \tau^2 \frac{1}{N} \sum \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau)) + \alpha_{ce}
+    \frac{1}{N} \sum -\log \mathrm{softmax}(z_s)_y$ over the valid positions, in one pass over chunks of positions:
+    the one loop over chunks that has a gradient.
+
+    Each chunk reads every teacher once (`hf_mtkd.storage.read_rows`): its statistics, its weights (when they depend
+    on the position alone; else `weights` are given), the fused target (`hf_mtkd.fusion`), the KL
+    (`hf_mtkd.divergences.forward_kl`), the cross-entropy and the gradient,
+    $\frac{1}{N}(\alpha_{kd} \tau (q_\tau - \bar p) + \alpha_{ce} (q_1 - e_y))$, written into one `[B, T, V]`
+    buffer during the forward. No `[N, V]` intermediate outlives its chunk, and the student's log-softmax serves
+    both terms when τ = 1. When every teacher is in top-k form, the target stays sparse.
+
+    With `with_kd=False` (the ULD divergence, computed elsewhere) no target and no KL are formed: the pass gives the
+    teachers' statistics and $\alpha_{ce} L_{ce}$ only.
+
+    Returns the loss and, as constants, $L_{kd}$ (0 without the KD term), $L_{ce}$ (0 without `alpha_ce`), and the
+    teachers' entropies and target log-probabilities `[K, N]`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_logits: Tensor,
+        labels: Tensor,
+        normalizer: Tensor,
+        weights: Tensor | None,
+        weigh: Weighting,
+        teacher_mask: Tensor | None,
+        teacher_prior: Tensor | None,
+        settings: DistillationSettings,
+        with_kd: bool,
+        *teacher_logits: TeacherLogits,
+    ) -> tuple[Tensor, ...]:
+        temperature, fusion, chunk_size = settings.temperature, settings.fusion, settings.chunk_size
+        alpha_kd, alpha_ce = settings.alpha_kd, settings.alpha_ce
+        targets = shift_labels(labels)
+        mask = targets != -100
+        flat_targets = targets.flatten().clamp(min=0)
+        if not with_kd:
+            alpha_kd = 0.0
+        need_grad = ctx.needs_input_grad[0] and (alpha_kd != 0 or bool(alpha_ce))
+        runs = chunks(mask, chunk_size, student_logits.shape[-1])
+        grad = student_logits.new_empty(student_logits.shape) if need_grad else None
+        flat_student = student_logits.view(-1, student_logits.shape[-1])
+        flat_grad = None if grad is None else grad.view(-1, grad.shape[-1])
+        if need_grad:  # positions outside every chunk get no gradient
+            edges = [0, *(edge for chunk in runs for edge in (chunk.rows.start, chunk.rows.stop)), len(flat_grad)]
+            for start, stop in zip(edges[::2], edges[1::2], strict=True):
+                flat_grad[start:stop] = 0
+        flat_mask = None if teacher_mask is None else teacher_mask.flatten(1)
+        flat_weights = None if weights is None else weights.flatten(1)
+        flat_prior = None if teacher_prior is None else teacher_prior.repeat_interleave(labels.shape[1], dim=0)
+        kl_total = ce_total = upcast(student_logits.new_zeros(()))
+        normalizer = normalizer.to(kl_total.dtype)
+        kd_scale = alpha_kd * temperature / normalizer
+        ce_scale = (alpha_ce or 0.0) / normalizer
+        entropy, target_log_prob = [], []
+        for chunk in runs:
+            rows, valid = chunk.rows, chunk.valid
+            y = flat_targets[rows]
+            teachers, chunk_entropy, chunk_log_prob = read_rows(teacher_logits, rows, y, temperature)
+            entropy.append(chunk.select(chunk_entropy))
+            target_log_prob.append(chunk.select(chunk_log_prob))
+            logits = upcast(flat_student[rows])
+            student = None  # log q_τ, for the KD term
+            if with_kd:
+                student = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+            ce_log_probs = None  # log q_1, for the CE term
+            if alpha_ce is not None:
+                shared = student is not None and temperature == 1
+                ce_log_probs = student if shared else torch.log_softmax(logits, dim=-1)
+                ce_total = ce_total - chunk.select(ce_log_probs.gather(-1, y[:, None])[:, 0]).sum()
+            del logits
+            if with_kd:
+                available = None if flat_mask is None else flat_mask[:, rows]
+                if flat_weights is None:
+                    prior = None if flat_prior is None else flat_prior[rows]
+                    chunk_weights = weigh.chunk(chunk_entropy, chunk_log_prob, available, prior)
+                else:
+                    chunk_weights = flat_weights[:, rows]
+                # the KD term counts at valid positions where some teacher has weight
+                counted = valid if available is None else valid & (chunk_weights > 0).any(dim=0)
+                if isinstance(teachers[0], SparseRows):
+                    target = fuse_sparse(teachers, chunk_weights, temperature, fusion)
+                else:
+                    target = fuse_dense(teachers, chunk_entropy, chunk_weights, fusion, student.dtype)
+                kl_total = kl_total + forward_kl(student, target).where(counted, 0.0).sum()
+            del teachers
+            if need_grad:
+                if with_kd:
+                    row_kd = (kd_scale * counted).to(student.dtype)[:, None]
+                    if ce_log_probs is student:  # τ = 1: q_1 = q_τ, one exp for both terms
+                        chunk_grad = student.exp_().mul_(row_kd + ce_scale)
+                    else:
+                        chunk_grad = student.exp_().mul_(row_kd)
+                        if ce_log_probs is not None:
+                            chunk_grad.add_(ce_log_probs.exp_().mul_(ce_scale))
+                    target.subtract_from(chunk_grad, row_kd)
+                else:
+                    chunk_grad = ce_log_probs.exp_().mul_(ce_scale)
+                if alpha_ce is not None:
+                    ce_step = (-ce_scale).to(chunk_grad.dtype).reshape(1, 1).expand(chunk.size, 1)
+                    chunk_grad.scatter_add_(-1, y[:, None], ce_step)
+                if not chunk.all_valid:  # padding and row ends inside the run get no gradient
+                    chunk_grad.masked_fill_(~valid[:, None], 0)
+                flat_grad[rows] = chunk_grad
+        ctx.num_inputs = 9 + len(teacher_logits)
+        ctx.save_for_backward(grad)
+        loss_kd = temperature**2 * kl_total / normalizer
+        loss_ce = ce_total / normalizer
+        loss = alpha_kd * loss_kd + (alpha_ce or 0.0) * loss_ce
+        stats = signals(entropy, target_log_prob, mask, None, len(teacher_logits))
+        outputs = (loss_kd, loss_ce, stats.entropy, stats.target_log_prob)
+        ctx.mark_non_differentiable(*outputs)
+        return (loss, *outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        if grad is not None and not bool(grad_loss == 1):
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad, *[None] * (ctx.num_inputs - 1))
