@@ -29,7 +29,8 @@ COMMANDS = {
     ),
     "demo": Command(
         "hf_mtkd.demo.run",
-        "The bundled demo: distil a small student from three Shakespeare specialists with every method.",
+        "The bundled demo: distil a small student from three specialists (Python source, technical prose, "
+        "Shakespeare; or Shakespeare by genre) with every method.",
     ),
 }
 """Subcommands by name; a new one is one entry here (its module is imported only when it runs)."""

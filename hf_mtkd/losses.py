@@ -340,24 +340,6 @@ def compute_teacher_weights(
     )
 
 
-def teacher_signals(
-    teacher_logits: Sequence[TeacherLogits],
-    labels: Tensor,
-    *,
-    temperature: float = 1.0,
-    position_ids: Tensor | None = None,
-    chunk_size: int | None = None,
-) -> TeacherSignals:
-    """
-    What the weightings read (`hf_mtkd.weighting.TeacherSignals`): each teacher's entropy at `temperature` and
-    log-probability of the true next token at the valid positions of `labels`, e.g. to inspect score scales.
-    """
-    _check_logits(None, teacher_logits)
-    return teacher_statistics(
-        teacher_logits, labels, temperature=temperature, position_ids=position_ids, chunk_size=chunk_size
-    )
-
-
 def multi_teacher_kd(
     student_logits: Tensor,
     teacher_logits: Sequence[TeacherLogits],

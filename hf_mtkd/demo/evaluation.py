@@ -9,7 +9,8 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from ..losses import DistillationLoss, causal_lm_loss, multi_teacher_kd_loss, teacher_signals
+from ..chunked import teacher_statistics
+from ..losses import DistillationLoss, causal_lm_loss, multi_teacher_kd_loss
 from ..settings import DistillationSettings
 from ..teacher_cache import TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits
 from ..teachers import pad_rows
@@ -94,7 +95,7 @@ def score_scales(
         log_probs, entropies, blocks = [], [], []
         for start in range(0, len(dataset), batch_size):
             input_ids, logits = _batch(dataset, start, min(start + batch_size, len(dataset)), teachers, device)
-            signals = teacher_signals(logits, input_ids)
+            signals = teacher_statistics(logits, input_ids, temperature=1.0, position_ids=None, chunk_size=None)
             log_probs.append(signals.target_log_prob.double())
             entropies.append(signals.entropy.double())
             blocks.append(signals.mask.nonzero()[:, 0] + start)
