@@ -13,6 +13,7 @@ LAYERS = [
     {"storage", "topk"},  # storage formats (`topk` keeps the old import path)
     {"fusion", "divergences", "settings"},
     {"chunked"},  # the chunked driver
+    {"logit_free"},  # its logit-free inputs (hidden states and output heads)
     {"losses"},  # the total and the functional API
     # teachers and where their outputs come from
     {"teachers", "distributed", "generation_eval", "pruning"},
