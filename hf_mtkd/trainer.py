@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -36,7 +37,9 @@ from .cross_tokenizer import (
 )
 from .distributed import prepare_teachers, zero3_init_dtype
 from .generation_eval import evaluate_generation
+from .heads import LogitFreePlan
 from .hub import ignored_on_upload
+from .logit_free import HeadLogits
 from .losses import (
     DistillationLoss,
     FeatureBatch,
@@ -233,6 +236,19 @@ class MultiTeacherDistillationTrainer(Trainer):
         """The loss settings, built from `args` once."""
         self.distillation_loss = DistillationLoss(self.settings)
         """The loss of `compute_loss`: `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`."""
+        self.logit_free = LogitFreePlan(
+            args.logit_free,
+            model,
+            [t if m is None else None for t, m in zip(self.teachers, self.vocabulary_maps, strict=False)]
+            or [None] * len(self.teacher_names),
+            self.teacher_names,
+            student_reason="cross-tokenizer teachers need its [batch, length, vocab] logits"
+            if self.cross_tokenizer
+            else None,
+        )
+        """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""
+        self._eval_keeps_logits = False
+        """Whether the evaluation step running now returns the student's logits (for metrics): then not logit-free."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -493,8 +509,14 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
         teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_INPUTS_KEY, *CACHE_COLUMNS)}
-        outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
-        student_vocab = outputs.logits.shape[-1]
+        mask = next_token_mask(labels)
+        outputs, student_logits = self.logit_free.run_student(
+            functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
+            mask,
+            logits=self._eval_keeps_logits and not model.training,
+        )
+        free = isinstance(student_logits, HeadLogits)  # then shared-vocabulary teachers may run logit-free too
+        student_vocab = student_logits.shape[-1]
         cached = (
             batch_teacher_logits(inputs, student_vocab, support=self.teacher_cache.manifest.vocab_size)
             if self.teacher_cache
@@ -506,8 +528,14 @@ class MultiTeacherDistillationTrainer(Trainer):
         live = zip(self.teachers, self.teacher_names, self.vocabulary_maps, own_inputs, strict=True)
         for k, (teacher, name, vocabulary_map, own) in enumerate([] if cached else live):
             if vocabulary_map is None:
-                logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=align)
-                logits = on_student_vocabulary(logits, self.shared_vocabulary_sizes[k], student_vocab)
+                shared = self.shared_vocabulary_sizes[k]
+                forward = functools.partial(teacher_forward, teacher, name, inputs, align)
+                (logits, hidden), head = (
+                    self.logit_free.run_teacher(k, forward, mask, vocab_size=student_vocab, shared=shared)
+                    if free
+                    else (forward(), None)
+                )
+                logits = on_student_vocabulary(logits, shared, student_vocab) if head is None else head
             else:
                 if own is None:
                     raise ValueError(
@@ -535,7 +563,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
 
         result = self.distillation_loss(
-            outputs.logits,
+            student_logits,
             teacher_logits,
             labels,
             own_logits=[
@@ -560,6 +588,20 @@ class MultiTeacherDistillationTrainer(Trainer):
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """`Trainer.prediction_step`; the loss is logit-free unless the step returns the logits (for metrics)."""
+        self._eval_keeps_logits = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._eval_keeps_logits = False
 
     # ---- metrics ----
 

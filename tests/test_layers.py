@@ -16,7 +16,7 @@ LAYERS = [
     {"logit_free"},  # its logit-free inputs (hidden states and output heads)
     {"losses"},  # the total and the functional API
     # teachers and where their outputs come from
-    {"teachers", "distributed", "generation_eval", "pruning"},
+    {"teachers", "distributed", "generation_eval", "pruning", "heads"},
     {"cross_tokenizer", "teacher_cache"},
     {"config"},
     # presentation helpers the trainer renders with: they read a trainer's attributes, never import it
