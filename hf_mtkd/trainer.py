@@ -247,8 +247,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             else None,
         )
         """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""
-        self._eval_keeps_logits = False
-        """Whether the evaluation step running now returns the student's logits (for metrics): then not logit-free."""
+        self._prediction_loss_only: bool | None = None
+        """In `prediction_step`, whether it returns the loss only (else its logits, for metrics); None outside."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -488,7 +488,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """`alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`, each averaged over `num_items_in_batch`."""
+        """
+        `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`, each averaged over `num_items_in_batch`. Logit-free
+        (`logit_free`) where it applies, unless `return_outputs` asks for the student's logits (outside an evaluation
+        step that returns the loss only).
+        """
         if "labels" not in inputs:
             raise ValueError(
                 "The batch has no `labels`: distillation needs next-token targets. Use a collator that adds them, "
@@ -513,7 +517,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         outputs, student_logits = self.logit_free.run_student(
             functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
             mask,
-            logits=self._eval_keeps_logits and not model.training,
+            logits=return_outputs and not self._prediction_loss_only,  # the caller reads the logits
         )
         free = isinstance(student_logits, HeadLogits)  # then shared-vocabulary teachers may run logit-free too
         student_vocab = student_logits.shape[-1]
@@ -597,11 +601,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """`Trainer.prediction_step`; the loss is logit-free unless the step returns the logits (for metrics)."""
-        self._eval_keeps_logits = not prediction_loss_only
+        self._prediction_loss_only = prediction_loss_only
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         finally:
-            self._eval_keeps_logits = False
+            self._prediction_loss_only = None
 
     # ---- metrics ----
 
