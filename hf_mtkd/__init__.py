@@ -3,6 +3,7 @@
 from .alignment import FeatureProjector
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
+from .logit_free import HeadLogits
 from .losses import (
     causal_lm_loss,
     compute_teacher_weights,
@@ -27,6 +28,7 @@ from .weighting import WEIGHTINGS
 __all__ = [
     "WEIGHTINGS",
     "FeatureProjector",
+    "HeadLogits",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
     "MultiTokenizerCollator",
