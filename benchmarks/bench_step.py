@@ -378,7 +378,7 @@ COLUMNS = [
 
 
 SCALE_COLUMNS = [
-    ("V", lambda r: f"{r['vocab_size'] // 1024}k"),
+    ("V", lambda r: f"{r['vocab_size'] / 1000:.0f}k"),
     ("T", lambda r: str(r["seq_len"])),
     ("K", lambda r: str(r["num_teachers"])),
     ("valid", lambda r: str(r["valid_positions"])),
