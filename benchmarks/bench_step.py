@@ -2,7 +2,10 @@
 Step time and memory of multi-teacher distillation, side by side on the same models and batch:
 
   (a) floor     student forward + backward (its own cross-entropy) plus K teacher forwards, no KD;
-  (b) mtkd      `MultiTeacherDistillationTrainer.training_step` (entropy weighting, chunked fused KD + CE);
+  (b) mtkd      `MultiTeacherDistillationTrainer.training_step` (entropy weighting, chunked fused KD + CE) on the
+                [B, T, V] logits of the student and every teacher (`logit_free="never"`, the path before issue 16);
+  (b') free     the same step logit-free (`logit_free="always"`): final hidden states at the valid positions and
+                output heads, each chunk's logits made by a matmul, no [B, T, V] tensor for any model;
   (c) cached    the same trainer on the teachers' cached top-k logits (`cache_teacher_logits`), no teacher runs;
   (d) plain     `transformers.Trainer.training_step` of the student alone (plain fine-tuning);
   (e) trl       TRL's `GKDTrainer` with the first teacher (lmbda=0: off-policy, beta=0: forward KL), K = 1 only;
@@ -18,6 +21,10 @@ random logits of 4 x 256 positions (the smoke run: its own batch).
 
     python benchmarks/bench_step.py                 # the full grid, about 10 minutes on 2 CPU cores
     python benchmarks/bench_step.py --quick         # a smoke run in seconds
+    python benchmarks/bench_step.py --grid scale --output docs/bench_step_scale
+        # LLM-like vocabularies and lengths (V 65k/152k, T 1024/2048, K 1/3, half of each row a masked prompt):
+        # plain fine-tuning, TRL (K = 1), today's path and the logit-free one, one step each (the first, no
+        # warm-up), timed and measured at once in the memory process: about 10 minutes on 2 CPU cores
     python benchmarks/bench_step.py --output docs/bench_step   # writes docs/bench_step.json and .md
 """
 
@@ -77,6 +84,8 @@ class Setting:
     top_k: int = 64
     loss_shape: tuple[int, int] = (4, 256)
     """Batch and length of the loss-only columns: 1020 valid positions, so chunking (256 at once) has work to do."""
+    prompt: float = 0.0
+    """The fraction of each row that is a prompt (labels -100), as in chat data."""
 
 
 FULL = [
@@ -91,8 +100,19 @@ FULL = [
 ]
 QUICK = [
     Setting("tiny", 1024, 1, seq_len=32, top_k=16, loss_shape=(4, 32)),
-    Setting("tiny", 1024, 2, seq_len=32, top_k=16, loss_shape=(4, 32)),
+    Setting("tiny", 1024, 2, seq_len=32, top_k=16, loss_shape=(4, 32), prompt=0.5),
 ]
+SCALE = [
+    Setting("tiny", vocab, k, batch_size=1, seq_len=length, prompt=0.5)
+    for vocab in (65536, 152064)
+    for length in (1024, 2048)
+    for k in (1, 3)
+]
+"""Issue 16's grid: the vocabularies of Llama-3-like (65k: 64k-128k) and Qwen2.5 (152k) models, long rows."""
+SCALE_METHODS = ("plain", "trl", "mtkd", "free")
+SCALE_QUICK = [Setting("tiny", 2048, k, batch_size=1, seq_len=64, prompt=0.5) for k in (1, 3)]
+"""A smoke run of the scale grid's methods and report."""
+GRIDS = {"full": FULL, "quick": QUICK, "scale": SCALE, "scale_quick": SCALE_QUICK}
 
 
 # ---- memory ----
@@ -153,13 +173,21 @@ def build(setting: Setting, tokenizer: Any) -> tuple[torch.nn.Module, list[torch
     ]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, setting.vocab_size, (setting.batch_size, setting.seq_len), generator=generator)
-    return student, teachers, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = ids.clone()
+    labels[:, : int(setting.prompt * setting.seq_len)] = -100
+    return student, teachers, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def make_steps(
-    setting: Setting, student: torch.nn.Module, teachers: list[torch.nn.Module], batch: dict, tokenizer: Any, tmp: str
+    setting: Setting,
+    student: torch.nn.Module,
+    teachers: list[torch.nn.Module],
+    batch: dict,
+    tokenizer: Any,
+    tmp: str,
+    methods: tuple[str, ...] | None = None,
 ) -> dict[str, Callable[[], Any]]:
-    """One no-optimizer training step (forward and backward) per method, on the same student and batch."""
+    """One no-optimizer training step (forward and backward) per method (None: all), on the same student and batch."""
     common = {"output_dir": tmp, "report_to": "none", "use_cpu": True, "disable_tqdm": True}
     num_items = int((batch["labels"][:, 1:] != -100).sum())
 
@@ -178,28 +206,43 @@ def make_steps(
         loss.backward()
         student.zero_grad(set_to_none=True)
 
-    kd_args = MultiTeacherDistillationConfig(**common, temperature=2.0, teacher_weighting="entropy")
-    mtkd = MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=kd_args)
-    rows = Dataset.from_dict({"input_ids": batch["input_ids"].tolist()})
-    cache = cache_teacher_logits(
-        teachers, rows, os.path.join(tmp, "cache"), k=setting.top_k, batch_size=setting.batch_size, disable_tqdm=True
-    )
-    cached = MultiTeacherDistillationTrainer(
-        model=student,
-        teachers=cache,
-        args=kd_args,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-    )
-    cached_batch = cached.data_collator([cache.dataset[i] for i in range(len(cache.dataset))])
-    plain = Trainer(model=student, args=TrainingArguments(**common))
-    steps = {
-        "floor": floor,
-        "mtkd": trainer_step(mtkd, batch),
-        "cached": trainer_step(cached, cached_batch),
-        "plain": trainer_step(plain, batch),
+    def kd_args(logit_free: str) -> MultiTeacherDistillationConfig:
+        return MultiTeacherDistillationConfig(
+            **common, temperature=2.0, teacher_weighting="entropy", logit_free=logit_free
+        )
+
+    def cached() -> Callable[[], Any]:
+        rows = Dataset.from_dict({"input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()})
+        cache = cache_teacher_logits(
+            teachers,
+            rows,
+            os.path.join(tmp, "cache"),
+            k=setting.top_k,
+            batch_size=setting.batch_size,
+            disable_tqdm=True,
+        )
+        trainer = MultiTeacherDistillationTrainer(model=student, teachers=cache, args=kd_args("never"))
+        return trainer_step(trainer, trainer.data_collator([cache.dataset[i] for i in range(len(cache.dataset))]))
+
+    makers = {
+        "floor": lambda: floor,
+        "mtkd": lambda: trainer_step(
+            MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=kd_args("never")), batch
+        ),
+        "free": lambda: trainer_step(
+            MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=kd_args("always")), batch
+        ),
+        "cached": cached,
+        "plain": lambda: trainer_step(Trainer(model=student, args=TrainingArguments(**common)), batch),
     }
-    if setting.num_teachers == 1 and GKDTrainer is not None:
-        gkd_args = GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0, max_length=setting.seq_len)
+    steps = {name: make() for name, make in makers.items() if methods is None or name in methods}
+    if setting.num_teachers == 1 and GKDTrainer is not None and (methods is None or "trl" in methods):
+        rows = Dataset.from_dict({"input_ids": batch["input_ids"].tolist()})
+        # float32 like the other methods (TRL's configs default to bf16 where supported, and its trainer would wrap
+        # the shared teacher's forward in bf16 autocast for every method measured after it)
+        gkd_args = GKDConfig(
+            **common, lmbda=0.0, beta=0.0, temperature=1.0, max_length=setting.seq_len, bf16=False, fp16=False
+        )
         gkd = GKDTrainer(
             model=student,
             teacher_model=teachers[0],
@@ -238,6 +281,16 @@ def _timed(step: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _measure_once(steps: dict[str, Callable[[], Any]]) -> dict[str, float | None]:
+    """`<name>_ms` and `<name>_peak_mb` of one step of each method, its first (no warm-up), one after the other."""
+    row: dict[str, float | None] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        row[f"{name}_peak_mb"] = peak_memory_mb(step)
+        row[f"{name}_ms"] = 1e3 * (time.perf_counter() - start)
+    return row
+
+
 def _measure_steps(steps: dict[str, Callable[[], Any]], repeats: int, memory: bool) -> dict[str, float | None]:
     """`<name>_peak_mb` of each step (`memory`), or `<name>_ms`, the median of interleaved timed runs."""
     for step in steps.values():  # warm-up
@@ -251,21 +304,41 @@ def _measure_steps(steps: dict[str, Callable[[], Any]], repeats: int, memory: bo
     return {f"{name}_ms": 1e3 * statistics.median(values) for name, values in times.items()}
 
 
-def measure(setting: Setting, tokenizer: Any, repeats: int, memory: bool = False) -> dict[str, Any]:
+def measure(
+    setting: Setting, tokenizer: Any, repeats: int, memory: bool = False, grid: str = "full"
+) -> dict[str, Any]:
     """One table row: every method's step time (or, with `memory`, its peak memory)."""
+    methods = SCALE_METHODS if grid.startswith("scale") else None
     student, teachers, batch = build(setting, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
-        steps = make_steps(setting, student, teachers, batch, tokenizer, tmp)
-        row: dict[str, Any] = {**asdict(setting), **_measure_steps(steps, repeats, memory)}
-    row.update(loss_only(setting, repeats, memory))
-    if memory:
+        steps = make_steps(setting, student, teachers, batch, tokenizer, tmp, methods)
+        measured = _measure_once(steps) if methods is not None else _measure_steps(steps, repeats, memory)
+        row: dict[str, Any] = {**asdict(setting), **measured}
+    if methods is None:
+        row.update(loss_only(setting, repeats, memory))
+    if memory and methods is None:
         return row
     row["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6
     row["teacher_params_m"] = [round(sum(p.numel() for p in t.parameters()) / 1e6, 2) for t in teachers]
+    row["valid_positions"] = int((batch["labels"][:, 1:] != -100).sum())
+    row["free_over_mtkd"] = row["free_ms"] / row["mtkd_ms"]
+    row["free_over_trl"] = row["free_ms"] / row["trl_ms"] if "trl_ms" in row else None
+    if methods is not None:
+        return row
     row["mtkd_over_floor"] = row["mtkd_ms"] / row["floor_ms"]
     row["cached_over_plain"] = row["cached_ms"] / row["plain_ms"]
     row["mtkd_over_trl"] = row["mtkd_ms"] / row["trl_ms"] if "trl_ms" in row else None
     return row
+
+
+def memory_ratios(row: dict[str, Any]) -> None:
+    """Peak memory of today's path and of the logit-free one over plain fine-tuning's, and bytes per position."""
+    plain = row.get("plain_peak_mb")
+    for method in ("mtkd", "free"):
+        peak = row.get(f"{method}_peak_mb")
+        row[f"{method}_memory_over_plain"] = peak / plain if peak is not None and plain else None
+        positions = row["batch_size"] * row["seq_len"]
+        row[f"{method}_kib_per_position"] = None if peak is None else peak * 1024 / positions
 
 
 def memory_rows(argv: list[str]) -> list[dict[str, Any]]:
@@ -288,56 +361,100 @@ COLUMNS = [
     ("K", lambda r: str(r["num_teachers"])),
     ("floor ms", lambda r: f"{r['floor_ms']:.0f}"),
     ("mtkd ms", lambda r: f"{r['mtkd_ms']:.0f}"),
+    ("free ms", lambda r: f"{r['free_ms']:.0f}"),
     ("cached ms", lambda r: f"{r['cached_ms']:.0f}"),
     ("plain ms", lambda r: f"{r['plain_ms']:.0f}"),
     ("trl ms", lambda r: f"{r['trl_ms']:.0f}" if "trl_ms" in r else "-"),
     ("mtkd/floor", lambda r: f"{r['mtkd_over_floor']:.2f}"),
     ("cached/plain", lambda r: f"{r['cached_over_plain']:.2f}"),
     ("mtkd/trl", lambda r: f"{r['mtkd_over_trl']:.2f}" if r["mtkd_over_trl"] else "-"),
-    ("step MiB mtkd / trl", lambda r: f"{_mb(r['mtkd_peak_mb'])} / {_mb(r.get('trl_peak_mb'))}"),
+    (
+        "step MiB mtkd / free / trl",
+        lambda r: f"{_mb(r['mtkd_peak_mb'])} / {_mb(r['free_peak_mb'])} / {_mb(r.get('trl_peak_mb'))}",
+    ),
     ("loss MiB ours / naive", lambda r: f"{_mb(r['loss_ours_peak_mb'])} / {_mb(r['loss_naive_peak_mb'])}"),
     ("loss ms ours / naive", lambda r: f"{r['loss_ours_ms']:.0f} / {r['loss_naive_ms']:.0f}"),
 ]
+
+
+SCALE_COLUMNS = [
+    ("V", lambda r: f"{r['vocab_size'] / 1000:.0f}k"),
+    ("T", lambda r: str(r["seq_len"])),
+    ("K", lambda r: str(r["num_teachers"])),
+    ("valid", lambda r: str(r["valid_positions"])),
+    ("plain ms", lambda r: f"{r['plain_ms']:.0f}"),
+    ("trl ms", lambda r: f"{r['trl_ms']:.0f}" if "trl_ms" in r else "-"),
+    ("today ms", lambda r: f"{r['mtkd_ms']:.0f}"),
+    ("logit-free ms", lambda r: f"{r['free_ms']:.0f}"),
+    ("free/today", lambda r: f"{r['free_over_mtkd']:.2f}"),
+    ("free/trl", lambda r: f"{r['free_over_trl']:.2f}" if r["free_over_trl"] else "-"),
+    (
+        "MiB plain / trl / today / free",
+        lambda r: " / ".join(_mb(r.get(f"{m}_peak_mb")) for m in ("plain", "trl", "mtkd", "free")),
+    ),
+    ("today/plain MiB", lambda r: _ratio(r.get("mtkd_memory_over_plain"))),
+    ("free/plain MiB", lambda r: _ratio(r.get("free_memory_over_plain"))),
+    (
+        "KiB/position today / free",
+        lambda r: f"{_mb(r.get('mtkd_kib_per_position'))} / {_mb(r.get('free_kib_per_position'))}",
+    ),
+]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(row) for _, fmt in COLUMNS) + " |" for row in rows]
+def markdown(rows: list[dict[str, Any]], columns: list = COLUMNS) -> str:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row) for _, fmt in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Two tiny settings, for a smoke run.")
+    parser.add_argument("--quick", action="store_true", help="Two tiny settings, for a smoke run (`--grid quick`).")
+    parser.add_argument("--grid", choices=list(GRIDS), default="full", help="Which settings (and methods) to run.")
     parser.add_argument("--repeats", type=int, default=None, help="Timed steps per method (default 5; quick 2).")
     parser.add_argument("--output", default=None, help="Write <output>.json and <output>.md.")
     parser.add_argument("--memory_json", default=None, help=argparse.SUPPRESS)  # the memory process's output
     args = parser.parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
-    settings = QUICK if args.quick else FULL
+    grid = "quick" if args.quick else args.grid
+    settings = GRIDS[grid]
     repeats = args.repeats or (2 if args.quick else 5)
     if GKDTrainer is None:
         print("TRL is not installed (pip install 'hf-mtkd[benchmark]'): no TRL column.", file=sys.stderr)
     tokenizer = train_tiny_tokenizer(synthetic_corpus(64), vocab_size=300)
     if args.memory_json:
-        rows = [measure(setting, tokenizer, repeats, memory=True) for setting in settings]
+        rows = []
+        for setting in settings:
+            print(f"measuring {setting} ...", file=sys.stderr, flush=True)
+            rows.append(measure(setting, tokenizer, repeats, memory=True, grid=grid))
         with open(args.memory_json, "w") as file:
             json.dump(rows, file)
         return
-    rows = []
-    for setting in settings:
-        print(f"timing {setting} ...", file=sys.stderr, flush=True)
-        rows.append(measure(setting, tokenizer, repeats))
-    print("measuring peak memory in a second process ...", file=sys.stderr, flush=True)
-    for row, memory in zip(rows, memory_rows(["--quick"] if args.quick else []), strict=False):
-        row.update({key: value for key, value in memory.items() if key.endswith("_peak_mb")})
+    if grid.startswith("scale"):  # one step per method, timed and measured at once, in the memory process
+        print("measuring one step of each method in a second process ...", file=sys.stderr, flush=True)
+        rows = memory_rows(["--grid", grid])
+        repeats = 1
+    else:
+        rows = []
+        for setting in settings:
+            print(f"timing {setting} ...", file=sys.stderr, flush=True)
+            rows.append(measure(setting, tokenizer, repeats, grid=grid))
+        print("measuring peak memory in a second process ...", file=sys.stderr, flush=True)
+        for row, memory in zip(rows, memory_rows(["--grid", grid, "--repeats", str(repeats)]), strict=False):
+            row.update({key: value for key, value in memory.items() if key.endswith("_peak_mb")})
     for row in rows:
-        naive = row.get("loss_naive_peak_mb")
-        row["loss_memory_ours_over_naive"] = row["loss_ours_peak_mb"] / naive if naive else None
+        memory_ratios(row)
+        if not grid.startswith("scale"):
+            naive = row.get("loss_naive_peak_mb")
+            row["loss_memory_ours_over_naive"] = row["loss_ours_peak_mb"] / naive if naive else None
     environment = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -346,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "command": "python benchmarks/bench_step.py " + " ".join(sys.argv[1:]),
     }
-    table = markdown(rows)
+    table = markdown(rows, SCALE_COLUMNS if grid.startswith("scale") else COLUMNS)
     print(table)
     if args.output:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)

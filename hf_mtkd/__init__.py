@@ -4,6 +4,7 @@ from .alignment import FeatureProjector
 from .chat_data import CompletionCollator, ExampleRenderer
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import MultiTokenizerCollator, VocabularyMap, align_positions
+from .logit_free import HeadLogits
 from .losses import (
     DistillationLoss,
     causal_lm_loss,
@@ -35,6 +36,7 @@ __all__ = [
     "DistillationSettings",
     "ExampleRenderer",
     "FeatureProjector",
+    "HeadLogits",
     "MultiTeacherDistillationConfig",
     "MultiTeacherDistillationTrainer",
     "MultiTokenizerCollator",

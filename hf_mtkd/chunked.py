@@ -6,6 +6,12 @@ O(chunk x V x K) instead of O(B x T x V x K).
 `teacher_statistics` reads the teachers' entropies and true-token log-probabilities (no gradient); and
 `ChunkedDistillation`, the one autograd function, makes the fused KD term, the cross-entropy and their gradient in
 one pass, writing the gradient during the forward.
+
+The positions a pass reads are a `Layout`: every flat position of the `[B, T]` batch (the `[B, T, V]` logits), or
+the valid ones only, packed (the logit-free inputs of `hf_mtkd.logit_free`). How the student's logits of a chunk are
+obtained and where their gradient goes is a `StudentLogits` strategy: a view of the `[B, T, V]` logits and a
+`[B, T, V]` gradient buffer (`DenseStudent`), or `h[chunk] @ W.T + b` and the gradients of h, W and b
+(`hf_mtkd.logit_free.HiddenStudent`); the per-chunk math is the same code for both.
 """
 
 from __future__ import annotations
@@ -91,6 +97,42 @@ def chunks(mask: Tensor, chunk_size: int | None, vocab_size: int) -> list[Chunk]
     return chunks
 
 
+@dataclass(frozen=True)
+class Layout:
+    """
+    The P positions a pass reads, in row-major order: every flat position of the `[B, T]` batch (P = B x T, for
+    `[B, T, ...]` inputs), or only its N valid ones (`packed`, P = N, for inputs taken at the valid positions).
+    """
+
+    mask: Tensor
+    """`[B, T]` bool, the valid positions."""
+    packed: bool = False
+
+    @classmethod
+    def of(cls, labels: Tensor, *, packed: bool = False) -> Layout:
+        return cls(next_token_mask(labels), packed)
+
+    @property
+    def valid(self) -> Tensor:
+        """`[P]` bool, the valid positions among the P."""
+        if self.packed:
+            return torch.ones(int(self.mask.sum()), dtype=torch.bool, device=self.mask.device)
+        return self.mask.flatten()
+
+    def flat(self, values: Tensor) -> Tensor:
+        """`values` `[..., B, T]` at the P positions, `[..., P]` (a view when not packed)."""
+        return values[..., self.mask] if self.packed else values.flatten(-2)
+
+    def per_row(self, values: Tensor) -> Tensor:
+        """`values` `[B, ...]` (one entry per sequence) repeated at the P positions, `[P, ...]`."""
+        rows = torch.arange(self.mask.shape[0], device=self.mask.device)[:, None].expand(self.mask.shape)
+        return values[self.flat(rows)]
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """`[P]` next-token ids (clamped to 0 where there is none)."""
+        return self.flat(shift_labels(labels)).clamp(min=0)
+
+
 def teacher_statistics(
     teacher_logits: Sequence[TeacherLogits],
     labels: Tensor,
@@ -98,14 +140,18 @@ def teacher_statistics(
     temperature: float,
     position_ids: Tensor | None,
     chunk_size: int | None,
+    packed: bool = False,
 ) -> TeacherSignals:
-    """The teachers' `TeacherSignals` at the valid positions, read `chunk_size` positions at once."""
-    targets = shift_labels(labels)
-    mask = targets != -100
-    flat_targets = targets.flatten().clamp(min=0)
+    """
+    The teachers' `TeacherSignals` at the valid positions, read `chunk_size` positions at once (`packed`: the
+    teachers are given at the valid positions only, see `Layout`).
+    """
+    layout = Layout.of(labels, packed=packed)
+    mask = layout.mask
+    flat_targets = layout.targets(labels)
     entropy, target_log_prob = [], []
     with torch.no_grad():
-        for chunk in chunks(mask, chunk_size, teacher_logits[0].shape[-1]):
+        for chunk in chunks(layout.valid, chunk_size, teacher_logits[0].shape[-1]):
             _, chunk_entropy, chunk_log_prob = read_rows(
                 teacher_logits, chunk.rows, flat_targets[chunk.rows], temperature
             )
@@ -168,6 +214,61 @@ class Weighting:
         return self(signals, None if teacher_mask is None else teacher_mask[:, :, None], teacher_prior)[:, :, 0]
 
 
+class StudentLogits:
+    """
+    How `ChunkedDistillation` reads the student: its differentiable `inputs`, the logits `[n, V]` of a chunk's
+    positions (float32 or wider) and where the gradient of the loss in those logits goes (`write`, then `grads`).
+    """
+
+    inputs: tuple[Tensor | None, ...]
+    """The tensors the loss is differentiated in, passed to the autograd function (None: absent)."""
+    vocab_size: int
+
+    def logits(self, rows: slice) -> Tensor:
+        """The student's logits `[n, V]` at the P-positions `rows` of the pass's `Layout`."""
+        raise NotImplementedError
+
+    def start(self, needs_grad: Sequence[bool], runs: Sequence[Chunk], num_positions: int) -> None:
+        """Make the gradient buffers of the `inputs` that `needs_grad` (for the chunks `runs` of P positions)."""
+        raise NotImplementedError
+
+    def write(self, rows: slice, grad: Tensor) -> None:
+        """Take $\\partial L / \\partial z$ `[n, V]` of the chunk at `rows` (invalid positions already 0)."""
+        raise NotImplementedError
+
+    def grads(self) -> tuple[Tensor | None, ...]:
+        """The gradients of the `inputs`, for a loss gradient of 1 (None where not needed)."""
+        raise NotImplementedError
+
+
+class DenseStudent(StudentLogits):
+    """The student's `[B, T, V]` logits, read by views and given a `[B, T, V]` gradient buffer."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.inputs = (logits,)
+        self.vocab_size = logits.shape[-1]
+        self.flat = logits.view(-1, logits.shape[-1])
+        self.grad: Tensor | None = None
+
+    def logits(self, rows: slice) -> Tensor:
+        return upcast(self.flat[rows])
+
+    def start(self, needs_grad: Sequence[bool], runs: Sequence[Chunk], num_positions: int) -> None:
+        if not needs_grad[0]:
+            return
+        self.grad = self.flat.new_empty(self.flat.shape)
+        # positions outside every chunk get no gradient
+        edges = [0, *(edge for chunk in runs for edge in (chunk.rows.start, chunk.rows.stop)), num_positions]
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            self.grad[start:stop] = 0
+
+    def write(self, rows: slice, grad: Tensor) -> None:
+        self.grad[rows] = grad
+
+    def grads(self) -> tuple[Tensor | None]:
+        return (None if self.grad is None else self.grad.view(self.inputs[0].shape),)
+
+
 class ChunkedDistillation(torch.autograd.Function):
     r"""
     $\alpha_{kd} \tau^2 \frac{1}{N} \sum \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau)) + \alpha_{ce}
@@ -176,10 +277,11 @@ class ChunkedDistillation(torch.autograd.Function):
 
     Each chunk reads every teacher once (`hf_mtkd.storage.read_rows`): its statistics, its weights (when they depend
     on the position alone; else `weights` are given), the fused target (`hf_mtkd.fusion`), the KL
-    (`hf_mtkd.divergences.forward_kl`), the cross-entropy and the gradient,
-    $\frac{1}{N}(\alpha_{kd} \tau (q_\tau - \bar p) + \alpha_{ce} (q_1 - e_y))$, written into one `[B, T, V]`
-    buffer during the forward. No `[N, V]` intermediate outlives its chunk, and the student's log-softmax serves
-    both terms when τ = 1. When every teacher is in top-k form, the target stays sparse.
+    (`hf_mtkd.divergences.forward_kl`), the cross-entropy and the gradient in the student's logits,
+    $\frac{1}{N}(\alpha_{kd} \tau (q_\tau - \bar p) + \alpha_{ce} (q_1 - e_y))$, handed to the `StudentLogits`
+    strategy during the forward (written into one `[B, T, V]` buffer, or multiplied into the gradients of the
+    hidden states and the output head). No `[N, V]` intermediate outlives its chunk, and the student's log-softmax
+    serves both terms when τ = 1. When every teacher is in top-k form, the target stays sparse.
 
     With `with_kd=False` (the ULD divergence, computed elsewhere) no target and no KL are formed: the pass gives the
     teachers' statistics and $\alpha_{ce} L_{ce}$ only.
@@ -191,7 +293,8 @@ class ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        student_logits: Tensor,
+        student: StudentLogits,
+        layout: Layout,
         labels: Tensor,
         normalizer: Tensor,
         weights: Tensor | None,
@@ -200,28 +303,26 @@ class ChunkedDistillation(torch.autograd.Function):
         teacher_prior: Tensor | None,
         settings: DistillationSettings,
         with_kd: bool,
-        *teacher_logits: TeacherLogits,
+        teacher_logits: Sequence[TeacherLogits],
+        *inputs: Tensor | None,
     ) -> tuple[Tensor, ...]:
         temperature, fusion, chunk_size = settings.temperature, settings.fusion, settings.chunk_size
         alpha_kd, alpha_ce = settings.alpha_kd, settings.alpha_ce
-        targets = shift_labels(labels)
-        mask = targets != -100
-        flat_targets = targets.flatten().clamp(min=0)
+        mask = layout.mask
+        flat_targets = layout.targets(labels)
         if not with_kd:
             alpha_kd = 0.0
-        need_grad = ctx.needs_input_grad[0] and (alpha_kd != 0 or bool(alpha_ce))
-        runs = chunks(mask, chunk_size, student_logits.shape[-1])
-        grad = student_logits.new_empty(student_logits.shape) if need_grad else None
-        flat_student = student_logits.view(-1, student_logits.shape[-1])
-        flat_grad = None if grad is None else grad.view(-1, grad.shape[-1])
-        if need_grad:  # positions outside every chunk get no gradient
-            edges = [0, *(edge for chunk in runs for edge in (chunk.rows.start, chunk.rows.stop)), len(flat_grad)]
-            for start, stop in zip(edges[::2], edges[1::2], strict=True):
-                flat_grad[start:stop] = 0
-        flat_mask = None if teacher_mask is None else teacher_mask.flatten(1)
-        flat_weights = None if weights is None else weights.flatten(1)
-        flat_prior = None if teacher_prior is None else teacher_prior.repeat_interleave(labels.shape[1], dim=0)
-        kl_total = ce_total = upcast(student_logits.new_zeros(()))
+        has_loss = alpha_kd != 0 or bool(alpha_ce)
+        needs_grad = [has_loss and ctx.needs_input_grad[ARGUMENTS + i] for i in range(len(inputs))]
+        need_grad = any(needs_grad)
+        valid_positions = layout.valid
+        runs = chunks(valid_positions, chunk_size, student.vocab_size)
+        if need_grad:
+            student.start(needs_grad, runs, len(valid_positions))
+        flat_mask = None if teacher_mask is None else layout.flat(teacher_mask)
+        flat_weights = None if weights is None else layout.flat(weights)
+        flat_prior = None if teacher_prior is None else layout.per_row(teacher_prior)
+        kl_total = ce_total = upcast(normalizer.new_zeros((), dtype=inputs[0].dtype))
         normalizer = normalizer.to(kl_total.dtype)
         kd_scale = alpha_kd * temperature / normalizer
         ce_scale = (alpha_ce or 0.0) / normalizer
@@ -232,14 +333,14 @@ class ChunkedDistillation(torch.autograd.Function):
             teachers, chunk_entropy, chunk_log_prob = read_rows(teacher_logits, rows, y, temperature)
             entropy.append(chunk.select(chunk_entropy))
             target_log_prob.append(chunk.select(chunk_log_prob))
-            logits = upcast(flat_student[rows])
-            student = None  # log q_τ, for the KD term
+            logits = student.logits(rows)
+            log_q = None  # log q_τ, for the KD term
             if with_kd:
-                student = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+                log_q = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
             ce_log_probs = None  # log q_1, for the CE term
             if alpha_ce is not None:
-                shared = student is not None and temperature == 1
-                ce_log_probs = student if shared else torch.log_softmax(logits, dim=-1)
+                shared = log_q is not None and temperature == 1
+                ce_log_probs = log_q if shared else torch.log_softmax(logits, dim=-1)
                 ce_total = ce_total - chunk.select(ce_log_probs.gather(-1, y[:, None])[:, 0]).sum()
             del logits
             if with_kd:
@@ -254,16 +355,16 @@ class ChunkedDistillation(torch.autograd.Function):
                 if isinstance(teachers[0], SparseRows):
                     target = fuse_sparse(teachers, chunk_weights, temperature, fusion)
                 else:
-                    target = fuse_dense(teachers, chunk_entropy, chunk_weights, fusion, student.dtype)
-                kl_total = kl_total + forward_kl(student, target).where(counted, 0.0).sum()
+                    target = fuse_dense(teachers, chunk_entropy, chunk_weights, fusion, log_q.dtype)
+                kl_total = kl_total + forward_kl(log_q, target).where(counted, 0.0).sum()
             del teachers
             if need_grad:
                 if with_kd:
-                    row_kd = (kd_scale * counted).to(student.dtype)[:, None]
-                    if ce_log_probs is student:  # τ = 1: q_1 = q_τ, one exp for both terms
-                        chunk_grad = student.exp_().mul_(row_kd + ce_scale)
+                    row_kd = (kd_scale * counted).to(log_q.dtype)[:, None]
+                    if ce_log_probs is log_q:  # τ = 1: q_1 = q_τ, one exp for both terms
+                        chunk_grad = log_q.exp_().mul_(row_kd + ce_scale)
                     else:
-                        chunk_grad = student.exp_().mul_(row_kd)
+                        chunk_grad = log_q.exp_().mul_(row_kd)
                         if ce_log_probs is not None:
                             chunk_grad.add_(ce_log_probs.exp_().mul_(ce_scale))
                     target.subtract_from(chunk_grad, row_kd)
@@ -274,9 +375,10 @@ class ChunkedDistillation(torch.autograd.Function):
                     chunk_grad.scatter_add_(-1, y[:, None], ce_step)
                 if not chunk.all_valid:  # padding and row ends inside the run get no gradient
                     chunk_grad.masked_fill_(~valid[:, None], 0)
-                flat_grad[rows] = chunk_grad
-        ctx.num_inputs = 9 + len(teacher_logits)
-        ctx.save_for_backward(grad)
+                student.write(rows, chunk_grad)
+                del chunk_grad
+        grads = student.grads() if need_grad else (None,) * len(inputs)
+        ctx.save_for_backward(*grads)
         loss_kd = temperature**2 * kl_total / normalizer
         loss_ce = ce_total / normalizer
         loss = alpha_kd * loss_kd + (alpha_ce or 0.0) * loss_ce
@@ -288,7 +390,10 @@ class ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        if grad is not None and not bool(grad_loss == 1):
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad, *[None] * (ctx.num_inputs - 1))
+        scale = not bool(grad_loss == 1)
+        grads = [grad * grad_loss.to(grad.dtype) if grad is not None and scale else grad for grad in ctx.saved_tensors]
+        return (*[None] * ARGUMENTS, *grads)
+
+
+ARGUMENTS = 11
+"""The arguments of `ChunkedDistillation.forward` before the student's `inputs`."""

@@ -15,6 +15,7 @@ from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
 from .dtypes import DTYPE_CHOICES
 from .fusion import FUSIONS
+from .heads import LOGIT_FREE_MODES
 from .redaction import redact
 from .weighting import GRANULARITIES, WEIGHTINGS
 
@@ -34,6 +35,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `alpha_ce`, `alpha_kd`, `alpha_feat`: the weights of the three terms.
     - `fusion`: how the weighted teachers form one target (`probability` or `logit`).
     - `loss_chunk_size`: positions the loss reads at once (memory only; the loss does not depend on it).
+    - `logit_free`: the loss from final hidden states and output heads, without `[batch, length, vocab]` logits
+      (on by default where it applies).
 
     > Teacher weighting
 
@@ -168,6 +171,18 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "on it; its extra memory is O(loss_chunk_size x vocab x teachers) instead of O(batch x length x vocab x "
             "teachers). None: 4M / vocab positions (16 MiB per [chunk, vocab] float32 tensor; 32 at a 128k "
             "vocabulary), which keeps the chunks in the allocator's cache."
+        },
+    )
+    logit_free: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the loss from final hidden states and output heads, a chunk of positions at a time, "
+            "instead of [batch, length, vocab] logits: no full-vocabulary logits exist for the student or any "
+            "teacher, and teachers' heads run at the positions with a next-token label only. 'auto' (where it "
+            "applies; a model with a soft-capped, scaled or non-linear head, cross-tokenizer teachers or DeepSpeed "
+            "ZeRO-3 fall back to their logits, with the reason logged once), 'always' (refuse where it does not "
+            "apply) or 'never'. The loss is the same either way.",
+            "choices": list(LOGIT_FREE_MODES),
         },
     )
     feature_loss: str = field(
@@ -342,6 +357,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             ("teacher_dtype", DTYPE_CHOICES),
             ("cross_tokenizer", CROSS_TOKENIZER_MODES),
             ("cross_tokenizer_loss", CROSS_TOKENIZER_LOSSES),
+            ("logit_free", LOGIT_FREE_MODES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {list(choices)}.")

@@ -30,6 +30,8 @@ from .alignment import FEATURE_LOSSES
 from .chunked import CHUNK_ELEMENTS as CHUNK_ELEMENTS
 from .chunked import (
     ChunkedDistillation,
+    DenseStudent,
+    Layout,
     Weighting,
     chunks,
     next_token_mask,
@@ -41,6 +43,7 @@ from .chunked import auto_chunk_size as auto_chunk_size
 from .divergences import sorted_l1_distance
 from .dtypes import upcast
 from .fusion import FUSIONS as FUSIONS
+from .logit_free import HeadLogits, HiddenStudent, any_head_logits, at_valid_positions
 from .settings import DistillationSettings
 from .storage import TeacherLogits, dense_rows, take_rows
 from .weighting import TeacherSignals, check_teacher_prior
@@ -130,7 +133,9 @@ class DistillationLoss:
         The total loss of a batch.
 
         Args:
-            student_logits, teacher_logits, labels: as for `multi_teacher_kd` (teachers on the student's vocabulary).
+            student_logits, teacher_logits, labels: as for `multi_teacher_kd` (teachers on the student's vocabulary);
+                logit-free, the student and teachers as `hf_mtkd.logit_free.HeadLogits` (hidden states at the valid
+                positions and output heads; teachers may also be in top-k form).
             own_logits: for the `uld` divergence, each teacher's logits on its own vocabulary `[B, T, V_k]`.
             features: with `alpha_feat > 0`, called with the valid positions `[B, T]` after the KD pass; returns the
                 hidden-state pairs of `feature_alignment_loss` at those positions.
@@ -138,6 +143,10 @@ class DistillationLoss:
         """
         settings = self.settings
         uld = settings.divergence == "uld"
+        if uld and isinstance(student_logits, HeadLogits):
+            raise ValueError(
+                "The `uld` divergence reads the student's [B, T, V] logits: it has no logit-free form (pass logits)."
+            )
         kd = self._pass(
             student_logits,
             teacher_logits,
@@ -192,6 +201,9 @@ class DistillationLoss:
         teacher_prior: Tensor | None = None,
     ) -> Tensor:
         """Teacher weights `[K, B, T]` (see `compute_teacher_weights`)."""
+        packed = any_head_logits(teacher_logits)
+        if packed:
+            teacher_logits = [at_valid_positions(logits, next_token_mask(labels)) for logits in teacher_logits]
         _check_logits(None, teacher_logits)
         if teacher_prior is not None:
             check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
@@ -202,6 +214,7 @@ class DistillationLoss:
             temperature=self.settings.temperature,
             position_ids=position_ids,
             chunk_size=self.settings.chunk_size,
+            packed=packed,
         )
         return weigh(signals, teacher_mask, teacher_prior)
 
@@ -240,13 +253,25 @@ class DistillationLoss:
         teacher_mask: Tensor | None,
         teacher_prior: Tensor | None,
     ) -> MultiTeacherKDOutput:
-        """The chunked pass (`ChunkedDistillation`), with the fused KL (`with_kd`) or only the statistics and CE."""
+        """
+        The chunked pass (`ChunkedDistillation`), with the fused KL (`with_kd`) or only the statistics and CE; on the
+        `[B, T, V]` logits, or logit-free when the student is `HeadLogits` (its teachers then taken at the valid
+        positions, `hf_mtkd.logit_free.at_valid_positions`).
+        """
         settings = self.settings
+        mask = next_token_mask(labels)
+        packed = isinstance(student_logits, HeadLogits)
+        if packed:
+            teacher_logits = [at_valid_positions(logits, mask) for logits in teacher_logits]
+        elif any_head_logits(teacher_logits):
+            raise ValueError(
+                "Teachers given as `HeadLogits` (hidden states and head) need the student in the same form: pass "
+                "the student's `HeadLogits` too, or every teacher's [B, T, V] logits."
+            )
         _check_logits(student_logits, teacher_logits)
         if teacher_prior is not None:
             check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
         weigh = Weighting.of(settings, len(teacher_logits), labels.device)
-        mask = next_token_mask(labels)
         weights = None
         if with_kd and not weigh.local:
             signals = teacher_statistics(
@@ -255,11 +280,14 @@ class DistillationLoss:
                 temperature=settings.temperature,
                 position_ids=position_ids,
                 chunk_size=settings.chunk_size,
+                packed=packed,
             )
             weights = weigh(signals, teacher_mask, teacher_prior)
         teachers = [logits.detach() for logits in teacher_logits]
+        student = HiddenStudent(student_logits) if packed else DenseStudent(student_logits)
         loss, loss_kd, loss_ce, entropy, target_log_prob = ChunkedDistillation.apply(
-            student_logits,
+            student,
+            Layout(mask, packed),
             labels,
             normalizer(mask, num_items_in_batch),
             weights,
@@ -268,7 +296,8 @@ class DistillationLoss:
             teacher_prior,
             settings,
             with_kd,
-            *teachers,
+            teachers,
+            *student.inputs,
         )
         if weights is None:
             segment_starts = None if position_ids is None else position_ids == 0
@@ -425,9 +454,12 @@ def multi_teacher_kd_loss(
     $q = \mathrm{softmax}(z_s/\tau)$. Gradients flow to the student only; an all-masked batch gives 0 (with a graph).
 
     Args:
-        student_logits: `[B, T, V]`, unshifted.
+        student_logits: `[B, T, V]`, unshifted; or, logit-free, `hf_mtkd.logit_free.HeadLogits` (the final hidden
+            states at the valid positions and the output head: no `[B, T, V]` tensor is made, the gradient goes to
+            the hidden states and the head).
         teacher_logits: K tensors `[B, T, V]` on the same vocabulary, or their cached `hf_mtkd.storage.TopKLogProbs`
-            form (read as the top-k distribution with its tail mass spread uniformly).
+            form (read as the top-k distribution with its tail mass spread uniformly), or `HeadLogits` beside a
+            `HeadLogits` student.
         labels: `[B, T]`, -100 where ignored.
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
         weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,

@@ -17,7 +17,8 @@ teacher) is another class here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from .cross_tokenizer import (
     teacher_on_student_positions,
 )
 from .distributed import prepare_teachers, zero3_init_dtype
+from .heads import LogitFreePlan
 from .storage import TeacherLogits
 from .teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits, check_cache
 from .teachers import (
@@ -178,10 +180,25 @@ class TeacherSource:
     def check_batch(self, inputs: Mapping[str, Any]) -> None:
         """Refuse a batch that was not collated for this source."""
 
+    @property
+    def logit_free_models(self) -> list[nn.Module | None]:
+        """Each teacher that reads the student's tokens from a model of its own, so may run logit-free; None if not."""
+        return [None] * len(self.names)
+
     def __call__(
-        self, inputs: dict[str, Any], *, student_vocab: int, temperature: float, output_hidden_states: bool
+        self,
+        inputs: dict[str, Any],
+        *,
+        student_vocab: int,
+        temperature: float,
+        output_hidden_states: bool,
+        logit_free: LogitFreePlan | None = None,
+        mask: Tensor | None = None,
     ) -> TeacherBatch:
-        """The teachers' outputs for the batch `inputs` (the source's own keys are taken out of it)."""
+        """
+        The teachers' outputs for the batch `inputs` (the source's own keys are taken out of it); with `logit_free`
+        (the student runs logit-free), the teachers it plans for give `HeadLogits` at the valid positions `mask`.
+        """
         raise NotImplementedError
 
     def add_metrics(self, sums: dict[str, Tensor], batch: TeacherBatch, mask: Tensor) -> None:
@@ -232,10 +249,25 @@ class SharedVocabularyTeacher:
         """The leading token ids it is distilled on (`hf_mtkd.teachers.shared_vocabulary_size`)."""
 
     def __call__(
-        self, inputs: Mapping[str, Any], own_inputs: Any, *, student_vocab: int, temperature: float, hidden: bool
+        self,
+        inputs: Mapping[str, Any],
+        own_inputs: Any,
+        *,
+        student_vocab: int,
+        temperature: float,
+        hidden: bool,
+        run_head: Callable[..., Any] | None = None,
     ) -> TeacherOutput:
-        logits, hidden_states = teacher_forward(self.model, self.name, inputs, output_hidden_states=hidden)
-        return TeacherOutput(on_student_vocabulary(logits, self.shared_vocabulary_size, student_vocab), hidden_states)
+        """Its outputs; with `run_head` (`LogitFreePlan.run_teacher` for it), its `HeadLogits` where it can."""
+        forward = functools.partial(teacher_forward, self.model, self.name, inputs, output_hidden_states=hidden)
+        (logits, hidden_states), head = (
+            (forward(), None)
+            if run_head is None
+            else run_head(forward, vocab_size=student_vocab, shared=self.shared_vocabulary_size)
+        )
+        if head is None:
+            logits = on_student_vocabulary(logits, self.shared_vocabulary_size, student_vocab)
+        return TeacherOutput(logits if head is None else head, hidden_states)
 
 
 class CrossTokenizerTeacher:
@@ -245,8 +277,16 @@ class CrossTokenizerTeacher:
         self.model, self.name, self.vocabulary_map = model, name, vocabulary_map
 
     def __call__(
-        self, inputs: Mapping[str, Any], own_inputs: Any, *, student_vocab: int, temperature: float, hidden: bool
+        self,
+        inputs: Mapping[str, Any],
+        own_inputs: Any,
+        *,
+        student_vocab: int,
+        temperature: float,
+        hidden: bool,
+        run_head: Callable[..., Any] | None = None,
     ) -> TeacherOutput:
+        """Its outputs on the student's positions (`run_head` is None: cross-tokenizer teachers give logits)."""
         if own_inputs is None:
             raise ValueError(
                 f"Teacher {self.name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
@@ -380,14 +420,32 @@ class LiveTeachers(TeacherSource):
                 "`teachers`."
             )
 
+    @property
+    def logit_free_models(self) -> list[nn.Module | None]:
+        return [t.model if isinstance(t, SharedVocabularyTeacher) else None for t in self.teachers]
+
     def __call__(
-        self, inputs: dict[str, Any], *, student_vocab: int, temperature: float, output_hidden_states: bool
+        self,
+        inputs: dict[str, Any],
+        *,
+        student_vocab: int,
+        temperature: float,
+        output_hidden_states: bool,
+        logit_free: LogitFreePlan | None = None,
+        mask: Tensor | None = None,
     ) -> TeacherBatch:
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
         return TeacherBatch(
             [
-                teacher(inputs, own, student_vocab=student_vocab, temperature=temperature, hidden=output_hidden_states)
-                for teacher, own in zip(self.teachers, own_inputs, strict=True)
+                teacher(
+                    inputs,
+                    own,
+                    student_vocab=student_vocab,
+                    temperature=temperature,
+                    hidden=output_hidden_states,
+                    run_head=None if logit_free is None else functools.partial(logit_free.run_teacher, k, mask=mask),
+                )
+                for k, (teacher, own) in enumerate(zip(self.teachers, own_inputs, strict=True))
             ]
         )
 
@@ -430,7 +488,14 @@ class CachedTeacherLogits(TeacherSource):
             )
 
     def __call__(
-        self, inputs: dict[str, Any], *, student_vocab: int, temperature: float, output_hidden_states: bool
+        self,
+        inputs: dict[str, Any],
+        *,
+        student_vocab: int,
+        temperature: float,
+        output_hidden_states: bool,
+        logit_free: LogitFreePlan | None = None,
+        mask: Tensor | None = None,
     ) -> TeacherBatch:
         rows = batch_teacher_logits(inputs, student_vocab, support=self.cache.manifest.vocab_size)
         return TeacherBatch([TeacherOutput(logits) for logits in rows])

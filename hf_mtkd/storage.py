@@ -169,8 +169,11 @@ def take_rows(tensor: Tensor, rows: slice | Tensor) -> Tensor:
 
 
 def dense_rows(logits: TeacherLogits, rows: slice) -> Tensor:
-    """A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `rows` (a view)."""
-    return logits.dense(rows) if isinstance(logits, TopKLogProbs) else upcast(take_rows(logits.detach(), rows))
+    """
+    A teacher's `[n, V]` logits (or log-probabilities, for the top-k form) at flat positions `rows` (a view for a
+    tensor); any other form gives them by its `dense(rows)` (`TopKLogProbs`, `hf_mtkd.logit_free.HeadLogits`).
+    """
+    return upcast(take_rows(logits.detach(), rows)) if isinstance(logits, Tensor) else logits.dense(rows)
 
 
 def all_sparse(teacher_logits: Sequence[TeacherLogits]) -> bool:

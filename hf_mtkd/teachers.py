@@ -215,16 +215,17 @@ def _accepts_kwarg(model: nn.Module, name: str) -> bool:
 
 
 def teacher_forward(
-    teacher: nn.Module, name: str, inputs: Mapping[str, Tensor], output_hidden_states: bool
+    teacher: nn.Module, name: str, inputs: Mapping[str, Tensor], output_hidden_states: bool, **extra: Any
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """
-    Logits `[B, T, V]` (and hidden states when asked) of a frozen teacher on the student's batch.
+    Logits `[B, T, V]` (and hidden states when asked) of a frozen teacher on the student's batch; `extra` are more
+    arguments of its forward (e.g. `logits_to_keep`).
 
     Without hidden states the teacher runs under `torch.inference_mode`, the cheapest mode: its logits only feed
     no-grad statistics and the fused KD loss, which saves none of them for the backward pass. Hidden states meet
     the student's graph in the feature loss, so that forward runs under `torch.no_grad`.
     """
-    kwargs = {key: inputs[key] for key in TEACHER_INPUT_KEYS if key in inputs}
+    kwargs = {**{key: inputs[key] for key in TEACHER_INPUT_KEYS if key in inputs}, **extra}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
     if _accepts_kwarg(teacher, "use_cache"):

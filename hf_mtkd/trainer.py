@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,9 @@ from .chat_data import (
 )
 from .config import MultiTeacherDistillationConfig
 from .generation_eval import evaluate_generation
+from .heads import LogitFreePlan
 from .hub import ignored_on_upload
+from .logit_free import HeadLogits
 from .losses import DistillationLoss, FeatureBatch, MultiTeacherKDOutput, next_token_mask
 from .model_card import create_model_card
 from .parameters import count_parameters
@@ -164,6 +167,18 @@ class MultiTeacherDistillationTrainer(Trainer):
         """The loss settings, built from `args` once."""
         self.distillation_loss = DistillationLoss(self.settings)
         """The loss of `compute_loss`: `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`."""
+        self.logit_free = LogitFreePlan(
+            args.logit_free,
+            model,
+            self.teacher_source.logit_free_models,
+            self.teacher_names,
+            student_reason="cross-tokenizer teachers need its [batch, length, vocab] logits"
+            if self.cross_tokenizer
+            else None,
+        )
+        """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""
+        self._prediction_loss_only: bool | None = None
+        """In `prediction_step`, whether it returns the loss only (else its logits, for metrics); None outside."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -402,7 +417,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """`alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`, each averaged over `num_items_in_batch`."""
+        """
+        `alpha_ce * L_ce + alpha_kd * L_kd + alpha_feat * L_feat`, each averaged over `num_items_in_batch`. Logit-free
+        (`logit_free`) where it applies, unless `return_outputs` asks for the student's logits (outside an evaluation
+        step that returns the loss only).
+        """
         if "labels" not in inputs:
             raise ValueError(
                 "The batch has no `labels`: distillation needs next-token targets. Use a collator that adds them, "
@@ -417,9 +436,21 @@ class MultiTeacherDistillationTrainer(Trainer):
         self.teacher_source.check_batch(inputs)
         teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in self.teacher_source.batch_keys}
-        outputs = model(**student_inputs, output_hidden_states=align, use_cache=False)
+        mask = next_token_mask(labels)
+        outputs, student_logits = self.logit_free.run_student(
+            functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
+            mask,
+            logits=return_outputs and not self._prediction_loss_only,  # the caller reads the logits
+        )
+        # with a logit-free student, the source's teachers that can run logit-free too (a source of one's own that
+        # has none is called as before)
+        free = isinstance(student_logits, HeadLogits) and any(self.teacher_source.logit_free_models)
         teachers = self.teacher_source(
-            inputs, student_vocab=outputs.logits.shape[-1], temperature=args.temperature, output_hidden_states=align
+            inputs,
+            student_vocab=student_logits.shape[-1],
+            temperature=args.temperature,
+            output_hidden_states=align,
+            **({"logit_free": self.logit_free, "mask": mask} if free else {}),
         )
         teacher_logits, teacher_hidden = teachers.logits, teachers.hidden_states
         uld = self.settings.divergence == "uld"
@@ -433,7 +464,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
 
         result = self.distillation_loss(
-            outputs.logits,
+            student_logits,
             teacher_logits,
             labels,
             own_logits=teachers.own_logits if uld else None,
@@ -453,6 +484,20 @@ class MultiTeacherDistillationTrainer(Trainer):
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """`Trainer.prediction_step`; the loss is logit-free unless the step returns the logits (for metrics)."""
+        self._prediction_loss_only = prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._prediction_loss_only = None
 
     # ---- metrics ----
 

@@ -26,12 +26,12 @@ def test_bench_step_quick_writes_a_complete_table(tmp_path):
     rows = report["rows"]
     assert [(r["num_teachers"], r["vocab_size"]) for r in rows] == [(1, 1024), (2, 1024)]
     for row in rows:
-        for method in ("floor", "mtkd", "cached", "plain", "loss_ours", "loss_naive"):
+        for method in ("floor", "mtkd", "free", "cached", "plain", "loss_ours", "loss_naive"):
             assert math.isfinite(row[f"{method}_ms"]) and row[f"{method}_ms"] > 0, method
         assert row["mtkd_over_floor"] == row["mtkd_ms"] / row["floor_ms"]
         assert row["cached_over_plain"] == row["cached_ms"] / row["plain_ms"]
         if sys.platform.startswith("linux"):  # peak memory comes from a second process with a pinned allocator
-            for method in ("floor", "mtkd", "cached", "plain", "loss_ours", "loss_naive"):
+            for method in ("floor", "mtkd", "free", "cached", "plain", "loss_ours", "loss_naive"):
                 assert row[f"{method}_peak_mb"] is not None and row[f"{method}_peak_mb"] >= 0, method
     markdown = output.with_suffix(".md").read_text()
     assert "| student | V | K | floor ms |" in markdown and markdown.count("\n| tiny") == 2

@@ -14,9 +14,10 @@ LAYERS = [
     {"storage", "topk"},  # storage formats (`topk` keeps the old import path)
     {"fusion", "divergences", "settings"},
     {"chunked"},  # the chunked driver
+    {"logit_free"},  # its logit-free inputs (hidden states and output heads)
     {"losses"},  # the total and the functional API
     # teachers and where their outputs come from
-    {"teachers", "distributed", "generation_eval", "pruning"},
+    {"teachers", "distributed", "generation_eval", "pruning", "heads"},
     {"cross_tokenizer", "teacher_cache"},
     {"config"},
     {"sources"},  # teacher sources: live models or a teacher-logits cache, one interface

@@ -1,0 +1,214 @@
+r"""
+Output heads of causal LMs, for the logit-free loss (`hf_mtkd.logit_free`): whether a model's logits are a plain
+linear map $z = h W^\top + b$ of its final hidden states (`logit_free_reason`), and a forward that gives those
+hidden states at the valid positions with the head instead of the `[B, T, V]` logits (`HeadRunner`).
+
+The forward is the model's own, called as usual (through DDP, PEFT or any wrapper) with `logits_to_keep` an empty
+tensor of positions, so that its head projects no position; a forward hook on its decoder (`get_decoder()`) takes
+the final hidden states (after the final norm) on the way. The first call keeps one position instead and checks
+that the model's logits there are its head applied to those hidden states, which catches a head that scales,
+caps or otherwise transforms its output without a configuration attribute that says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import logging
+
+from .logit_free import HeadLogits
+from .model_config import text_config
+
+logger = logging.get_logger(__name__)
+
+LOGIT_FREE_MODES = ("auto", "always", "never")
+"""`logit_free`: where it applies (`auto`), everywhere or refuse (`always`), or never."""
+
+TRANSFORMED_HEADS = {
+    "final_logit_softcapping": "final-logit soft-capping",
+    "logit_scale": "logit scaling",
+    "logits_scaling": "logit scaling",
+    "lm_head_multiplier": "a head multiplier",
+    "output_logits_scaling": "logit scaling",
+}
+"""Configuration attributes of heads that transform $h W^\\top + b$, and what they do (None or 1: they do not)."""
+
+CHECK_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+"""How close the model's logits must be to its head on its hidden states at the first call (others: 2e-2)."""
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside `model` (a PEFT model's base model; DDP and DeepSpeed wrappers' module)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model
+
+
+def logit_free_reason(model: nn.Module) -> str | None:
+    """Why `model`'s logits cannot be made from its final hidden states and head here; None when they can."""
+    if getattr(model, "peft_config", None) is not None and getattr(
+        getattr(model, "active_peft_config", None), "is_prompt_learning", False
+    ):
+        return "a PEFT prompt-learning model adds virtual tokens to the sequence"
+    inner = causal_lm(model)
+    config = text_config(inner)
+    for attribute, what in TRANSFORMED_HEADS.items():
+        value = getattr(config, attribute, None)
+        if value is not None and value != 1:
+            return f"its head applies {what} (`{attribute}={value}`)"
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        kind = "none" if head is None else type(head).__name__
+        return f"its output head is not a plain torch.nn.Linear ({kind})"
+    if hasattr(head.weight, "ds_id"):
+        return "DeepSpeed ZeRO-3 partitions its output head (gathering it is not supported yet)"
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return "its forward takes no `logits_to_keep`"
+    if not hasattr(inner, "get_decoder") or inner.get_decoder() is inner:
+        return "it has no decoder module apart from its head"
+    return None
+
+
+class HeadRunner:
+    """
+    Runs a model without its `[B, T, V]` logits: its forward with `logits_to_keep` empty, and its final hidden states
+    (from a hook on its decoder) at the valid positions with its head, as `HeadLogits`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = causal_lm(model)
+        self.decoder = inner.get_decoder()
+        self.head: nn.Linear = inner.get_output_embeddings()
+        self.checked = False
+        """Whether the first call checked the model's logits against its head."""
+
+    def __call__(
+        self,
+        forward: Callable[..., Any],
+        mask: Tensor,
+        *,
+        vocab_size: int | None = None,
+        shared: int | None = None,
+    ) -> tuple[Any, HeadLogits] | tuple[Any, str]:
+        """
+        `forward(logits_to_keep=...)`'s outputs and the `HeadLogits` of the valid positions `mask` `[B, T]`: the
+        head cut to its first `shared` rows and `vocab_size` wide (a teacher on the student's vocabulary,
+        `hf_mtkd.teachers.on_student_vocabulary`). At the first call, when the logits are not the head's, the
+        outputs and the reason instead.
+        """
+        captured: list[Tensor] = []
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        positions = torch.zeros(0 if self.checked else 1, dtype=torch.long, device=mask.device)
+        handle = self.decoder.register_forward_hook(keep)
+        try:
+            outputs = forward(logits_to_keep=positions)
+        finally:
+            handle.remove()
+        if len(captured) != 1 or captured[0].shape[:2] != mask.shape:
+            found = [tuple(h.shape) for h in captured]
+            return outputs, f"its decoder's output {found} is not one [batch, length, hidden] tensor per forward"
+        hidden = captured[0]
+        weight, bias = self.head.weight, self.head.bias
+        if not self.checked:
+            logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+            with torch.no_grad():
+                expected = F.linear(hidden[:, :1], weight, bias)
+            tolerance = CHECK_ATOL.get(expected.dtype, 2e-2) * max(1.0, float(expected.abs().max()))
+            if logits.shape != expected.shape or not torch.allclose(logits, expected, rtol=0, atol=tolerance):
+                return outputs, "its logits are not its output head applied to its decoder's final hidden states"
+            self.checked = True
+        if shared is not None:
+            weight, bias = weight[:shared], None if bias is None else bias[:shared]
+        return outputs, HeadLogits(hidden[mask], weight, bias, vocab_size)
+
+
+class LogitFreePlan:
+    """
+    Which models of a trainer run logit-free (`logit_free` = `auto`, `always` or `never`): the student, and each
+    live teacher on the student's vocabulary beside a logit-free student. Where it does not apply, the reason is
+    logged once (`auto`) or refused in one line (`always`), and that model gives its `[B, T, V]` logits as today; a
+    student that cannot gives logits for every teacher too.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        student: nn.Module,
+        teachers: list[nn.Module | None],
+        names: list[str],
+        *,
+        student_reason: str | None = None,
+    ) -> None:
+        """`teachers`: each live teacher on the student's vocabulary, None for the others (cached, cross-tokenizer)."""
+        self.mode = mode
+        self.student: HeadRunner | None = None
+        self.teachers: list[HeadRunner | None] = [None] * len(teachers)
+        self.names = names
+        if mode == "never":
+            return
+        reason = student_reason or logit_free_reason(student)
+        if reason is None and is_deepspeed_zero3_enabled():
+            reason = "DeepSpeed ZeRO-3 partitions the output heads (gathering them is not supported yet)"
+        if reason is not None:
+            self._fall_back("the student", reason)
+            return
+        self.student = HeadRunner(student)
+        for k, (teacher, name) in enumerate(zip(teachers, names, strict=True)):
+            reason = None if teacher is None else logit_free_reason(teacher)
+            if reason is not None:
+                self._fall_back(f"teacher {name!r}", reason)
+            elif teacher is not None:
+                self.teachers[k] = HeadRunner(teacher)
+
+    def _fall_back(self, who: str, reason: str) -> None:
+        if self.mode == "always":
+            raise ValueError(
+                f"`logit_free='always'` but {who} cannot run logit-free: {reason}. Set `logit_free='auto'` to "
+                "fall back to its [batch, length, vocab] logits."
+            )
+        logger.warning(
+            "The loss reads the [batch, length, vocab] logits of %s (not logit-free): %s.%s",
+            who,
+            reason,
+            " Every teacher then gives its logits too." if who == "the student" else "",
+        )
+
+    def run_student(
+        self, forward: Callable[..., Any], mask: Tensor, *, logits: bool
+    ) -> tuple[Any, Tensor | HeadLogits]:
+        """
+        The student's outputs and what the loss reads of it: `HeadLogits` when it runs logit-free (unless `logits`,
+        e.g. an evaluation that keeps them for metrics), else its `[B, T, V]` logits.
+        """
+        if self.student is not None and not logits:
+            outputs, result = self.student(forward, mask)
+            if not isinstance(result, str):
+                return outputs, result
+            self._fall_back("the student", result)
+            self.student = None
+        outputs = forward()
+        return outputs, outputs.logits
+
+    def run_teacher(
+        self, k: int, forward: Callable[..., Any], mask: Tensor, *, vocab_size: int, shared: int | None
+    ) -> tuple[Any, HeadLogits | None]:
+        """Teacher k's outputs and, when it runs logit-free, its `HeadLogits` on the student's vocabulary."""
+        runner = self.teachers[k]
+        if runner is not None:
+            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared)
+            if not isinstance(result, str):
+                return outputs, result
+            self._fall_back(f"teacher {self.names[k]!r}", result)
+            self.teachers[k] = None
+        return forward(), None
