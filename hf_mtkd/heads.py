@@ -164,7 +164,14 @@ class LogitFreePlan:
             self._fall_back("the student", reason)
             return
         self.student = HeadRunner(student)
-        for k, (teacher, name) in enumerate(zip(teachers, names, strict=True)):
+        self.plan_teachers(teachers)
+
+    def plan_teachers(self, teachers: list[nn.Module | None]) -> None:
+        """Which of `teachers` (None: not on the student's vocabulary) run logit-free, e.g. after they are replaced."""
+        self.teachers = [None] * len(teachers)
+        if self.student is None:
+            return
+        for k, (teacher, name) in enumerate(zip(teachers, self.names, strict=True)):
             reason = None if teacher is None else logit_free_reason(teacher)
             if reason is not None:
                 self._fall_back(f"teacher {name!r}", reason)

@@ -223,6 +223,7 @@ class MultiTeacherDistillationTrainer(Trainer):
     @teachers.setter
     def teachers(self, models: Sequence[nn.Module]) -> None:
         self.teacher_source.models = models
+        self.logit_free.plan_teachers(self.teacher_source.logit_free_models)  # the new models' own heads
 
     @property
     def cross_tokenizer(self) -> bool:
