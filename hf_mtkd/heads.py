@@ -66,7 +66,7 @@ def logit_free_reason(model: nn.Module) -> str | None:
             return f"its head applies {what} (`{attribute}={value}`)"
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
-        kind = "none" if head is None else type(head).__name__
+        kind = "none" if head is None else f"{type(head).__module__}.{type(head).__name__}"
         return f"its output head is not a plain torch.nn.Linear ({kind})"
     if hasattr(head.weight, "ds_id"):
         return "DeepSpeed ZeRO-3 partitions its output head (gathering it is not supported yet)"

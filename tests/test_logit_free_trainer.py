@@ -191,7 +191,9 @@ def test_a_head_that_is_not_a_plain_linear_falls_back(tmp_path, tokenizer, datas
         False,
     ]
     (warning,) = fallback_warnings(caplog)
-    assert "teacher 'llama'" in warning and "not a plain torch.nn.Linear (ScaledHead)" in warning
+    assert (
+        "teacher 'llama'" in warning and "not a plain torch.nn.Linear (test_logit_free_trainer.ScaledHead)" in warning
+    )
 
 
 def test_logits_transformed_without_a_config_attribute_are_caught_at_the_first_batch(
@@ -244,3 +246,15 @@ def test_zero3_and_never_leave_every_model_on_logits(tmp_path, tokenizer, datase
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown `logit_free` 'sometimes'"):
         MultiTeacherDistillationConfig(output_dir=str(tmp_path), logit_free="sometimes", use_cpu=True)
+
+
+def test_a_lora_wrapped_head_falls_back(tmp_path, tokenizer, dataset, caplog):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    with caplog.at_level(logging.WARNING):
+        trainer = construct(
+            tmp_path, tokenizer, dataset, student=peft.get_peft_model(student_model(tokenizer), config)
+        )
+    assert trainer.logit_free.student is None
+    (warning,) = fallback_warnings(caplog)
+    assert "the student" in warning and "not a plain torch.nn.Linear (peft.tuners.lora.layer.Linear)" in warning
