@@ -258,3 +258,18 @@ def test_a_lora_wrapped_head_falls_back(tmp_path, tokenizer, dataset, caplog):
     assert trainer.logit_free.student is None
     (warning,) = fallback_warnings(caplog)
     assert "the student" in warning and "not a plain torch.nn.Linear (peft.tuners.lora.layer.Linear)" in warning
+
+
+def test_teachers_given_after_construction_are_planned_anew(tmp_path, tokenizer, dataset, caplog):
+    trainer = construct(tmp_path, tokenizer, dataset)
+    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(4)]))
+    trainer.compute_loss(trainer.model, batch)
+    assert all(trainer.logit_free.teachers)
+    replaced = teacher_models(tokenizer, 2)
+    replaced[1].config.final_logit_softcapping = 30.0
+    with caplog.at_level(logging.WARNING):
+        trainer.teachers = replaced
+    assert [t is not None for t in trainer.logit_free.teachers] == [True, False]
+    (warning,) = fallback_warnings(caplog)
+    assert "teacher 'llama'" in warning and "soft-capping" in warning
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
