@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch import nn
+from trainer_helpers import tiny_config
 
 from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer, cache_teacher_logits
 from hf_mtkd import heads as heads_module
@@ -30,25 +31,19 @@ def teacher_models(tokenizer, num=3):
 
 
 def config(tmp_path, mode, **overrides):
-    values = dict(
+    return tiny_config(
+        tmp_path,
         output_dir=str(tmp_path / mode),
         max_steps=2,
-        per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=0.5,
         optim="sgd",  # no Adam normalisation: gradient differences show in the weights as they are
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
         logit_free=mode,
         teacher_weighting="entropy+posterior",
         weighting_granularity="token",
         loss_chunk_size=16,
+        **overrides,
     )
-    return MultiTeacherDistillationConfig(**{**values, **overrides})
 
 
 def head_widths(models):
