@@ -46,7 +46,7 @@ from hf_mtkd.demo.corpus import default_cache_dir
 from hf_mtkd.demo.evaluation import evaluate_domains
 from hf_mtkd.demo.pretrained import load_pretrained_teacher
 from hf_mtkd.demo.report import summarize
-from hf_mtkd.demo.zoo import to_blocks
+from hf_mtkd.demo.zoo import to_blocks, training_settings
 
 logger = logging.get_logger("compress_smollm2")
 
@@ -65,22 +65,12 @@ def split_topics() -> dict[str, str]:
 
 
 def training_arguments(args: argparse.Namespace, output_dir: Path, learning_rate: float, seed: int) -> dict:
-    """What both methods train with: AdamW, cosine schedule with 10 % warmup, the same steps, batch and seed."""
-    return dict(
-        output_dir=str(output_dir),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 10),
-        weight_decay=0.01,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, args.steps // 5),
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        disable_tqdm=args.quiet,
-    )
+    """What both methods train with: the demo's settings (AdamW, cosine schedule, 10 % warmup) at `learning_rate`."""
+    return {
+        **training_settings(output_dir, args.steps, args.batch_size, seed),
+        "learning_rate": learning_rate,
+        "disable_tqdm": args.quiet,
+    }
 
 
 def train(
