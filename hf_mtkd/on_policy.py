@@ -398,8 +398,7 @@ class OnPolicyGenerator:
                 if self.renderer is None
                 else self._rendered(batch, completions)
             )
-            if ROUTING_KEY in batch:
-                new[ROUTING_KEY] = batch[ROUTING_KEY]
+            new.update({key: batch[key] for key in (ROUTING_KEY, PROMPTS_KEY) if key in batch})
             new[GENERATED_BY_KEY] = writer
             completed.append(new)
         return completed, generated
