@@ -118,7 +118,7 @@ def generate_completions(
     prompts: Sequence[Tensor],
     sampling: Sampling,
     *,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     seed: int,
     vocabulary_size: int | None = None,
@@ -127,8 +127,11 @@ def generate_completions(
     """
     `model`'s sampled continuation of each prompt (left-padded into one batch), in eval mode (no dropout), under
     `no_grad`, from a generator seeded by `seed` (the global random state is left as it was); each cut after its
-    first EOS. `vocabulary_size`: token ids the completions may use (the leading ones).
+    first EOS (any of `eos_token_id`). `vocabulary_size`: token ids the completions may use (the leading ones).
+    Only `sampling` shapes the distribution: what `model.generation_config` sets besides (a repetition penalty, a
+    forced first token) does not apply.
     """
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     device = prompts[0].device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
@@ -142,14 +145,19 @@ def generate_completions(
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
-        eos_token_id=eos_token_id,
+        eos_token_id=eos,
         pad_token_id=pad_token_id,
         use_cache=True,
     )
     processors = LogitsProcessorList([_VocabularyCut(vocabulary_size)] if vocabulary_size is not None else [])
     was_training = model.training
+    # generate fills what `config` leaves unset from the model's own generation config: a blank one meanwhile
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
+    own_config = getattr(owner, "generation_config", None)
     model.eval()
     try:
+        if own_config is not None:
+            owner.generation_config = GenerationConfig()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             output = model.generate(
@@ -161,9 +169,11 @@ def generate_completions(
             )
     finally:
         model.train(was_training)
+        if own_config is not None:
+            owner.generation_config = own_config
     completions = []
     for row in output[:, width:]:
-        ends = (row == eos_token_id).nonzero()
+        ends = torch.isin(row, row.new_tensor(eos)).nonzero()
         completions.append(row if len(ends) == 0 else row[: int(ends[0]) + 1])
     return completions
 
@@ -311,17 +321,30 @@ def seq_kd_index(args: MultiTeacherDistillationConfig, names: Sequence[str]) -> 
     raise ValueError(f"`seq_kd_teacher` {choice!r} is no teacher: give one of the names {list(names)} or an index.")
 
 
+def end_of_text_ids(tokenizer: PreTrainedTokenizerBase, student: nn.Module) -> list[int]:
+    """
+    The tokens that end a completion: the tokenizer's EOS and those of the student's `generation_config` (chat
+    models often end a turn with another token, e.g. `<|eot_id|>`).
+    """
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+    ids += [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys(ids))
+
+
 class OnPolicyGenerator:
     """
     Completes the training micro-batches that the draw makes on-policy (the student writes) or, with seq_kd, the
     others (the `seq_kd_teacher` writes); see the module docstring. Built by the trainer once the teachers are loaded.
     """
 
-    def __init__(self, args: MultiTeacherDistillationConfig, source: TeacherSource, tokenizer: Any) -> None:
+    def __init__(
+        self, args: MultiTeacherDistillationConfig, source: TeacherSource, tokenizer: Any, student: nn.Module
+    ) -> None:
         self.lmbda, self.seed = args.lmbda, args.seed
         self.sampling = Sampling.from_config(args)
         self.tokenizer = tokenizer
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_ids = end_of_text_ids(tokenizer, student)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.names = list(source.names)
         self.teacher: int | None = None
@@ -386,7 +409,7 @@ class OnPolicyGenerator:
                 model,
                 prompts,
                 self.sampling,
-                eos_token_id=self.eos_token_id,
+                eos_token_id=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
                 seed=mixed_seed(self.seed, step, index, process_index, 1),
                 vocabulary_size=vocabulary_size,
@@ -409,7 +432,7 @@ class OnPolicyGenerator:
             {
                 "prompt": prompt,
                 "completion": self.tokenizer.decode(completion, skip_special_tokens=True),
-                "closed": bool(completion[-1] == self.eos_token_id),
+                "closed": int(completion[-1]) in self.eos_token_ids,
             }
             for prompt, completion in zip(batch[PROMPTS_KEY], completions, strict=True)
         ]

@@ -149,7 +149,9 @@ class MultiTeacherDistillationTrainer(Trainer):
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
         self.teacher_records = self.teacher_source.records
         self.on_policy = (
-            OnPolicyGenerator(args, self.teacher_source, processing_class) if args.lmbda > 0 or args.seq_kd else None
+            OnPolicyGenerator(args, self.teacher_source, processing_class, model)
+            if args.lmbda > 0 or args.seq_kd
+            else None
         )
         """Completes training batches with generated text (`lmbda`, `seq_kd`; `hf_mtkd.on_policy`), or None."""
         # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model by the source's collator, or

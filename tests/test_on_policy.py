@@ -136,7 +136,7 @@ def test_generation_left_pads_samples_in_eval_mode_and_cuts_after_the_first_eos(
     assert input_ids.tolist() == [[7, 8, 9], [2, 2, 5], [2, 6, 6]]
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 3, 0.9)
-    assert (config.max_new_tokens, config.eos_token_id, config.pad_token_id) == (4, 1, 2)
+    assert (config.max_new_tokens, config.eos_token_id, config.pad_token_id) == (4, [1], 2)
     assert not training and model.training  # eval mode for generation, restored after
 
 
@@ -152,8 +152,12 @@ def test_generation_is_seeded_and_leaves_the_global_random_state_alone(tok):
             for c in generate_completions(model, prompts, sampling, eos_token_id=1, pad_token_id=2, seed=seed)
         ]
 
-    assert sample(0) == sample(0) != sample(1)
+    plain = sample(0)
+    assert plain == sample(0) != sample(1)
     assert torch.equal(torch.get_rng_state(), state)
+    model.generation_config.repetition_penalty, model.generation_config.forced_bos_token_id = 50.0, 7
+    assert sample(0) == plain  # only the sampling settings shape the distribution, not the model's own
+    assert model.generation_config.forced_bos_token_id == 7
 
 
 def test_generated_batches_carry_loss_on_the_generated_tokens_only(tmp_path, tok, rows):
