@@ -128,8 +128,8 @@ def generate_completions(
     `model`'s sampled continuation of each prompt (left-padded into one batch), in eval mode (no dropout), under
     `no_grad`, from a generator seeded by `seed` (the global random state is left as it was); each cut after its
     first EOS (any of `eos_token_id`). `vocabulary_size`: token ids the completions may use (the leading ones).
-    Only `sampling` shapes the distribution: what `model.generation_config` sets besides (a repetition penalty, a
-    forced first token) does not apply.
+    Only `sampling` shapes the distribution: what `model.generation_config` sets besides (a repetition penalty,
+    suppressed tokens) does not apply.
     """
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     device = prompts[0].device

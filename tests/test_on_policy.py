@@ -155,9 +155,9 @@ def test_generation_is_seeded_and_leaves_the_global_random_state_alone(tok):
     plain = sample(0)
     assert plain == sample(0) != sample(1)
     assert torch.equal(torch.get_rng_state(), state)
-    model.generation_config.repetition_penalty, model.generation_config.forced_bos_token_id = 50.0, 7
+    model.generation_config.suppress_tokens = list(range(10, len(tok)))  # would leave ids 0-9 only
     assert sample(0) == plain  # only the sampling settings shape the distribution, not the model's own
-    assert model.generation_config.forced_bos_token_id == 7
+    assert model.generation_config.suppress_tokens[0] == 10
 
 
 def test_generated_batches_carry_loss_on_the_generated_tokens_only(tmp_path, tok, rows):
