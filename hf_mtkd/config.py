@@ -68,6 +68,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `lmbda`: the share of batches whose completions the student generates (0: off-policy, the data as given).
     - `seq_kd`, `seq_kd_teacher`: a teacher generates the completions of the other batches, and which one.
     - `max_new_tokens`, `generation_temperature`, `generation_top_k`, `generation_top_p`: how completions are sampled.
+    - `disable_dropout`: no dropout in the student (GKD's default).
 
     > Scale
 
@@ -377,6 +378,13 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     generation_top_p: float = field(
         default=1.0,
         metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]."},
+    )
+    disable_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "Set every dropout probability of the student to 0 for training (GKD's disable_dropout, on by "
+            "default there). Generation always runs without dropout (eval mode); teachers always do."
+        },
     )
 
     deepspeed: dict | str | None = field(

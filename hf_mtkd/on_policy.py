@@ -321,6 +321,14 @@ def seq_kd_index(args: MultiTeacherDistillationConfig, names: Sequence[str]) -> 
     raise ValueError(f"`seq_kd_teacher` {choice!r} is no teacher: give one of the names {list(names)} or an index.")
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set the probability of every dropout layer of `model` to 0; returns how many there were."""
+    layers = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)
+
+
 def end_of_text_ids(tokenizer: PreTrainedTokenizerBase, student: nn.Module) -> list[int]:
     """
     The tokens that end a completion: the tokenizer's EOS and those of the student's `generation_config` (chat

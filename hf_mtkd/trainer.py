@@ -36,7 +36,14 @@ from .hub import ignored_on_upload
 from .logit_free import HeadLogits
 from .losses import DistillationLoss, FeatureBatch, MultiTeacherKDOutput, next_token_mask
 from .model_card import create_model_card
-from .on_policy import GENERATED_BY_KEY, PROMPTS_KEY, OnPolicyGenerator, PromptCollator, check_on_policy
+from .on_policy import (
+    GENERATED_BY_KEY,
+    PROMPTS_KEY,
+    OnPolicyGenerator,
+    PromptCollator,
+    check_on_policy,
+    disable_dropout,
+)
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .settings import DistillationSettings
@@ -148,6 +155,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             check_on_policy(args, self.teacher_source, processing_class, train_dataset)
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
         self.teacher_records = self.teacher_source.records
+        if args.disable_dropout:
+            logger.info("disable_dropout: %d dropout layers of the student set to 0.", disable_dropout(model))
         self.on_policy = (
             OnPolicyGenerator(args, self.teacher_source, processing_class, model)
             if args.lmbda > 0 or args.seq_kd

@@ -323,6 +323,15 @@ def test_cross_tokenizer_teachers_score_the_generated_text(tmp_path, tok, conver
     assert aligned_anywhere and any(h.get("teacher_aligned/other", 0) > 0 for h in trainer.state.log_history)
 
 
+@pytest.mark.parametrize("disable", [False, True])
+def test_disable_dropout_sets_every_dropout_of_the_student_to_zero(tmp_path, tok, rows, disable):
+    student = tiny_causal_lm("qwen2", tok, seed=1)
+    student.add_module("extra", torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Dropout(0.1)))
+    trainer = make_trainer(tmp_path, tok, rows, student=student, lmbda=0.0, disable_dropout=disable)
+    probabilities = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert probabilities == [0.0, 0.0] if disable else probabilities == [0.3, 0.1]
+
+
 # ---- what is refused, up front ----
 
 
