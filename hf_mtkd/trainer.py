@@ -80,6 +80,9 @@ class MultiTeacherDistillationTrainer(Trainer):
     `create_model_card()` (called by `push_to_hub`) writes a card naming the teachers, the distillation settings, the
     final teacher weights, the evaluation and generation results (`evaluate_generation`) and `training_command`.
 
+    On-policy distillation (`lmbda`, `seq_kd`; see `hf_mtkd.on_policy`): the student (or one teacher) writes the
+    completions of some training batches, which every teacher then scores.
+
     Teachers can also be replaced by their outputs computed once: pass a `TeacherLogitsCache`
     (`hf_mtkd.cache_teacher_logits` / `load_teacher_cache`, or `hf-mtkd cache-teachers`) as `teachers`; the model
     then trains on `cache.dataset` (the default `train_dataset`; any `select`/`shuffle`/split of it works, and so does
