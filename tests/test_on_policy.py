@@ -1,10 +1,13 @@
 """On-policy distillation (lmbda, seq_kd): the seeded draw, prompts and labels, exact accumulation, resume, teachers"""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from test_deepspeed_distributed import launcher, run
 from test_run_clm_distill import QUICK, run_main
 from trainer_helpers import tiny_config
 
@@ -413,3 +416,19 @@ def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, con
     run_main(flags)
     state = (tmp_path / "out" / "trainer_state.json").read_text()
     assert '"on_policy/share"' in state and '"on_policy/generated_tokens"' in state
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_on_two_processes_generates_in_step(tmp_path):
+    """ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step."""
+    worker = Path(__file__).parent / "distributed" / "on_policy_worker.py"
+    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3"], timeout=300)  # a rank left waiting: no report
+    report = json.loads((tmp_path / "report.json").read_text())
+    ranks = report["ranks"]
+    assert all(rank["partitioned"] for rank in ranks)
+    assert ranks[0]["writers"] == ranks[1]["writers"]  # the same draws on every process
+    assert {"student", "llama"} == set(ranks[0]["writers"])
+    logs = [h for h in report["log_history"] if "loss" in h]
+    assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
+    assert ranks[0]["labels"] != ranks[1]["labels"]  # completions of other lengths: generation kept the ranks in step
