@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -297,6 +298,14 @@ def check_on_policy(
             f"{sorted(columns)}): give prompt/completion or conversational ('messages') data, a 'prompt' column "
             "alone (with lmbda=1 or seq_kd), or tokenized rows whose prompt labels are -100."
         )
+    if "labels" in columns and isinstance(train_dataset, datasets.Dataset) and len(train_dataset) > 0:
+        first = train_dataset[0]["labels"]
+        if len(first) > 0 and first[0] != -100:
+            raise ValueError(
+                "On-policy distillation needs prompts to complete, but the first training row's first token already "
+                "carries loss (labels copied from the ids, as for plain text): give prompt/completion or "
+                "conversational data, or tokenized rows whose prompt labels are -100."
+            )
     masked = {"prompt_completion": "completion_only_loss", "messages": "assistant_only_loss"}.get(data_format)
     if masked is not None and not getattr(args, masked):
         raise ValueError(

@@ -361,6 +361,8 @@ def test_what_on_policy_cannot_work_with_is_refused_before_loading_teachers(tmp_
 
     refused(rows, "`seq_kd_teacher` 'other' is no teacher", seq_kd=True, seq_kd_teacher="other")
     refused(Dataset.from_list([{"text": "one two"}] * 4), "the training data is plain text")
+    ids = tok("one plus one is two .")["input_ids"]
+    refused(Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4), "first token already carries loss")
     refused(rows, "`completion_only_loss=False` puts labels on the prompt", completion_only_loss=False)
     refused(rows, "`packing` cannot be combined with on-policy", packing=True, max_length=32)
     prompts = Dataset.from_list([{"prompt": m[0]["content"]} for m in conversations])
@@ -402,15 +404,18 @@ def test_the_on_policy_loss_goes_down(tmp_path, tok, rows):
     assert sum(losses[-6:]) < 0.7 * sum(losses[:6])
 
 
-def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, conversations):
+@pytest.mark.parametrize("prompts_alone", [False, True])
+def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, conversations, prompts_alone):
     rows = [{"prompt": m[0]["content"], "completion": " " + m[1]["content"]} for m in conversations]
+    if prompts_alone:
+        rows = [{"prompt": row["prompt"]} for row in rows]
     paths = []
     for split, part in (("train", rows[:40]), ("validation", rows[40:])):
         paths.append(str(tmp_path / f"{split}.jsonl"))
         Dataset.from_list(part).to_json(paths[-1])
     flags = [
         "--teacher_model_name_or_path", *teacher_dirs[:2], "--model_name_or_path", student_dir, "--train_file",
-        paths[0], "--validation_file", paths[1], "--lmbda", "0.5", "--max_new_tokens", "4",
+        paths[0], "--validation_file", paths[1], "--lmbda", "1" if prompts_alone else "0.5", "--max_new_tokens", "4",
         "--generation_temperature", "0.9", "--do_train", "--output_dir", str(tmp_path / "out"), *QUICK,
     ]  # fmt: skip
     run_main(flags)
