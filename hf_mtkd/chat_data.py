@@ -447,8 +447,9 @@ def _pad(rows: Sequence[Sequence[int]], width: int, fill: Callable[[int], list[i
 def trainer_renderer(args: Any, *datasets: Any, cross_tokenizer: bool) -> ExampleRenderer | None:
     """
     The renderer the trainer applies to its datasets (`args` a `MultiTeacherDistillationConfig`), or None when it
-    reads them as they are: prompt/completion and conversational data always; plain text (without `input_ids`)
-    when it is packed, on the student's tokenizer. Cross-tokenizer teachers read plain text as it is; token ids
+    reads them as they are: prompt/completion and conversational data always (and prompts alone when every batch
+    is generated: `lmbda=1` or `seq_kd`); plain text (without `input_ids`) when it is packed, on the student's
+    tokenizer. Cross-tokenizer teachers read plain text as it is; token ids
     asked to be packed must come packed (with `position_ids`).
     """
     data_format = dataset_format(*datasets, prompts_alone=args.lmbda == 1 or args.seq_kd)

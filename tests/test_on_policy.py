@@ -85,6 +85,7 @@ def test_the_logged_share_is_the_draw(tmp_path, tok, rows):
     trainer = make_trainer(tmp_path, tok, rows, lmbda=0.5, max_steps=6, gradient_accumulation_steps=2, seed=3)
     recorder = Recorder(trainer)
     trainer.train()
+    assert math.isfinite(trainer.evaluate(trainer.train_dataset.select(range(8)))["eval_loss_kd"])
     expected = [[draw_on_policy(0.5, 3, step, i) for i in range(2)] for step in range(6)]
     seen = [batch.get(GENERATED_BY_KEY) == "student" for batch, _ in recorder.batches]
     assert seen == [drawn for step in expected for drawn in step]
@@ -294,10 +295,14 @@ def test_a_peft_student_generates_on_policy(tmp_path, tok, rows):
     assert all(batch[GENERATED_BY_KEY] == "student" for batch, _ in recorder.batches)
 
 
-@pytest.mark.parametrize("conversational", [False, True])
-def test_cross_tokenizer_teachers_score_the_generated_text(tmp_path, tok, conversations, conversational):
+@pytest.mark.parametrize(("conversational", "prompts_alone"), [(False, False), (True, False), (True, True)])
+def test_cross_tokenizer_teachers_score_the_generated_text(
+    tmp_path, tok, conversations, conversational, prompts_alone
+):
     other = chat_tokenizer(conversations, "mistral", 300, "wordpiece")
-    if conversational:
+    if prompts_alone:
+        data = Dataset.from_list([{"prompt": m[:1]} for m in conversations])
+    elif conversational:
         data = Dataset.from_list([{"prompt": m[:1], "completion": m[1:2]} for m in conversations])
     else:
         data = Dataset.from_list(
@@ -324,6 +329,9 @@ def test_cross_tokenizer_teachers_score_the_generated_text(tmp_path, tok, conver
             assert ids[: len(prompt_ids)].tolist() == prompt_ids  # the student's prompt, rendered as in the data
             assert (labels[: len(prompt_ids)] == -100).all() and labels[len(prompt_ids)] != -100
     assert aligned_anywhere and any(h.get("teacher_aligned/other", 0) > 0 for h in trainer.state.log_history)
+    if not prompts_alone:  # evaluation reads the data as it is (with the raw prompts)
+        metrics = trainer.evaluate(data.select(range(8)))
+        assert math.isfinite(metrics["eval_loss_kd"]) and "eval_on_policy/share" not in metrics
 
 
 @pytest.mark.parametrize("disable", [False, True])
