@@ -86,6 +86,9 @@ def test_the_logged_share_is_the_draw(tmp_path, tok, rows):
     recorder = Recorder(trainer)
     trainer.train()
     assert math.isfinite(trainer.evaluate(trainer.train_dataset.select(range(8)))["eval_loss_kd"])
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "On-policy distillation: the student wrote the completions of a share lmbda = 0.5 of the training" in card
     expected = [[draw_on_policy(0.5, 3, step, i) for i in range(2)] for step in range(6)]
     seen = [batch.get(GENERATED_BY_KEY) == "student" for batch, _ in recorder.batches]
     assert seen == [drawn for step in expected for drawn in step]
@@ -269,6 +272,9 @@ def test_seq_kd_generates_with_the_chosen_teacher(tmp_path, tok, rows, monkeypat
     assert writers == [teachers[1]] * 2
     assert [batch[GENERATED_BY_KEY] for batch, _ in recorder.batches] == ["l", "l"]
     assert all(h["on_policy/share"] == 0 for h in trainer.state.log_history if "loss" in h)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "On-policy distillation: the teacher `l` wrote the completions of every training batch (seq_kd)" in card
 
 
 # ---- data formats, PEFT, cross-tokenizer teachers ----
