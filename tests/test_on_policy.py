@@ -290,6 +290,30 @@ def test_prompts_alone_train_on_policy(tmp_path, tok, conversations):
     assert math.isfinite(make_trainer(tmp_path, tok, text, lmbda=0.0, seq_kd=True).train().training_loss)
 
 
+def test_generated_batches_keep_their_rows_routing(tmp_path, tok, conversations):
+    """Rows routed to a teacher by their prompt (sums to one, counts to the other) keep it when the student writes."""
+    rows = Dataset.from_list(
+        [
+            {
+                "prompt": m[0]["content"],
+                "completion": " " + m[1]["content"],
+                "teacher_ids": int("count" in m[0]["content"]),
+            }
+            for m in conversations
+        ]
+    )
+    trainer = make_trainer(tmp_path, tok, rows, teacher_names=["g", "l"], teacher_weighting="static")
+    recorder = Recorder(trainer)
+    trainer.train()
+    for batch, _ in recorder.batches:
+        assert batch[GENERATED_BY_KEY] == "student"
+        for ids, labels, prior in zip(batch["input_ids"], batch["labels"], batch["teacher_prior"], strict=True):
+            prompt = tok.decode(ids[: int((labels != -100).int().argmax())])
+            assert prior.tolist() == ([0.0, 1.0] if "count" in prompt else [1.0, 0.0])
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["on_policy/teacher_weight/g"] for h in logs] == pytest.approx([h["teacher_weight/g"] for h in logs])
+
+
 def test_a_peft_student_generates_on_policy(tmp_path, tok, rows):
     peft = pytest.importorskip("peft")
     student = peft.get_peft_model(
