@@ -314,6 +314,18 @@ def test_generated_batches_keep_their_rows_routing(tmp_path, tok, conversations)
     assert [h["on_policy/teacher_weight/g"] for h in logs] == pytest.approx([h["teacher_weight/g"] for h in logs])
 
 
+def test_conversations_are_answered_from_their_first_assistant_turn(tmp_path, tok, conversations):
+    data = Dataset.from_list([{"messages": m} for m in conversations])
+    trainer = make_trainer(tmp_path, tok, data)
+    recorder = Recorder(trainer)
+    assert math.isfinite(trainer.train().training_loss)
+    for batch, _ in recorder.batches:
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            prompt = tok.decode(ids[: int((labels != -100).int().argmax())])
+            assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+            assert prompt.count("<|im_start|>") == 2  # the first question only: the answer replaces the rest
+
+
 def test_a_peft_student_generates_on_policy(tmp_path, tok, rows):
     peft = pytest.importorskip("peft")
     student = peft.get_peft_model(
