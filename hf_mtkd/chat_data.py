@@ -9,6 +9,8 @@ Formats, detected from the columns (`detect_format`):
   loss.
 * `messages`: `{"messages": [{"role", "content"}, ...]}` (conversational). With `assistant_only_loss` only the
   assistant turns carry loss.
+* `prompt`: `{"prompt": ...}` alone, a string or a list of messages (rendered with the generation prompt), for
+  on-policy distillation (`hf_mtkd.on_policy`), where the completions are generated; no token carries loss.
 
 Conversational rows are rendered with the tokenizer's chat template. Which characters belong to a completion or to
 an assistant turn is found by rendering prefixes of the conversation: assistant turn i spans the characters from
@@ -40,37 +42,46 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-DATA_FORMATS = ("text", "prompt_completion", "messages")
-FORMAT_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+DATA_FORMATS = ("text", "prompt_completion", "messages", "prompt")
+FORMAT_COLUMNS = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "prompt": ("prompt",),
+}
 """The columns each format reads."""
 
 
-def detect_format(columns: Iterable[str]) -> str | None:
+def detect_format(columns: Iterable[str], prompts_alone: bool = False) -> str | None:
     """
-    The data format of a dataset with these columns: `messages`, `prompt_completion` or `text`; None when it has
-    none of their columns (e.g. already tokenized data).
+    The data format of a dataset with these columns: `messages`, `prompt_completion` or `text`, and with
+    `prompts_alone` (every completion is generated) `prompt`; None when it has none of their columns (e.g. already
+    tokenized data).
     """
     columns = set(columns)
     if "messages" in columns:
         return "messages"
     if {"prompt", "completion"} <= columns:
         return "prompt_completion"
+    if prompts_alone and "prompt" in columns:
+        return "prompt"
     if "prompt" in columns or "completion" in columns:
         present, missing = ("prompt", "completion") if "prompt" in columns else ("completion", "prompt")
         raise ValueError(
             f"The dataset has a {present!r} column but no {missing!r} column: prompt/completion data needs both "
-            "(strings, or lists of {'role', 'content'} messages), or give the text under 'text' or 'messages'."
+            "(strings, or lists of {'role', 'content'} messages), or give the text under 'text' or 'messages'. "
+            "Prompts alone train on-policy only, where every completion is generated (lmbda=1, or seq_kd)."
         )
     return "text" if "text" in columns else None
 
 
-def dataset_format(*datasets: Any) -> str | None:
+def dataset_format(*datasets: Any, prompts_alone: bool = False) -> str | None:
     """The format (`detect_format`) of the first of `datasets` (or of their splits) that has known columns."""
     for dataset in datasets:
         for split in dataset.values() if isinstance(dataset, Mapping) else [dataset]:
             columns = getattr(split, "column_names", None)
             if columns is not None:
-                return detect_format(columns)
+                return detect_format(columns, prompts_alone)
     return None
 
 
@@ -111,7 +122,9 @@ class RenderedExample:
     segments: tuple[tuple[int, int] | None, ...]
     """Per message (or the whole text), the span of its content in `text` (None where the template changed it)."""
     standard: bool
-    """Plain strings: the tokenizer adds its special tokens and an EOS token is appended."""
+    """Plain strings: the tokenizer adds its special tokens and an EOS token is appended (when `closed`)."""
+    closed: bool = True
+    """Whether the text is complete: False for a prompt, or a generated completion cut before its EOS."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,8 @@ class ExampleRenderer:
                 )
             learned = [m["role"] == "assistant" for m in messages] if self.assistant_only_loss else None
             return _render_conversation(tokenizer, messages, learned, owner, template_flag)
+        if self.data_format == "prompt":
+            return _render_prompt(tokenizer, example["prompt"], owner, template_flag)
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, str) != isinstance(completion, str):
             raise ValueError(
@@ -212,7 +227,7 @@ def encode_rendered(
     special = list(encoding["special_tokens_mask"])
     in_loss = [end > start and any(a <= start < b for a, b in rendered.loss_spans) for start, end in offsets]
     eos = tokenizer.eos_token_id
-    if rendered.standard and eos is not None and (not ids or ids[-1] != eos):
+    if rendered.standard and rendered.closed and eos is not None and (not ids or ids[-1] != eos):
         end = len(rendered.text)
         ids, offsets, special = [*ids, eos], [*offsets, (end, end)], [*special, 1]
         in_loss.append(any(b == end for _, b in rendered.loss_spans))
@@ -238,6 +253,20 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
             )
         messages.append({key: v for key, v in message.items() if v is not None})
     return messages
+
+
+def _render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Any, owner: str, template_flag: str) -> RenderedExample:
+    """A prompt alone (a string, or messages rendered with the generation prompt); no character carries loss."""
+    if isinstance(prompt, str):
+        return RenderedExample(prompt, (), ((0, len(prompt)),), standard=True, closed=False)
+    messages = _messages(prompt, "prompt")
+    text = _render(tokenizer, messages, True, owner, template_flag)
+    segments, cursor = [], 0
+    for message in messages:
+        found = text.find(message["content"], cursor) if message["content"] else -1
+        segments.append(None if found < 0 else (found, found + len(message["content"])))
+        cursor = cursor if found < 0 else found + len(message["content"])
+    return RenderedExample(text, (), tuple(segments), standard=False, closed=False)
 
 
 def _render(
@@ -418,18 +447,19 @@ def _pad(rows: Sequence[Sequence[int]], width: int, fill: Callable[[int], list[i
 def trainer_renderer(args: Any, *datasets: Any, cross_tokenizer: bool) -> ExampleRenderer | None:
     """
     The renderer the trainer applies to its datasets (`args` a `MultiTeacherDistillationConfig`), or None when it
-    reads them as they are: prompt/completion and conversational data always; plain text (without `input_ids`)
-    when it is packed, on the student's tokenizer. Cross-tokenizer teachers read plain text as it is; token ids
+    reads them as they are: prompt/completion and conversational data always (and prompts alone when every batch
+    is generated: `lmbda=1` or `seq_kd`); plain text (without `input_ids`) when it is packed, on the student's
+    tokenizer. Cross-tokenizer teachers read plain text as it is; token ids
     asked to be packed must come packed (with `position_ids`).
     """
-    data_format = dataset_format(*datasets)
+    data_format = dataset_format(*datasets, prompts_alone=args.lmbda == 1 or args.seq_kd)
     if args.packing and cross_tokenizer:
         raise ValueError(
             "`packing` needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
             "rendering of every example). Set packing=False, or use teachers that share the student's tokenizer."
         )
     columns = _columns(*datasets)
-    if data_format in ("messages", "prompt_completion"):
+    if data_format in ("messages", "prompt_completion", "prompt"):
         return ExampleRenderer(data_format, args.completion_only_loss, args.assistant_only_loss)
     if args.packing and not cross_tokenizer:
         if data_format == "text" and "input_ids" not in columns:

@@ -80,6 +80,20 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _on_policy_note(trainer: Any) -> str | None:
+    """Who wrote the training completions, when the student or a teacher did (`lmbda`, `seq_kd`)."""
+    generator, args = getattr(trainer, "on_policy", None), trainer.args
+    if generator is None:
+        return None
+    writers = []
+    if args.lmbda > 0:
+        writers.append(f"the student wrote the completions of a share lmbda = {args.lmbda:g} of the training batches")
+    if generator.teacher is not None and args.lmbda < 1:
+        batches = "those of the others" if writers else "the completions of every training batch"
+        writers.append(f"the teacher `{generator.names[generator.teacher]}` wrote {batches} (seq_kd)")
+    return f"On-policy distillation: {', '.join(writers)}; every teacher scored them."
+
+
 def _last_log(log_history: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     """The last logged entry holding `key` (empty when none does)."""
     return next((log for log in reversed(log_history) if key in log), {})
@@ -198,6 +212,7 @@ def create_model_card(
         global_step=trainer.state.global_step,
         epoch=_format(trainer.state.epoch),
         projector_note=projector_note,
+        on_policy=_on_policy_note(trainer),
         command=redact(trainer.training_command),  # also one a user set by hand
         versions=_versions(),
     )

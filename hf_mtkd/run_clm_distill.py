@@ -560,6 +560,8 @@ def _masking(renderer: ExampleRenderer, training_args: MultiTeacherDistillationC
         return "loss on the assistant turns only" + packing
     if renderer.data_format == "prompt_completion" and renderer.completion_only_loss:
         return "loss on the completions only" + packing
+    if renderer.data_format == "prompt":
+        return "prompts alone, every completion generated (on-policy or seq_kd)"
     return "loss on every token" + packing
 
 
@@ -682,19 +684,19 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     raw_columns = column_names(next(iter(raw.values())))
     text_column = pick_text_column(raw_columns, data_args.text_column_name, parser)
     try:
-        data_format = detect_format(raw_columns)
+        data_format = detect_format(raw_columns, prompts_alone=training_args.lmbda == 1 or training_args.seq_kd)
         set_chat_template(tokenizer, training_args.chat_template_path)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     renderer = None  # prompt/completion or chat data, or packed text: rendered and masked (hf_mtkd.chat_data)
-    if data_format in ("messages", "prompt_completion") or training_args.packing:
+    if data_format in ("messages", "prompt_completion", "prompt") or training_args.packing:
         if training_args.packing and cross:
             parser.error(
                 "--packing needs teachers on the student's tokenizer (each cross-tokenizer teacher reads its own "
                 "rendering of every example); leave --packing out."
             )
         renderer = ExampleRenderer(
-            data_format if data_format in ("messages", "prompt_completion") else "text",
+            data_format if data_format in ("messages", "prompt_completion", "prompt") else "text",
             training_args.completion_only_loss,
             training_args.assistant_only_loss,
             text_column=text_column,

@@ -36,6 +36,14 @@ from .hub import ignored_on_upload
 from .logit_free import HeadLogits
 from .losses import DistillationLoss, FeatureBatch, MultiTeacherKDOutput, next_token_mask
 from .model_card import create_model_card
+from .on_policy import (
+    GENERATED_BY_KEY,
+    PROMPTS_KEY,
+    OnPolicyGenerator,
+    PromptCollator,
+    check_on_policy,
+    disable_dropout,
+)
 from .parameters import count_parameters
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .settings import DistillationSettings
@@ -71,6 +79,9 @@ class MultiTeacherDistillationTrainer(Trainer):
 
     `create_model_card()` (called by `push_to_hub`) writes a card naming the teachers, the distillation settings, the
     final teacher weights, the evaluation and generation results (`evaluate_generation`) and `training_command`.
+
+    On-policy distillation (`lmbda`, `seq_kd`; see `hf_mtkd.on_policy`): the student (or one teacher) writes the
+    completions of some training batches, which every teacher then scores.
 
     Teachers can also be replaced by their outputs computed once: pass a `TeacherLogitsCache`
     (`hf_mtkd.cache_teacher_logits` / `load_teacher_cache`, or `hf-mtkd cache-teachers`) as `teachers`; the model
@@ -143,8 +154,18 @@ class MultiTeacherDistillationTrainer(Trainer):
         """Where the teachers' outputs come from (`hf_mtkd.sources`): live models or a teacher-logits cache."""
         self.teacher_names = self.teacher_source.names
         self._check_routing(args, train_dataset, eval_dataset)
+        if args.lmbda > 0 or args.seq_kd:
+            check_on_policy(args, self.teacher_source, processing_class, train_dataset)
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
         self.teacher_records = self.teacher_source.records
+        if args.disable_dropout:
+            logger.info("disable_dropout: %d dropout layers of the student set to 0.", disable_dropout(model))
+        self.on_policy = (
+            OnPolicyGenerator(args, self.teacher_source, processing_class, model)
+            if args.lmbda > 0 or args.seq_kd
+            else None
+        )
+        """Completes training batches with generated text (`lmbda`, `seq_kd`; `hf_mtkd.on_policy`), or None."""
         # prompt/completion and chat data (`hf_mtkd.chat_data`): rendered per model by the source's collator, or
         # tokenized here
         renderer = self.teacher_source.renderer(args, train_dataset, eval_dataset)
@@ -183,6 +204,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
             )
+        if self.on_policy is not None:
+            data_collator = self.on_policy.wrap_collator(data_collator)
 
         super().__init__(
             model=model,
@@ -198,7 +221,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         # Trainer to count it (and so not to divide the loss again by the accumulation steps).
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        if self.train_dataset is not None:
+        if self.train_dataset is not None and not (self.on_policy is not None and self.on_policy.every_batch):
             self._check_train_labels()
         self.projector = self._attach_projector() if args.alpha_feat > 0 else None
         logger.info("Distilling %s.", self.teacher_source.describe(self.args))
@@ -317,6 +340,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             return
         extra = []
         collator = self.data_collator
+        if isinstance(collator, PromptCollator):
+            collator = collator.collator
         if isinstance(collator, RoutingCollator):
             extra.append(collator.column)
             collator = collator.collator
@@ -434,6 +459,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         args = self.args
         align = self.projector is not None
         inputs = dict(inputs)
+        generated_by = inputs.pop(GENERATED_BY_KEY, None)
+        inputs.pop(PROMPTS_KEY, None)
         self.teacher_source.check_batch(inputs)
         teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in self.teacher_source.batch_keys}
@@ -479,7 +506,9 @@ class MultiTeacherDistillationTrainer(Trainer):
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN
         if align:
             outputs["hidden_states"] = None
-        self._record_metrics("train" if model.training else "eval", kd, result.terms, num_items_in_batch, teachers)
+        self._record_metrics(
+            "train" if model.training else "eval", kd, result.terms, num_items_in_batch, teachers, generated_by
+        )
 
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The Trainer counts `num_items_in_batch` over all processes while DDP averages gradients over them.
@@ -500,6 +529,25 @@ class MultiTeacherDistillationTrainer(Trainer):
         finally:
             self._prediction_loss_only = None
 
+    # ---- on-policy batches ----
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """
+        The micro-batches of the next optimizer step, those drawn on-policy (or seq_kd) completed with generated text
+        (`hf_mtkd.on_policy`) before `num_items_in_batch` is counted, so it counts the generated tokens.
+        """
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy is None or not batches:
+            return batches, num_items_in_batch
+        batches, generated = self.on_policy.complete(
+            batches,
+            step=self.state.global_step,
+            student=self.accelerator.unwrap_model(self.model),
+            process_index=self.args.process_index,
+        )
+        self.on_policy.add_generated(self._metrics["train"], generated, device)
+        return batches, self._get_num_items_in_batch(batches, device)
+
     # ---- metrics ----
 
     def _record_metrics(
@@ -509,12 +557,14 @@ class MultiTeacherDistillationTrainer(Trainer):
         components: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
         teachers: TeacherBatch,
+        generated_by: str | None = None,
     ) -> None:
         """
         Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log, and
         the teacher source's own (`TeacherSource.add_metrics`: for cross-tokenizer teachers the aligned positions,
         `teacher_aligned/<name>`, and over those the unmapped and prefix-mapped probability mass). Entropy, NLL and
-        masses are summed over the positions where the teacher is available, and later averaged over them.
+        masses are summed over the positions where the teacher is available, and later averaged over them. In
+        on-policy training, the teachers' weights on the batches the student wrote (`generated_by`) too.
         """
         count = kd.mask.sum()
         normalizer = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(count.device)
@@ -530,6 +580,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             sums[f"teacher_entropy/{name}"] = entropy[k]
             sums[f"teacher_nll/{name}"] = nll[k]
         self.teacher_source.add_metrics(sums, teachers, kd.mask)
+        if self.on_policy is not None and mode == "train":
+            self.on_policy.add_metrics(sums, generated_by, weights, count)
         store = self._metrics[mode]
         batch = {"num_tokens": count, "num_batches": torch.ones_like(count), "num_empty_batches": count == 0}
         for key, value in {**batch, **sums}.items():
@@ -558,7 +610,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                     _NO_TOKEN,
                 )
             return {}
-        means = {}
+        means = self.on_policy.means(values, batches) if self.on_policy is not None and mode == "train" else {}
         for key, value in values.items():
             kind, _, name = key.partition("/")
             aligned = f"teacher_aligned/{name}"

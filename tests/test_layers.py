@@ -21,6 +21,7 @@ LAYERS = [
     {"cross_tokenizer", "teacher_cache"},
     {"config"},
     {"sources"},  # teacher sources: live models or a teacher-logits cache, one interface
+    {"on_policy"},  # generated batches (lmbda, seq_kd): the draw, the prompts, generation, the new labels
     # presentation helpers the trainer renders with: they read a trainer's attributes, never import it
     {"model_card", "hub"},
     {"trainer"},
