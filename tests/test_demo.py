@@ -174,6 +174,8 @@ def test_on_policy_comparison(tmp_path):
     share = on["summary"]["on_policy_share"]["mean"]
     assert 0 < share < 1  # about half the batches of 10 steps (the draw is seeded)
     assert on["summary"]["generated_per_step"]["mean"] > 0
+    weights = [on["summary"][f"on_policy_weight/{d}"]["mean"] for d in DOMAINS]  # on the student's own text
+    assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     for entry in results["methods"].values():
         assert math.isfinite(entry["summary"]["overall/perplexity"]["mean"])
     key = f"{names[-1]} vs {names[1]} (overall/perplexity)"

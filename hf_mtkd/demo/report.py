@@ -18,7 +18,8 @@ def add_summaries(results: dict[str, Any]) -> None:
     """Each method's mean and spread over seeds of every test metric and of the throughput."""
     for entry in results["methods"].values():
         runs = entry["runs"]
-        summary = {key: summarize([r[key] for r in runs]) for key in RUN_STATISTICS if key in runs[0]}
+        statistics = [key for key in runs[0] if key in RUN_STATISTICS or key.startswith("on_policy_weight/")]
+        summary = {key: summarize([r[key] for r in runs]) for key in statistics}
         for domain, metrics in runs[0]["test"].items():
             for key in metrics:
                 summary[f"{domain}/{key}"] = summarize([r["test"][domain][key] for r in runs])
@@ -26,7 +27,7 @@ def add_summaries(results: dict[str, Any]) -> None:
 
 
 RUN_STATISTICS = ("tokens_per_second", "train_seconds", "on_policy_share", "generated_per_step")
-"""What a run records beside its test metrics (`hf_mtkd.demo.run.run_statistics`)."""
+"""What a run records beside its test metrics (`hf_mtkd.demo.run.run_statistics`), and `on_policy_weight/<teacher>`."""
 
 
 def compare(results: dict[str, Any], method: str, baseline: str, metric: str = "overall/perplexity") -> dict | None:
