@@ -20,7 +20,7 @@ from hf_mtkd.demo.corpus import (
     split_documents,
     split_works,
 )
-from hf_mtkd.demo.methods import demo_methods, tuned_hparams
+from hf_mtkd.demo.methods import demo_methods, on_policy_methods, tuned_hparams
 from hf_mtkd.demo.pretrained import (
     PRETRAINED_TEACHERS,
     PretrainedTeacherUnavailableError,
@@ -160,6 +160,28 @@ def test_bad_teacher_scenario(tmp_path):
     assert "python teacher is confidently wrong" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="not a teacher of the domains scenario"):
         main(["--quick", "--bad_teacher", "comedies", "--output_dir", str(tmp_path)])
+
+
+def test_on_policy_comparison(tmp_path):
+    """`--on_policy`: prompted blocks, off- and on-policy rows at one budget, the generation table and comparison."""
+    main(["--quick", "--steps", "10", "--on_policy", "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    names = [m.name for m in on_policy_methods(DOMAINS, 64)]
+    assert list(results["methods"]) == names and results["default_method"] == names[-1]
+    off, on = (results["methods"][name] for name in names[1:])
+    assert off["hparams"] == on["hparams"] and on["hparams_source"] == "tuned for posterior"
+    assert "on_policy_share" not in off["summary"]
+    share = on["summary"]["on_policy_share"]["mean"]
+    assert 0 < share < 1  # about half the batches of 10 steps (the draw is seeded)
+    assert on["summary"]["generated_per_step"]["mean"] > 0
+    weights = [on["summary"][f"on_policy_weight/{d}"]["mean"] for d in DOMAINS]  # on the student's own text
+    assert sum(weights) == pytest.approx(1.0, abs=1e-4)
+    for entry in results["methods"].values():
+        assert math.isfinite(entry["summary"]["overall/perplexity"]["mean"])
+    key = f"{names[-1]} vs {names[1]} (overall/perplexity)"
+    assert key in results["comparisons"]
+    report = (tmp_path / "results.md").read_text()
+    assert "generated tokens per step" in report and key in report
 
 
 def test_cli_has_the_demo(capsys):

@@ -22,6 +22,10 @@ class Method:
     """Further stages of tuning, one hyperparameter at a time, each tried at the best point found so far."""
     routed: bool = False
     """Each training row names its domain's teacher (a `teacher_ids` column, `hf_mtkd.routing`): routing by hand."""
+    prompt_tokens: int = 0
+    """Each training block's first tokens are a prompt without loss (what on-policy batches continue); 0: none."""
+    tuned_as: str | None = None
+    """The row whose tuned hyperparameters it runs with (None: its own)."""
 
 
 ROUTING = "domain routing"
@@ -62,6 +66,35 @@ def demo_methods(domains: tuple[str, ...], scenario: str = "domains") -> list[Me
     return [*baselines, routing, *[m for m in dynamic if m.name not in ("entropy + features", "entropy+posterior")]]
 
 
+PROMPT_TOKENS = 16
+"""The on-policy comparison's prompt: the first tokens of every training block, which carry no loss."""
+LMBDA = 0.5
+"""The on-policy share of that comparison, GKD's default (not tuned)."""
+
+
+def on_policy_methods(domains: tuple[str, ...], block_size: int, scenario: str = "domains") -> list[Method]:
+    """
+    The on-policy comparison (`--on_policy`): every training block keeps its first `PROMPT_TOKENS` as a prompt
+    without loss; no teacher, the scenario's default weighting off-policy (the blocks' own continuations), and the
+    same with `LMBDA` of the batches continued by the student itself (sampled at temperature 1 up to the block's
+    length), both with that weighting's tuned hyperparameters.
+    """
+    default = DEFAULT_METHOD[scenario]
+    weighting = {"teacher_weighting": default}
+    sampling = {"lmbda": LMBDA, "max_new_tokens": block_size - PROMPT_TOKENS, "generation_temperature": 1.0}
+    prompted = {"prompt_tokens": PROMPT_TOKENS, "tuned_as": default}
+    return [
+        Method("no teacher (CE only), prompted", prompt_tokens=PROMPT_TOKENS),
+        Method(off_policy_name(scenario), domains, weighting, **prompted),
+        Method(f"{default}, on-policy (λ = {LMBDA})", domains, {**weighting, **sampling}, **prompted),
+    ]
+
+
+def off_policy_name(scenario: str = "domains") -> str:
+    """The off-policy row of the on-policy comparison, its baseline."""
+    return f"{DEFAULT_METHOD[scenario]}, off-policy"
+
+
 def pretrained_methods(methods: list[Method]) -> list[Method]:
     """
     The pretrained-teacher scenario's default rows out of `methods` (its teacher is slow on CPU): no teacher, each
@@ -77,8 +110,9 @@ def tuned_hparams(tuned: dict[str, Any], method: Method) -> tuple[dict[str, Any]
     validation split); else, for a single teacher, the entry every tuned single teacher agreed on; else τ = 2,
     `alpha_kd` = 0.5.
     """
-    if method.name in tuned:
-        return tuned[method.name]["hparams"], "tuned"
+    name = method.tuned_as or method.name
+    if name in tuned:
+        return tuned[name]["hparams"], "tuned" if name == method.name else f"tuned for {name}"
     singles = [entry["hparams"] for name, entry in tuned.items() if name.startswith("single: ")]
     if len(method.teachers) == 1 and singles and all(h == singles[0] for h in singles):
         return singles[0], "shared by the tuned single teachers"

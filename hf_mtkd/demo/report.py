@@ -18,11 +18,16 @@ def add_summaries(results: dict[str, Any]) -> None:
     """Each method's mean and spread over seeds of every test metric and of the throughput."""
     for entry in results["methods"].values():
         runs = entry["runs"]
-        summary = {"tokens_per_second": summarize([r["tokens_per_second"] for r in runs])}
+        statistics = [key for key in runs[0] if key in RUN_STATISTICS or key.startswith("on_policy_weight/")]
+        summary = {key: summarize([r[key] for r in runs]) for key in statistics}
         for domain, metrics in runs[0]["test"].items():
             for key in metrics:
                 summary[f"{domain}/{key}"] = summarize([r["test"][domain][key] for r in runs])
         entry["summary"] = summary
+
+
+RUN_STATISTICS = ("tokens_per_second", "train_seconds", "on_policy_share", "generated_per_step")
+"""What a run records beside its test metrics (`hf_mtkd.demo.run.run_statistics`), and `on_policy_weight/<teacher>`."""
 
 
 def compare(results: dict[str, Any], method: str, baseline: str, metric: str = "overall/perplexity") -> dict | None:
@@ -66,14 +71,15 @@ def best_single(results: dict[str, Any]) -> str | None:
 def comparisons(results: dict[str, Any]) -> dict[str, Any]:
     """
     The default weighting (`results["default_method"]`) and the other dynamic weightings against the best single
-    teacher, the static ensemble and domain routing.
+    teacher, the static ensemble, domain routing and the run's own `baselines` (the on-policy comparison's
+    off-policy row).
     """
     single = best_single(results)
     default = results.get("default_method", "entropy")
     methods = [default, *[m for m in ("entropy", "entropy + features", *WEIGHTINGS_SHOWN) if m != default]]
     out = {}
     for method in dict.fromkeys(methods):
-        for baseline in (single, "static ensemble", ROUTING):
+        for baseline in (single, "static ensemble", ROUTING, *results.get("baselines", ())):
             for metric in ("overall/perplexity", "overall/kd_loss"):
                 found = compare(results, method, baseline, metric) if baseline and baseline != method else None
                 if found:
@@ -123,6 +129,21 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells = [_cell(s[f"{d}/perplexity"]) for d in [*domains, "overall"]]
         row = [name, *cells, _cell(s["overall/kd_loss"], 3), _cell(s["tokens_per_second"], 0), student_parameters]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def on_policy_table(results: dict[str, Any]) -> str | None:
+    """Per method: the share of on-policy batches, the tokens generated per step and the training time."""
+    rows = [
+        (name, entry["summary"]) for name, entry in results["methods"].items() if "train_seconds" in entry["summary"]
+    ]
+    if not any("on_policy_share" in summary for _, summary in rows):
+        return None
+    lines = ["| method | on-policy batches | generated tokens per step | training time (s) |", "|---|---|---|---|"]
+    for name, s in rows:
+        share = _cell(s["on_policy_share"]) if "on_policy_share" in s else "0"
+        generated = _cell(s["generated_per_step"], 0) if "generated_per_step" in s else "0"
+        lines.append(f"| {name} | {share} | {generated} | {_cell(s['train_seconds'], 0)} |")
     return "\n".join(lines)
 
 
@@ -239,6 +260,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
             "top-k forms (their k most likely tokens exact, the rest of their mass spread evenly over the other "
             "tokens); perplexity is exact.",
         ]
+    on_policy = on_policy_table(results)
+    if on_policy:
+        sections += ["", "Generation (on-policy batches are continued by the student before the step):", "", on_policy]
     sections += [
         "",
         "Teachers' test perplexity by held-out domain (best of each column in bold):",

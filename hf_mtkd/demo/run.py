@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from ..chat_data import CompletionCollator
 from ..config import MultiTeacherDistillationConfig
 from ..parameters import count_parameters
 from ..routing import routing_prior
@@ -28,7 +29,16 @@ from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SCENARIOS, SDIST, default_cache_dir, load_domains, split_documents, split_works
 from .evaluation import evaluate_domains, score_scales
-from .methods import DEFAULT_METHOD, GRID, Method, demo_methods, pretrained_methods, tuned_hparams
+from .methods import (
+    DEFAULT_METHOD,
+    GRID,
+    Method,
+    demo_methods,
+    off_policy_name,
+    on_policy_methods,
+    pretrained_methods,
+    tuned_hparams,
+)
 from .pretrained import load_pretrained_teacher
 from .report import teacher_table, write_report
 from .teacher_logits import CachedTeachers, cache_scenario
@@ -66,11 +76,12 @@ def distill(
     scale: Scale,
     output_dir: Path,
     cached: CachedTeachers | None = None,
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, dict[str, float]]:
     """
-    Train a fresh student with `method`; return it and the training throughput in tokens per second. With `cached`,
-    every method trains on its fixed training rows, and the teachers are read from its cache (except for feature
-    alignment, which needs their hidden states: those teachers run live on the same rows).
+    Train a fresh student with `method`; return it and its run statistics (`run_statistics`). With `cached`, every
+    method trains on its fixed training rows, and the teachers are read from its cache (except for feature alignment,
+    which needs their hidden states, and on-policy training, whose teachers score the student's own text: those
+    teachers run live on the same rows).
     """
     student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
@@ -80,6 +91,9 @@ def distill(
     else:
         train = cached.train_rows
     collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=False)
+    if method.prompt_tokens:
+        train = prompted(train, method.prompt_tokens)
+        collator = CompletionCollator(data.tokenizer.pad_token_id)
     if not method.teachers:
         trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=collator)
     else:
@@ -87,23 +101,51 @@ def distill(
         args = MultiTeacherDistillationConfig(
             **common, alpha_ce=round(1 - config["alpha_kd"], 6), teacher_names=list(method.teachers), **config
         )
-        live = cached is None or args.alpha_feat > 0
+        live = cached is None or args.alpha_feat > 0 or args.lmbda > 0
         if cached is not None:
             train = cached.train_rows if live else cached.train
             if method.routed:
                 values = [routing_value(d, method) for d in cached.train_domains]
                 train = train.add_column(ROUTING_COLUMN, values, feature=Value("string"))
+            if method.prompt_tokens:
+                train = prompted(train, method.prompt_tokens)
         trainer = MultiTeacherDistillationTrainer(
             model=student,
             teachers=[teachers[d] for d in method.teachers] if live else cached.teachers(method.teachers),
             args=args,
             train_dataset=train,
             data_collator=collator,
+            # on-policy batches are generated: the tokenizer's EOS ends them, its pad token pads them
+            processing_class=data.tokenizer if args.lmbda > 0 else None,
         )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return student, scale.distill_steps * scale.batch_size * scale.block_size / seconds
+    return student, run_statistics(trainer, seconds, scale)
+
+
+def prompted(rows: Dataset, prompt_tokens: int) -> Dataset:
+    """`rows` with `labels`: -100 on the first `prompt_tokens` (a prompt without loss), the tokens themselves after."""
+    return rows.map(lambda row: {"labels": [-100] * prompt_tokens + row["input_ids"][prompt_tokens:]})
+
+
+def run_statistics(trainer: Trainer, seconds: float, scale: Scale) -> dict[str, float]:
+    """
+    The training throughput (tokens per second, at the nominal steps x batch x block tokens) and time; with on-policy
+    batches, also their share, the tokens the student generated per step and each teacher's mean weight on the
+    student's own text (`on_policy_weight/<teacher>`); means over the logged windows.
+    """
+    stats = {"tokens_per_second": scale.distill_steps * scale.batch_size * scale.block_size / seconds}
+    stats["train_seconds"] = seconds
+    logged_keys = dict.fromkeys(key for entry in trainer.state.log_history for key in entry)
+    names = {"on_policy/share": "on_policy_share", "on_policy/generated_tokens": "generated_per_step"}
+    prefix = "on_policy/teacher_weight/"
+    names.update({key: "on_policy_weight/" + key[len(prefix) :] for key in logged_keys if key.startswith(prefix)})
+    for key, name in names.items():
+        logged = [entry[key] for entry in trainer.state.log_history if key in entry]
+        if logged:
+            stats[name] = sum(logged) / len(logged)
+    return stats
 
 
 ROUTING_COLUMN = "teacher_ids"
@@ -232,6 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cached = cache_scenario(teachers, data, scale, top_k, cache_dir)
         data = dataclasses.replace(data, validation=cached.validation, test=cached.test)
     methods = demo_methods(tuple(teachers), args.scenario)
+    if args.on_policy:
+        methods = on_policy_methods(tuple(teachers), scale.block_size, args.scenario)
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
     elif pretrained is not None:
@@ -260,7 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": command,
         "scenario": args.scenario,
-        "default_method": DEFAULT_METHOD[args.scenario],
+        "default_method": methods[-1].name if args.on_policy else DEFAULT_METHOD[args.scenario],
+        "baselines": [off_policy_name(args.scenario)] if args.on_policy else [],
         "scale": vars(scale),
         "corpus": args.corpus_dir or CORPORA[args.scenario],
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
@@ -291,12 +336,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
         hparams, source = tuned_hparams(tuned, method)
-        student, tokens_per_second = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs", cached)
+        student, stats = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs", cached)
         entry = results["methods"].setdefault(method.name, {"hparams": hparams, "hparams_source": source, "runs": []})
         entry["runs"].append(
             {
                 "seed": seed,
-                "tokens_per_second": tokens_per_second,
+                **stats,
                 "test": evaluate(student, method, hparams, data.test, teachers, scale.batch_size, cached),
             }
         )
@@ -339,6 +384,14 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
         "once with a fixed seed, and on the held-out blocks), cache them in the cache dir, and train and evaluate "
         f"every method and seed from them. 0: run the teachers live on every step. Default: {DEFAULT_TOP_K} with "
         "--pretrained_teacher, else 0 (the demo guide's main tables ran live).",
+    )
+    parser.add_argument(
+        "--on_policy",
+        action="store_true",
+        help="On-policy comparison: every training block's first 16 tokens become a prompt without loss, and the "
+        "scenario's default weighting trains off-policy (on the blocks' own continuations) and on-policy (half of "
+        "the batches continued by the student itself, scored by the teachers), beside a prompted CE-only row; the "
+        "table adds the share of on-policy batches, the generated tokens per step and the training time.",
     )
     parser.add_argument(
         "--bad_teacher",
