@@ -473,7 +473,6 @@ def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, con
     assert '"on_policy/share"' in state and '"on_policy/generated_tokens"' in state
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_zero3_on_two_processes_generates_in_step(tmp_path):
     """ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step."""
