@@ -8,6 +8,11 @@ tensor of positions, so that its head projects no position; a forward hook on it
 the final hidden states (after the final norm) on the way. The first call keeps one position instead and checks
 that the model's logits there are its head applied to those hidden states, which catches a head that scales,
 caps or otherwise transforms its output without a configuration attribute that says so.
+
+Under DeepSpeed ZeRO-3 a head's parameters are partitioned across the processes (each holds a shard, and the
+parameter itself is empty outside its module's forward): `whole_head` takes them whole out of a call of the head
+itself, so that DeepSpeed gathers them for the loss's forward and again, in the backward, before their gradient
+accumulates (which it then reduce-scatters as for any parameter).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .logit_free import HeadLogits
@@ -68,13 +72,33 @@ def logit_free_reason(model: nn.Module) -> str | None:
     if type(head) is not nn.Linear:
         kind = "none" if head is None else f"{type(head).__module__}.{type(head).__name__}"
         return f"its output head is not a plain torch.nn.Linear ({kind})"
-    if hasattr(head.weight, "ds_id"):
-        return "DeepSpeed ZeRO-3 partitions its output head (gathering it is not supported yet)"
     if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
         return "its forward takes no `logits_to_keep`"
     if not hasattr(inner, "get_decoder") or inner.get_decoder() is inner:
         return "it has no decoder module apart from its head"
     return None
+
+
+def whole_head(head: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """
+    The weight and bias of `head`, whole. A head partitioned by DeepSpeed ZeRO-3 (`ds_id`) is called on no positions,
+    so that DeepSpeed's hooks on it gather its parameters; a forward hook, run before DeepSpeed's own hooks that
+    release the parameters and mark the call's outputs, hands views of them out of the call as its outputs. They keep
+    the gathered tensors alive while the loss reads them, and their gradient passes through DeepSpeed's pre-backward
+    hook on the head, which gathers the parameters again before it accumulates (as for the head's own forward).
+    """
+    if not hasattr(head.weight, "ds_id"):
+        return head.weight, head.bias
+
+    def whole(module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
+        return tuple(p.view_as(p) for p in (module.weight, module.bias) if p is not None)
+
+    handle = head.register_forward_hook(whole, prepend=True)
+    try:
+        parameters = head(head.weight.new_empty(0, head.in_features))
+    finally:
+        handle.remove()
+    return parameters[0], parameters[1] if len(parameters) > 1 else None
 
 
 class HeadRunner:
@@ -119,7 +143,7 @@ class HeadRunner:
             found = [tuple(h.shape) for h in captured]
             return outputs, f"its decoder's output {found} is not one [batch, length, hidden] tensor per forward"
         hidden = captured[0]
-        weight, bias = self.head.weight, self.head.bias
+        weight, bias = whole_head(self.head)
         if not self.checked:
             logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             with torch.no_grad():
@@ -158,8 +182,6 @@ class LogitFreePlan:
         if mode == "never":
             return
         reason = student_reason or logit_free_reason(student)
-        if reason is None and is_deepspeed_zero3_enabled():
-            reason = "DeepSpeed ZeRO-3 partitions the output heads (gathering them is not supported yet)"
         if reason is not None:
             self._fall_back("the student", reason)
             return
