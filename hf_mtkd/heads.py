@@ -121,12 +121,14 @@ class HeadRunner:
         *,
         vocab_size: int | None = None,
         shared: int | None = None,
+        position_map: Tensor | None = None,
     ) -> tuple[Any, HeadLogits] | tuple[Any, str]:
         """
         `forward(logits_to_keep=...)`'s outputs and the `HeadLogits` of the valid positions `mask` `[B, T]`: the
         head cut to its first `shared` rows and `vocab_size` wide (a teacher on the student's vocabulary,
-        `hf_mtkd.teachers.on_student_vocabulary`). At the first call, when the logits are not the head's, the
-        outputs and the reason instead.
+        `hf_mtkd.teachers.on_student_vocabulary`). A model on its own tokens (a cross-tokenizer teacher) gives its
+        hidden states at the student's positions, its positions `position_map` `[B, T]` (-1: none, read as 0). At the
+        first call, when the logits are not the head's, the outputs and the reason instead.
         """
         captured: list[Tensor] = []
 
@@ -139,7 +141,13 @@ class HeadRunner:
             outputs = forward(logits_to_keep=positions)
         finally:
             handle.remove()
-        if len(captured) != 1 or captured[0].shape[:2] != mask.shape:
+        length = mask.shape[1] if position_map is None else None  # its own length is its own
+        if (
+            len(captured) != 1
+            or captured[0].dim() != 3
+            or captured[0].shape[0] != mask.shape[0]
+            or (length is not None and captured[0].shape[1] != length)
+        ):
             found = [tuple(h.shape) for h in captured]
             return outputs, f"its decoder's output {found} is not one [batch, length, hidden] tensor per forward"
         hidden = captured[0]
@@ -154,13 +162,17 @@ class HeadRunner:
             self.checked = True
         if shared is not None:
             weight, bias = weight[:shared], None if bias is None else bias[:shared]
+        if position_map is not None:
+            rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+            hidden = hidden[rows, position_map.clamp(min=0)]
         return outputs, HeadLogits(hidden[mask], weight, bias, vocab_size)
 
 
 class LogitFreePlan:
     """
     Which models of a trainer run logit-free (`logit_free` = `auto`, `always` or `never`): the student, and each
-    live teacher on the student's vocabulary beside a logit-free student. Where it does not apply, the reason is
+    live teacher beside a logit-free student (a cross-tokenizer teacher's head on its own vocabulary, mapped onto
+    the student's chunk by chunk, `hf_mtkd.cross_tokenizer.MappedLogits`). Where it does not apply, the reason is
     logged once (`auto`) or refused in one line (`always`), and that model gives its `[B, T, V]` logits as today; a
     student that cannot gives logits for every teacher too.
     """
@@ -174,7 +186,7 @@ class LogitFreePlan:
         *,
         student_reason: str | None = None,
     ) -> None:
-        """`teachers`: each live teacher on the student's vocabulary, None for the others (cached, cross-tokenizer)."""
+        """`teachers`: each live teacher (on the student's tokenizer or its own), None for the others (cached)."""
         self.mode = mode
         self.student: HeadRunner | None = None
         self.teachers: list[HeadRunner | None] = [None] * len(teachers)
@@ -189,7 +201,7 @@ class LogitFreePlan:
         self.plan_teachers(teachers)
 
     def plan_teachers(self, teachers: list[nn.Module | None]) -> None:
-        """Which of `teachers` (None: not on the student's vocabulary) run logit-free, e.g. after they are replaced."""
+        """Which of `teachers` (None: not a live model) run logit-free, e.g. after they are replaced."""
         self.teachers = [None] * len(teachers)
         if self.student is None:
             return
@@ -230,12 +242,22 @@ class LogitFreePlan:
         return outputs, outputs.logits
 
     def run_teacher(
-        self, k: int, forward: Callable[..., Any], mask: Tensor, *, vocab_size: int, shared: int | None
+        self,
+        k: int,
+        forward: Callable[..., Any],
+        mask: Tensor,
+        *,
+        vocab_size: int | None = None,
+        shared: int | None = None,
+        position_map: Tensor | None = None,
     ) -> tuple[Any, HeadLogits | None]:
-        """Teacher k's outputs and, when it runs logit-free, its `HeadLogits` on the student's vocabulary."""
+        """
+        Teacher k's outputs and, when it runs logit-free, its `HeadLogits` at the valid positions: on the student's
+        vocabulary, or (`position_map`, a cross-tokenizer teacher) on its own, at its positions aligned to them.
+        """
         runner = self.teachers[k]
         if runner is not None:
-            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared)
+            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared, position_map=position_map)
             if not isinstance(result, str):
                 return outputs, result
             self._fall_back(f"teacher {self.names[k]!r}", result)
