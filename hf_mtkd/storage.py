@@ -2,11 +2,11 @@ r"""
 Storage formats of a teacher's next-token distribution, and how the loss reads them chunk by chunk of positions.
 
 * **dense**: `[B, T, V]` logits on the student's vocabulary, as a causal LM returns them (a live teacher on the
-  student's tokenizer); a cross-tokenizer teacher's distribution mapped onto the student's vocabulary is dense too,
-  as the logits $\tau \log \tilde p$ at temperature τ (`hf_mtkd.cross_tokenizer.MappedTeacher.scaled_log_probs`);
+  student's tokenizer);
 * **top-k** (`TopKLogProbs`, the teacher-logits cache): the k largest log-probabilities and the tail mass, below;
-* **made on demand** (`RowsOnDemand`): logits that exist only a chunk of rows at a time, when the loss reads them,
-  such as a cross-tokenizer teacher's own logits mapped onto the student's vocabulary chunk by chunk
+* **made on demand** (`RowsOnDemand`): logits that exist only a chunk of rows at a time, when the loss reads them:
+  a cross-tokenizer teacher's distribution mapped onto the student's vocabulary, as the logits
+  $\tau \log \tilde p$ at temperature τ, made from its own logits (or its hidden states and head) chunk by chunk
   (`hf_mtkd.cross_tokenizer.MappedLogits`).
 
 **The top-k form.** For a position with teacher logits $z$ over V tokens, let $S$ be the k most likely tokens and
