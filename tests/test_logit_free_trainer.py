@@ -237,6 +237,22 @@ def test_cross_tokenizer_teachers_logit_free_equal_the_logits_path(tmp_path, cro
     assert_same_training(free, dense)
 
 
+def test_the_uld_divergence_keeps_the_student_on_logits(tmp_path, cross_tokenizers, corpus, caplog):
+    own = cross_tokenizers["bpe300"]
+    with caplog.at_level(logging.WARNING):
+        trainer = MultiTeacherDistillationTrainer(
+            model=student_model(cross_tokenizers["student"]),
+            teachers=[tiny_causal_lm("llama", own, seed=3)],
+            args=config(tmp_path, "auto", cross_tokenizer="always", cross_tokenizer_loss="uld"),
+            train_dataset=Dataset.from_dict({"text": corpus[:16]}),
+            processing_class=cross_tokenizers["student"],
+            teacher_tokenizers=[own],
+        )
+    assert trainer.logit_free.student is None
+    (warning,) = fallback_warnings(caplog)
+    assert "the `uld` divergence" in warning
+
+
 def test_never_leaves_every_model_on_logits(tmp_path, tokenizer, dataset):
     # (ZeRO-3 runs logit-free: its partitioned heads are gathered, tests/test_deepspeed_distributed.py)
     trainer = construct(tmp_path, tokenizer, dataset, mode="never")
