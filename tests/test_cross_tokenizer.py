@@ -162,13 +162,14 @@ def test_projection_matches_dense_reference(tokenizers):
 
 
 @pytest.mark.parametrize("weighting", ["entropy", "entropy+posterior"])
-@pytest.mark.parametrize("form", ["own logits", "hidden and head"])
+@pytest.mark.parametrize("form", ["own logits", "hidden and head", "own logits, student logits"])
 @pytest.mark.parametrize("num_teachers", [1, 2])
 def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weighting, form, num_teachers):
     """
-    A cross-tokenizer teacher mapped a chunk of rows at a time (`MappedLogits`), beside a logit-free student (and a
-    teacher on the student's vocabulary when K = 2), gives the loss and gradients of the `[B, T, V_s]` path, in
-    float64: the teacher's logits gathered at the aligned positions, projected whole, unaligned positions 0.
+    A cross-tokenizer teacher mapped a chunk of rows at a time (`MappedLogits`), beside a logit-free student (or one
+    on logits) and, when K = 2, a teacher on the student's vocabulary, gives the loss and gradients of the
+    `[B, T, V_s]` path, in float64: the teacher's logits gathered at the aligned positions, projected whole,
+    unaligned positions 0.
     """
     student_vocab = len(tokenizers["student"])
     vocabulary_map = VocabularyMap.build(tokenizers["unigram"], tokenizers["student"], teacher_vocab_size=80)
@@ -209,7 +210,7 @@ def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weightin
     expected_grads = torch.autograd.grad(expected.loss, [hidden, head])
 
     # per chunk: the mapped rows made when the loss reads them
-    if form == "own logits":
+    if form.startswith("own logits"):
         mapped = MappedLogits(own, vocabulary_map, tau, aligned)
     else:
         head_logits = HeadLogits(own_hidden[rows, index][mask], own_head)
@@ -219,7 +220,8 @@ def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weightin
     assert torch.equal(aligned & has_mass, available & read)
     torch.testing.assert_close(unmapped[aligned & read], projected.unmapped_mass[read[aligned]], rtol=0, atol=1e-14)
     torch.testing.assert_close(inexact[aligned & read], projected.inexact_mass[read[aligned]], rtol=0, atol=1e-14)
-    result = DistillationLoss(settings)(HeadLogits.at_valid(hidden, labels, head), [mapped, shared][:num_teachers],
+    student = hidden @ head.T if form.endswith("student logits") else HeadLogits.at_valid(hidden, labels, head)
+    result = DistillationLoss(settings)(student, [mapped, shared][:num_teachers],
                                         labels, teacher_mask=teacher_mask)  # fmt: skip
     grads = torch.autograd.grad(result.loss, [hidden, head])
     assert float(result.loss.detach()) == pytest.approx(float(expected.loss.detach()), rel=1e-12, abs=1e-12)
