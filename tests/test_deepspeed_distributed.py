@@ -276,6 +276,26 @@ def test_resume_from_zero3_checkpoint(runs, zero3):
     assert_same_weights(runs["tmp"] / "resumed" / "final", runs["tmp"] / "zero3" / "final", atol=1e-7)
 
 
+@pytest.mark.slow
+def test_zero3_tied_head_matches_one_process(runs, tokenizer):
+    """
+    A student whose head is its input embedding, logit-free under ZeRO-3: the one partitioned parameter gets the
+    head's gradient (from the loss) and the embedding's in one accumulation, as on one process.
+    """
+    model_type, kwargs = STUDENT_SHAPE
+    student = tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs)
+    student.config.tie_word_embeddings = True
+    student.lm_head.weight = student.model.embed_tokens.weight
+    student.save_pretrained(runs["tmp"] / "tied_student")
+    base = {**runs["base"], "student": str(runs["tmp"] / "tied_student")}
+    reference, _ = launch(runs["tmp"], "tied_reference", distributed=False, per_device_train_batch_size=8, **base)
+    report, output = launch(runs["tmp"], "tied_zero3", deepspeed="zero3", **LAYOUT, **base)
+    assert_logit_free(report, output)
+    assert_same_training(report, reference)
+    tied = runs["tmp"] / "tied_zero3" / "final"
+    assert_same_weights(tied, runs["tmp"] / "tied_reference" / "final", sgd_tolerance(report))
+
+
 @pytest.mark.parametrize("kind", ["zero2", "ddp"])
 def test_zero2_and_ddp_replicate_teachers_and_match_one_process(runs, kind):
     deepspeed = {"deepspeed": "zero2"} if kind == "zero2" else {}
