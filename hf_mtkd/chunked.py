@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .divergences import forward_kl
 from .dtypes import upcast
 from .fusion import fuse_dense, fuse_sparse
 from .settings import DistillationSettings
@@ -271,17 +270,18 @@ class DenseStudent(StudentLogits):
 
 class ChunkedDistillation(torch.autograd.Function):
     r"""
-    $\alpha_{kd} \tau^2 \frac{1}{N} \sum \mathrm{KL}(\bar p \| \mathrm{softmax}(z_s/\tau)) + \alpha_{ce}
+    $\alpha_{kd} \tau^2 \frac{1}{N} \sum D(\bar p, \mathrm{softmax}(z_s/\tau)) + \alpha_{ce}
     \frac{1}{N} \sum -\log \mathrm{softmax}(z_s)_y$ over the valid positions, in one pass over chunks of positions:
     the one loop over chunks that has a gradient.
 
     Each chunk reads every teacher once (`hf_mtkd.storage.read_rows`): its statistics, its weights (when they depend
-    on the position alone; else `weights` are given), the fused target (`hf_mtkd.fusion`), the KL
-    (`hf_mtkd.divergences.forward_kl`), the cross-entropy and the gradient in the student's logits,
-    $\frac{1}{N}(\alpha_{kd} \tau (q_\tau - \bar p) + \alpha_{ce} (q_1 - e_y))$, handed to the `StudentLogits`
-    strategy during the forward (written into one `[B, T, V]` buffer, or multiplied into the gradients of the
-    hidden states and the output head). No `[N, V]` intermediate outlives its chunk, and the student's log-softmax
-    serves both terms when τ = 1. When every teacher is in top-k form, the target stays sparse.
+    on the position alone; else `weights` are given), the fused target (`hf_mtkd.fusion`), the divergence D and its
+    gradient (`hf_mtkd.divergences`, the settings' `kd_divergence`), the cross-entropy, and the gradient in the
+    student's logits, $\frac{1}{N}(\alpha_{kd} \tau\, \partial D / \partial u + \alpha_{ce} (q_1 - e_y))$ ($u = z_s /
+    \tau$; $\partial D / \partial u = q_\tau - \bar p$ for the forward KL), handed to the `StudentLogits` strategy
+    during the forward (written into one `[B, T, V]` buffer, or multiplied into the gradients of the hidden states
+    and the output head). No `[N, V]` intermediate outlives its chunk, and the student's log-softmax serves both
+    terms when τ = 1. When every teacher is in top-k form, the forward KL's target stays sparse.
 
     With `with_kd=False` (the ULD divergence, computed elsewhere) no target and no KL are formed: the pass gives the
     teachers' statistics and $\alpha_{ce} L_{ce}$ only.
@@ -312,6 +312,8 @@ class ChunkedDistillation(torch.autograd.Function):
         flat_targets = layout.targets(labels)
         if not with_kd:
             alpha_kd = 0.0
+        divergence = settings.kd_divergence if with_kd else None
+        exact_log = with_kd and divergence.exact_log_target
         has_loss = alpha_kd != 0 or bool(alpha_ce)
         needs_grad = [has_loss and ctx.needs_input_grad[ARGUMENTS + i] for i in range(len(inputs))]
         need_grad = any(needs_grad)
@@ -343,6 +345,7 @@ class ChunkedDistillation(torch.autograd.Function):
                 ce_log_probs = log_q if shared else torch.log_softmax(logits, dim=-1)
                 ce_total = ce_total - chunk.select(ce_log_probs.gather(-1, y[:, None])[:, 0]).sum()
             del logits
+            chunk_grad = None  # ∂L/∂z of the chunk
             if with_kd:
                 available = None if flat_mask is None else flat_mask[:, rows]
                 if flat_weights is None:
@@ -355,24 +358,20 @@ class ChunkedDistillation(torch.autograd.Function):
                 if isinstance(teachers[0], SparseRows):
                     target = fuse_sparse(teachers, chunk_weights, temperature, fusion)
                 else:
-                    target = fuse_dense(teachers, chunk_entropy, chunk_weights, fusion, log_q.dtype)
-                kl_total = kl_total + forward_kl(log_q, target).where(counted, 0.0).sum()
+                    target = fuse_dense(
+                        teachers, chunk_entropy, chunk_weights, fusion, log_q.dtype, exact_log=exact_log
+                    )
+                row_kd = (kd_scale * counted).to(log_q.dtype)[:, None] if need_grad else None
+                value, chunk_grad = divergence(log_q, target, row_kd)
+                kl_total = kl_total + value.where(counted, 0.0).sum()
+                del target, value
             del teachers
             if need_grad:
-                if with_kd:
-                    row_kd = (kd_scale * counted).to(log_q.dtype)[:, None]
-                    if ce_log_probs is log_q:  # τ = 1: q_1 = q_τ, one exp for both terms
-                        chunk_grad = log_q.exp_().mul_(row_kd + ce_scale)
-                    else:
-                        chunk_grad = log_q.exp_().mul_(row_kd)
-                        if ce_log_probs is not None:
-                            chunk_grad.add_(ce_log_probs.exp_().mul_(ce_scale))
-                    target.subtract_from(chunk_grad, row_kd)
-                else:
-                    chunk_grad = ce_log_probs.exp_().mul_(ce_scale)
-                if alpha_ce is not None:
-                    ce_step = (-ce_scale).to(chunk_grad.dtype).reshape(1, 1).expand(chunk.size, 1)
-                    chunk_grad.scatter_add_(-1, y[:, None], ce_step)
+                if ce_log_probs is not None:  # q_1 - e_y, in place of log q_1 (the divergence has read log q_τ)
+                    ce_grad = ce_log_probs.exp_().mul_(ce_scale)
+                    ce_step = (-ce_scale).to(ce_grad.dtype).reshape(1, 1).expand(chunk.size, 1)
+                    ce_grad.scatter_add_(-1, y[:, None], ce_step)
+                    chunk_grad = ce_grad if chunk_grad is None else chunk_grad.add_(ce_grad)
                 if not chunk.all_valid:  # padding and row ends inside the run get no gradient
                     chunk_grad.masked_fill_(~valid[:, None], 0)
                 student.write(rows, chunk_grad)

@@ -13,10 +13,12 @@ from transformers import TrainingArguments
 from .alignment import FEATURE_LOSSES
 from .cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_MODES
 from .distributed import DEEPSPEED_CONFIGS, resolve_deepspeed_config
+from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, FUSED_DIVERGENCES, SKEWED
 from .dtypes import DTYPE_CHOICES
 from .fusion import FUSIONS
 from .heads import LOGIT_FREE_MODES
 from .redaction import redact
+from .settings import DistillationSettings
 from .weighting import GRANULARITIES, WEIGHTINGS
 
 
@@ -34,6 +36,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `temperature`: tau of the tempered distributions in the KD term.
     - `alpha_ce`, `alpha_kd`, `alpha_feat`: the weights of the three terms.
     - `fusion`: how the weighted teachers form one target (`probability` or `logit`).
+    - `divergence`, with `beta` and `skew_alpha`: how the student is compared with that target (forward KL,
+      reverse KL, generalized JSD, skew KLs; see `hf_mtkd.divergences`).
     - `loss_chunk_size`: positions the loss reads at once (memory only; the loss does not depend on it).
     - `logit_free`: the loss from final hidden states and output heads, without `[batch, length, vocab]` logits
       (on by default where it applies).
@@ -164,6 +168,32 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "choices": list(FUSIONS),
         },
     )
+    divergence: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the student's tempered distribution q is compared with the fused target p: 'forward_kl' "
+            "(KL(p || q), mass-covering), 'reverse_kl' (KL(q || p), mode-seeking), 'jsd' (GKD's generalized "
+            "Jensen-Shannon divergence with `beta`), 'skew_kl' (KL(p || a p + (1 - a) q)) or 'skew_reverse_kl' "
+            "(KL(q || (1 - a) p + a q)), a = `skew_alpha`. None: 'jsd' when `beta` is set (as in TRL's GKD), else "
+            "'forward_kl'. The KD term is tau^2 times its mean over the positions.",
+            "choices": list(FUSED_DIVERGENCES),
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Interpolation beta of the generalized JSD, in [0, 1], as in TRL's GKD: "
+            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; 0 is the forward KL, 1 the "
+            f"reverse KL. Setting it selects `divergence='jsd'`; None with 'jsd': {DEFAULT_BETA}."
+        },
+    )
+    skew_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Skew alpha of 'skew_kl' and 'skew_reverse_kl' (DistiLLM), in [0, 1); 0 gives the plain KLs. "
+            f"None: {DEFAULT_SKEW_ALPHA}."
+        },
+    )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -246,7 +276,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     cross_tokenizer_loss: str = field(
         default="kl",
         metadata={
-            "help": "Divergence of the KD term when some teacher runs in cross-tokenizer mode: 'kl' (the fused KL "
+            "help": "Divergence of the KD term when some teacher runs in cross-tokenizer mode: 'kl' (`divergence` "
             "on the student's vocabulary, teachers mapped onto it) or 'uld' (Universal Logit Distillation: the "
             "weighted L1 distance between sorted teacher and student probabilities, which needs no shared "
             "vocabulary; for teachers whose vocabularies barely overlap). 'uld' applies to every teacher.",
@@ -388,9 +418,27 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError(f"`max_length` must be at least 2 tokens, got {self.max_length}.")
         if self.projector_learning_rate is not None and self.projector_learning_rate < 0:
             raise ValueError(f"`projector_learning_rate` must be >= 0, got {self.projector_learning_rate}.")
+        self._resolve_divergence()
         self.feature_layers = _parse_feature_layers(self.feature_layers)
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+
+    def _resolve_divergence(self) -> None:
+        """Check `divergence`, `beta` and `skew_alpha`; an unset `divergence` becomes `jsd` with `beta`, as in GKD."""
+        if self.divergence is None:
+            self.divergence = "forward_kl" if self.beta is None else "jsd"
+        if self.divergence not in FUSED_DIVERGENCES:
+            raise ValueError(
+                f"Unknown `divergence` {self.divergence!r}; choose one of {list(FUSED_DIVERGENCES)} (ULD is "
+                "`cross_tokenizer_loss='uld'`)."
+            )
+        for name, owners in (("beta", ("jsd",)), ("skew_alpha", SKEWED)):
+            if getattr(self, name) is not None and self.divergence not in owners:
+                raise ValueError(
+                    f"`{name}` has no effect with `divergence={self.divergence!r}` (it belongs to "
+                    f"{' and '.join(owners)}): drop it, or set `divergence` to {owners[0]!r}."
+                )
+        DistillationSettings.from_config(self)  # the ranges of `beta` and `skew_alpha`
 
     def check_num_teachers(self, num_teachers: int) -> None:
         """Raise a clear error when a per-teacher setting does not fit the number of teachers."""

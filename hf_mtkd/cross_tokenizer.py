@@ -41,7 +41,6 @@ from transformers.utils import logging
 
 from .chat_data import EncodedExample, ExampleRenderer, check_fast_tokenizer
 from .chunked import auto_chunk_size
-from .divergences import DIVERGENCES
 from .dtypes import upcast
 from .logit_free import HeadLogits
 from .model_config import text_config
@@ -51,8 +50,8 @@ from .teachers import pad_rows, teacher_forward, vocab_size
 logger = logging.get_logger(__name__)
 
 CROSS_TOKENIZER_MODES = ("auto", "always", "never")
-CROSS_TOKENIZER_LOSSES = DIVERGENCES
-"""The divergences of the KD term with cross-tokenizer teachers (`hf_mtkd.divergences`)."""
+CROSS_TOKENIZER_LOSSES = ("kl", "uld")
+"""The KD term with cross-tokenizer teachers: `divergence` of the fused target (`kl`), or ULD (`uld`)."""
 TEACHER_INPUTS_KEY = "teacher_inputs"
 """Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
 LOG_ZERO = -100.0

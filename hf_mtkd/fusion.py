@@ -7,8 +7,8 @@ Fusion: how the weighted teachers form one target distribution $\bar p$ at each 
 
 Dense teachers (`hf_mtkd.storage.DenseRows`) give a dense target `[n, V]` (`fuse_dense`); teachers all in top-k form
 (`hf_mtkd.storage.SparseRows`) a sparse one (`fuse_sparse`), without any `[n, V]` teacher tensor. Both targets
-offer what a divergence (`hf_mtkd.divergences`) and the gradient need: the probabilities, their $\sum \bar p \log
-\bar p$, and `subtract_from(grad, scale)`.
+offer what the forward KL (`hf_mtkd.divergences`) and its gradient need: the probabilities, their $\sum \bar p \log
+\bar p$, and `subtract_from(grad, scale)`; the other divergences read a dense target (`SparseTarget.dense`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ FUSIONS = ("probability", "logit")
 
 @dataclass
 class DenseTarget:
-    """The fused target $\\bar p$ of a chunk `[n, V]` and $\\sum_v \\bar p_v \\log \\bar p_v$ `[n]` (its -entropy)."""
+    """
+    The fused target $\\bar p$ of a chunk `[n, V]`, its log `[n, V]` (finite: at least the dtype's lowest value) and
+    $\\sum_v \\bar p_v \\log \\bar p_v$ `[n]` (its -entropy).
+    """
 
     probs: Tensor
+    log_probs: Tensor
     neg_entropy: Tensor
 
     def subtract_from(self, grad: Tensor, scale: Tensor) -> None:
@@ -38,16 +42,33 @@ class DenseTarget:
 
 
 def fuse_dense(
-    teachers: Sequence[DenseRows], entropy: Tensor, weights: Tensor, fusion: str, dtype: torch.dtype
+    teachers: Sequence[DenseRows],
+    entropy: Tensor,
+    weights: Tensor,
+    fusion: str,
+    dtype: torch.dtype,
+    *,
+    exact_log: bool = False,
 ) -> DenseTarget:
     r"""
     The fused target of K dense teachers with weights `[K, n]` (in `dtype`, the student's): one teacher's own
     distribution, with $-H$ from its `entropy` `[K, n]`.
+
+    The probability mixture's log is $\log \sum_k w_k p_k$; with `exact_log` it is taken in log space,
+    $\mathrm{logsumexp}_k(\log w_k + \log p_k)$, which stays exact where every $p_k$ underflows (what the
+    divergences that read $\log \bar p$ where $\bar p$ is tiny need, `hf_mtkd.divergences`).
     """
     if len(teachers) == 1:
-        return DenseTarget(teachers[0].probs, -entropy[0])
+        return DenseTarget(teachers[0].probs, teachers[0].log_probs, -entropy[0])
     w = weights.to(dtype)[:, :, None]
-    if fusion == "probability":
+    if fusion == "probability" and exact_log:
+        log_w = w.log()
+        log_target = teachers[0].log_probs + log_w[0]
+        for k in range(1, len(teachers)):
+            log_target = torch.logaddexp(log_target, teachers[k].log_probs + log_w[k])
+        log_target.clamp_(min=torch.finfo(log_target.dtype).min)
+        target = log_target.exp()
+    elif fusion == "probability":
         target = teachers[0].probs * w[0]
         for k in range(1, len(teachers)):
             target.addcmul_(teachers[k].probs, w[k])
@@ -58,7 +79,7 @@ def fuse_dense(
             mixed.addcmul_(teachers[k].log_probs, w[k])
         log_target = torch.log_softmax(mixed, dim=-1).clamp_(min=torch.finfo(mixed.dtype).min)
         target = log_target.exp()
-    return DenseTarget(target, rowdot(target, log_target))
+    return DenseTarget(target, log_target, rowdot(target, log_target))
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,16 @@ class SparseTarget:
         """`grad -= scale * p̄` in place, for a dense `grad` `[n, V]` and `scale` `[n, 1]`."""
         grad[:, : self.support].sub_(scale * self.c[:, None])
         grad.scatter_add_(-1, self.union, (-scale * (self.probs - self.c[:, None])).masked_fill(~self.first, 0))
+
+    def dense(self, width: int) -> DenseTarget:
+        """The same target as a `DenseTarget` `[n, width]` (ids from `support` on: probability 0)."""
+        lowest = torch.finfo(self.c.dtype).min
+        log_probs = self.log_c[:, None].expand(-1, width).clone()
+        log_probs[:, self.support :] = lowest
+        log_probs.scatter_(-1, self.union, self.log_probs)  # repeated tokens carry the same value
+        log_probs.clamp_(min=lowest)
+        probs = log_probs.exp()
+        return DenseTarget(probs, log_probs, rowdot(probs, log_probs))
 
 
 def fuse_sparse(teachers: Sequence[SparseRows], weights: Tensor, temperature: float, fusion: str) -> SparseTarget:

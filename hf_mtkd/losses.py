@@ -40,7 +40,7 @@ from .chunked import (
     teacher_statistics,
 )
 from .chunked import auto_chunk_size as auto_chunk_size
-from .divergences import sorted_l1_distance
+from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, sorted_l1_distance
 from .dtypes import upcast
 from .fusion import FUSIONS as FUSIONS
 from .logit_free import HeadLogits, HiddenStudent, any_head_logits, at_valid_positions
@@ -107,10 +107,10 @@ class DistillationLoss:
     config): the one place where the total
     $L = \alpha_{ce} L_{ce} + \alpha_{kd} L_{kd} + \alpha_{feat} L_{feat}$ is assembled (`__call__`).
 
-    $L_{kd}$ is the fused forward KL (`divergence="kl"`) or the weighted ULD distance on each teacher's own vocabulary
-    (`"uld"`); $\alpha_{ce} L_{ce}$ comes out of the same chunked pass as the KL, whose gradients share the student's
-    softmax. The functions below (`multi_teacher_kd_loss`, `compute_teacher_weights`, ...) are thin wrappers that
-    build the settings from their keywords.
+    $L_{kd}$ is a divergence of the fused target (`hf_mtkd.divergences`, the forward KL by default) or the weighted
+    ULD distance on each teacher's own vocabulary (`"uld"`); $\alpha_{ce} L_{ce}$ comes out of the same chunked pass
+    as the divergence, whose gradients share the student's softmax. The functions below (`multi_teacher_kd_loss`,
+    `compute_teacher_weights`, ...) are thin wrappers that build the settings from their keywords.
     """
 
     def __init__(self, settings: DistillationSettings) -> None:
@@ -388,6 +388,9 @@ def multi_teacher_kd(
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
     teacher_prior: Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = DEFAULT_BETA,
+    skew_alpha: float = DEFAULT_SKEW_ALPHA,
     alpha_kd: float = 1.0,
     alpha_ce: float | None = None,
 ) -> MultiTeacherKDOutput:
@@ -412,6 +415,9 @@ def multi_teacher_kd(
         posterior_decay=posterior_decay,
         min_weight=min_weight,
         chunk_size=chunk_size,
+        divergence=divergence,
+        beta=beta,
+        skew_alpha=skew_alpha,
         alpha_kd=alpha_kd,
         alpha_ce=alpha_ce,
     )
@@ -445,9 +451,13 @@ def multi_teacher_kd_loss(
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
     teacher_prior: Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = DEFAULT_BETA,
+    skew_alpha: float = DEFAULT_SKEW_ALPHA,
 ) -> Tensor:
     r"""
-    $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} \mathrm{KL}(\bar p_{b,t} \,\|\, q_{b,t})$.
+    $L_{kd} = \tau^2 \cdot \frac{1}{N} \sum_{(b,t)\ \mathrm{valid}} D(\bar p_{b,t}, q_{b,t})$, D the forward KL
+    $\mathrm{KL}(\bar p \| q)$ by default.
 
     $\bar p$ fuses the teachers' tempered distributions with weights `compute_teacher_weights(...)`
     (`fusion="probability"`: $\sum_k w_k p_k$; `"logit"`: $\mathrm{softmax}(\sum_k w_k z_k/\tau)$) and
@@ -472,6 +482,8 @@ def multi_teacher_kd_loss(
             adds no KD term but still counts in N (so the loss stays a mean over the same positions as `L_ce`).
         teacher_prior: `[B, K]` per-row prior over teachers (routing, see `compute_teacher_weights`): with a one-hot
             row, that row's loss is the single-teacher loss of its teacher.
+        divergence, beta, skew_alpha: D (`forward_kl`, `reverse_kl`, `jsd` with `beta`, `skew_kl` or
+            `skew_reverse_kl` with `skew_alpha`; see `hf_mtkd.divergences`).
     """
     return multi_teacher_kd(
         student_logits,
@@ -491,6 +503,9 @@ def multi_teacher_kd_loss(
         chunk_size=chunk_size,
         teacher_mask=teacher_mask,
         teacher_prior=teacher_prior,
+        divergence=divergence,
+        beta=beta,
+        skew_alpha=skew_alpha,
     ).loss
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from .alignment import FEATURE_LOSSES
-from .divergences import DIVERGENCES
+from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DIVERGENCES, Divergence, divergence
 from .fusion import FUSIONS
 from .weighting import GRANULARITIES, POSITION_LOCAL_WEIGHTINGS, WEIGHTINGS, WeightingParameters, normalize_prior
 
@@ -38,10 +38,12 @@ CONFIG_FIELDS = {
     "alpha_feat": "alpha_feat",
     "feature_loss": "feature_loss",
     "normalize_feature_targets": "normalize_feature_targets",
-    "cross_tokenizer_loss": "divergence",
+    "divergence": "divergence",
+    "beta": "beta",
+    "skew_alpha": "skew_alpha",
 }
-"""`MultiTeacherDistillationConfig` field -> `DistillationSettings` field, for `from_config` (`cross_tokenizer_loss`
-is the divergence only when some teacher runs in cross-tokenizer mode; the KL otherwise)."""
+"""`MultiTeacherDistillationConfig` field -> `DistillationSettings` field, for `from_config` (where
+`cross_tokenizer_loss="uld"` replaces the divergence when some teacher runs in cross-tokenizer mode)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class DistillationSettings:
 
     Weighting: `weighting` (a key of `hf_mtkd.weighting.WEIGHTINGS`), `entropy_temperature`, `label_temperature`,
     `posterior_decay`, `teacher_weights` (the static prior, None: uniform), `granularity`, `min_weight`.
-    Fusion and divergence: `temperature`, `fusion`, `divergence` (a key of `hf_mtkd.divergences.DIVERGENCES`).
+    Fusion and divergence: `temperature`, `fusion`, `divergence` (a key of `hf_mtkd.divergences.DIVERGENCES`) with
+    `beta` (`jsd`) and `skew_alpha` (`skew_kl`, `skew_reverse_kl`).
     Memory: `chunk_size`. The total: `alpha_kd`, `alpha_ce` (None: no cross-entropy term is computed), `alpha_feat`
     with `feature_loss` and `normalize_feature_targets`.
     """
@@ -71,8 +74,13 @@ class DistillationSettings:
     min_weight: float = 0.0
     """The floor $m$ of every teacher's weight, below 1/K."""
     fusion: str = "probability"
-    divergence: str = "kl"
-    """`kl`, the fused forward KL on the student's vocabulary; `uld`, the weighted ULD distance on each teacher's."""
+    divergence: str = "forward_kl"
+    """How the student is compared with the fused target (`hf_mtkd.divergences`); `uld`, the weighted ULD distance
+    on each teacher's vocabulary."""
+    beta: float = DEFAULT_BETA
+    """β of the generalized JSD (`jsd`): 0 is the forward KL, 1 the reverse KL."""
+    skew_alpha: float = DEFAULT_SKEW_ALPHA
+    """α of the skew divergences, in [0, 1)."""
     chunk_size: int | None = None
     """Positions the loss reads at once (None: `hf_mtkd.losses.auto_chunk_size`)."""
     alpha_kd: float = 1.0
@@ -92,6 +100,10 @@ class DistillationSettings:
             raise ValueError(f"Unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}.")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"Unknown divergence {self.divergence!r}; choose one of {list(DIVERGENCES)}.")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"`beta` (of the generalized JSD) must be in [0, 1], got {self.beta}.")
+        if not 0 <= self.skew_alpha < 1:
+            raise ValueError(f"`skew_alpha` (of the skew divergences) must be in [0, 1), got {self.skew_alpha}.")
         if self.feature_loss not in FEATURE_LOSSES:
             raise ValueError(f"Unknown feature loss {self.feature_loss!r}; choose one of {list(FEATURE_LOSSES)}.")
         if not 0 <= self.min_weight < 1:
@@ -107,15 +119,25 @@ class DistillationSettings:
         The settings of a `MultiTeacherDistillationConfig` (its fields named in `CONFIG_FIELDS`); its
         `cross_tokenizer_loss` applies when some teacher runs in cross-tokenizer mode (`cross_tokenizer`).
         """
-        settings = {setting: getattr(config, name) for name, setting in CONFIG_FIELDS.items()}
-        if not cross_tokenizer:
-            settings["divergence"] = "kl"
-        return cls(**settings)
+        fields = {name: getattr(config, name) for name in CONFIG_FIELDS}
+        if cross_tokenizer and config.cross_tokenizer_loss == "uld":
+            fields["divergence"] = "uld"
+        return cls.from_fields(fields)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> DistillationSettings:
-        """The settings of a mapping of config field names (e.g. a method's fields), the others at their defaults."""
-        return cls(**{setting: fields[name] for name, setting in CONFIG_FIELDS.items() if name in fields})
+        """
+        The settings of a mapping of config field names (e.g. a method's fields), the others (and those given as
+        None, e.g. a `beta` left unset) at their defaults.
+        """
+        return cls(
+            **{setting: fields[name] for name, setting in CONFIG_FIELDS.items() if fields.get(name) is not None}
+        )
+
+    @property
+    def kd_divergence(self) -> Divergence:
+        """The `Divergence` of the fused target (`hf_mtkd.divergences.divergence`; not for `uld`)."""
+        return divergence(self.divergence, beta=self.beta, skew_alpha=self.skew_alpha)
 
     @property
     def weighting_parameters(self) -> WeightingParameters:
