@@ -161,10 +161,10 @@ def test_projection_matches_dense_reference(tokenizers):
     assert (out.unmapped_mass > 0).all() and (out.inexact_mass > 0).all()
 
 
-@pytest.mark.parametrize("weighting", ["entropy", "entropy+posterior"])
+@pytest.mark.parametrize(("weighting", "divergence"), [("entropy", "forward_kl"), ("entropy+posterior", "jsd")])
 @pytest.mark.parametrize("form", ["own logits", "hidden and head", "own logits, student logits"])
 @pytest.mark.parametrize("num_teachers", [1, 2])
-def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weighting, form, num_teachers):
+def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weighting, divergence, form, num_teachers):
     """
     A cross-tokenizer teacher mapped a chunk of rows at a time (`MappedLogits`), beside a logit-free student (or one
     on logits) and, when K = 2, a teacher on the student's vocabulary, gives the loss and gradients of the
@@ -193,7 +193,9 @@ def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weightin
     shared = torch.randn(b, t, student_vocab, generator=g, dtype=torch.float64) * 3
     hidden = torch.randn(b, t, d_s, generator=g, dtype=torch.float64, requires_grad=True)
     head = torch.randn(student_vocab, d_s, generator=g, dtype=torch.float64, requires_grad=True)
-    settings = DistillationSettings(temperature=tau, alpha_ce=0.5, weighting=weighting, chunk_size=4)
+    settings = DistillationSettings(
+        temperature=tau, alpha_ce=0.5, weighting=weighting, divergence=divergence, chunk_size=4
+    )
     mask = next_token_mask(labels)
 
     # the [B, T, V_s] path: the teacher's own logits at the aligned positions, projected at once
