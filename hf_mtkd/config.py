@@ -216,9 +216,9 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "help": "Compute the loss from final hidden states and output heads, a chunk of positions at a time, "
             "instead of [batch, length, vocab] logits: no full-vocabulary logits exist for the student or any "
             "teacher, and teachers' heads run at the positions with a next-token label only. 'auto' (where it "
-            "applies; a model with a soft-capped, scaled or non-linear head, cross-tokenizer teachers or DeepSpeed "
-            "ZeRO-3 fall back to their logits, with the reason logged once), 'always' (refuse where it does not "
-            "apply) or 'never'. The loss is the same either way.",
+            "applies; a model with a soft-capped, scaled or non-linear head falls back to its logits, and the 'uld' "
+            "divergence keeps the student on its logits, with the reason logged once), 'always' (refuse where it "
+            "does not apply) or 'never'. The loss is the same either way.",
             "choices": list(LOGIT_FREE_MODES),
         },
     )

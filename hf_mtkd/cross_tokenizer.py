@@ -26,11 +26,12 @@ is one-to-one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,8 +40,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .chat_data import EncodedExample, ExampleRenderer, check_fast_tokenizer
+from .chunked import auto_chunk_size
 from .dtypes import upcast
+from .logit_free import HeadLogits
 from .model_config import text_config
+from .storage import RowsOnDemand
 from .teachers import pad_rows, teacher_forward, vocab_size
 
 logger = logging.get_logger(__name__)
@@ -228,6 +232,13 @@ class VocabularyMap:
 
     def project(self, teacher_logits: Tensor, temperature: float = 1.0) -> MappedTeacher:
         r"""$\tilde p(s) = \sum_{v \to s} p(v) / \sum_{v\ mapped} p(v)$, $p = \mathrm{softmax}(z/\tau)$, as logits."""
+        probs = self.probs(teacher_logits, temperature)
+        scaled_log_probs, total = self._scaled_log_probs(probs, temperature)
+        unmapped, inexact = self.masses(probs)
+        return MappedTeacher(scaled_log_probs, unmapped, inexact, has_mass=total[..., 0] > 0)
+
+    def probs(self, teacher_logits: Tensor, temperature: float) -> Tensor:
+        r"""The teacher's tempered distribution $p = \mathrm{softmax}(z/\tau)$ `[..., V_k]`, float32 (or wider)."""
         if teacher_logits.shape[-1] != self.index.numel():
             raise ValueError(
                 f"Teacher logits have {teacher_logits.shape[-1]} entries per position but the vocabulary map was "
@@ -236,17 +247,104 @@ class VocabularyMap:
         device = teacher_logits.device
         if self.index.device != device:
             self.index, self.exact, self.mapped = self.index.to(device), self.exact.to(device), self.mapped.to(device)
-        probs = torch.softmax(upcast(teacher_logits) / temperature, dim=-1)
+        return torch.softmax(upcast(teacher_logits) / temperature, dim=-1)
+
+    def scaled_log_probs(self, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+        r"""`project(...).scaled_log_probs` alone, $\tau \log \tilde p$ `[..., V_s]` (what the loss reads)."""
+        return self._scaled_log_probs(self.probs(teacher_logits, temperature), temperature)[0]
+
+    def _scaled_log_probs(self, probs: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
         mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
-        return MappedTeacher(
-            scaled_log_probs=temperature * log_probs,
-            unmapped_mass=probs[..., ~self.mapped].sum(dim=-1),
-            inexact_mass=probs[..., self.mapped & ~self.exact].sum(dim=-1),
-            has_mass=total[..., 0] > 0,
-        )
+        return temperature * log_probs, total
+
+    def masses(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Of a tempered distribution `[..., V_k]`: its mass on unmapped tokens and on prefix-mapped ones `[...]`."""
+        return probs[..., ~self.mapped].sum(dim=-1), probs[..., self.mapped & ~self.exact].sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class MappedLogits(RowsOnDemand):
+    r"""
+    A cross-tokenizer teacher's distribution on the student's vocabulary, as the logits $\tau \log \tilde p$ of
+    `VocabularyMap.project`, made a chunk of rows at a time from the teacher's own logits at the student's positions
+    when the loss reads them: the `[B, T, V_s]` tensor never exists. Where the teacher is not aligned a row is 0 (a
+    uniform distribution, which the teacher's mask gives no weight).
+
+    `own` is the teacher's own logits `[B, T, V_k]` at the student's positions (its `[B, T_k, V_k]` logits gathered
+    at the position map), or, logit-free, its `HeadLogits` at the student's valid positions: its final hidden states
+    there and its output head, so that not even the teacher's own `[N, V_k]` logits exist.
+    """
+
+    own: Tensor | HeadLogits
+    vocabulary_map: VocabularyMap
+    temperature: float
+    aligned: Tensor
+    """`[B, T]` bool, the student positions that have an aligned teacher position."""
+    index: Tensor | None = None
+    """The flat positions (into B x T) of the rows, in order, when `packed` (None: every flat position)."""
+
+    @property
+    def packed(self) -> bool:
+        return self.index is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        width = self.vocabulary_map.student_vocab_size
+        return (1, self.index.numel(), width) if self.packed else (*self.aligned.shape, width)
+
+    def own_rows(self, rows: slice | Tensor) -> Tensor:
+        """The teacher's own logits `[n, V_k]` of the rows `rows`, float32 (or wider)."""
+        if isinstance(self.own, HeadLogits):
+            return self.own.dense(rows)
+        flat = self.own.reshape(-1, self.own.shape[-1])
+        return upcast(flat[rows] if self.index is None else flat[self.index[rows]])
+
+    def positions(self, rows: slice | Tensor) -> Tensor:
+        """The flat positions (into B x T) of the rows `rows`."""
+        if self.index is not None:
+            return self.index[rows]
+        return torch.arange(self.aligned.numel(), device=self.aligned.device)[rows]
+
+    def dense(self, rows: slice | Tensor) -> Tensor:
+        aligned = self.aligned.flatten()[self.positions(rows)]
+        scaled = self.vocabulary_map.scaled_log_probs(self.own_rows(rows), self.temperature)
+        return scaled.where(aligned[:, None], 0.0)
+
+    def detach(self) -> MappedLogits:
+        return replace(self, own=self.own.detach())
+
+    def at_valid(self, mask: Tensor) -> MappedLogits:
+        index = mask.flatten().nonzero().squeeze(1)
+        if self.index is None:
+            return replace(self, index=index)
+        if not torch.equal(self.index, index):
+            raise ValueError("Mapped teacher logits given at other positions than the labels' valid ones.")
+        return self
+
+    def masses(self, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        `[B, T]`: the teacher's probability on unmapped and on prefix-mapped tokens, and whether it has mass on
+        mapped ones (`MappedTeacher`), at the aligned positions among its rows (0, 0 and False elsewhere), read
+        `chunk_size` rows at a time (None: `hf_mtkd.chunked.auto_chunk_size` of the teacher's vocabulary).
+        """
+        vocabulary_map = self.vocabulary_map
+        flat = self.aligned.flatten()
+        rows = flat[self.positions(slice(None))].nonzero().squeeze(1)  # the rows at aligned positions
+        dtype = upcast(self.own_rows(rows[:0])).dtype
+        unmapped, inexact = (flat.new_zeros(flat.shape, dtype=dtype) for _ in range(2))
+        has_mass = torch.zeros_like(flat)
+        size = chunk_size or auto_chunk_size(vocabulary_map.index.numel())
+        for start in range(0, rows.numel(), size):
+            chunk = rows[start : start + size]
+            at = self.positions(chunk)
+            probs = vocabulary_map.probs(self.own_rows(chunk), self.temperature)
+            unmapped[at], inexact[at] = vocabulary_map.masses(probs)
+            has_mass[at] = probs[:, vocabulary_map.mapped].sum(dim=-1) > 0
+        shape = self.aligned.shape
+        return unmapped.view(shape), inexact.view(shape), has_mass.view(shape)
 
 
 # ---- position alignment ----
@@ -584,10 +682,10 @@ def resolve_teacher_tokenizers(
 class AlignedTeacher:
     """A cross-tokenizer teacher's outputs at the student's positions and on the student's vocabulary."""
 
-    scaled_log_probs: Tensor
-    """`[B, T, V_s]` the mapped distribution as logits at temperature tau (see `MappedTeacher`)."""
-    own_logits: Tensor
-    """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss)."""
+    mapped: MappedLogits
+    """Its distribution mapped onto the student's vocabulary, as logits at temperature tau made chunk by chunk."""
+    own_logits: Tensor | None
+    """`[B, T, V_k]` the teacher's own logits at the aligned positions (for the ULD loss); None when logit-free."""
     hidden_states: tuple[Tensor, ...] | None
     """Each `[B, T, D_k]`, at the aligned positions, when asked."""
     available: Tensor
@@ -606,28 +704,38 @@ def teacher_on_student_positions(
     *,
     temperature: float,
     output_hidden_states: bool,
+    run_head: Callable[..., Any] | None = None,
+    mask: Tensor | None = None,
 ) -> AlignedTeacher:
-    """Run a teacher on its own tokens and gather its predictions at the student's positions (`position_map`)."""
-    logits, hidden = teacher_forward(teacher, name, inputs, output_hidden_states=output_hidden_states)
+    """
+    Run a teacher on its own tokens and gather its predictions at the student's positions (`position_map`). With
+    `run_head` (`hf_mtkd.heads.LogitFreePlan.run_teacher` for it) and the student's valid positions `mask`, it runs
+    logit-free where it can: its final hidden states at those positions and its head instead of its logits.
+    """
+    forward = functools.partial(teacher_forward, teacher, name, inputs, output_hidden_states=output_hidden_states)
     position_map = inputs["position_map"]
-    available = position_map >= 0
+    aligned = position_map >= 0
     rows = torch.arange(position_map.shape[0], device=position_map.device)[:, None]
     index = position_map.clamp(min=0)
-    own = logits[rows, index]
-    mapped = vocabulary_map.project(own[available], temperature)  # only where aligned: e.g. no prompt position
-
-    def scatter(values: Tensor, fill: float | bool) -> Tensor:
-        full = values.new_full((*available.shape, *values.shape[1:]), fill)
-        full[available] = values
-        return full
-
+    head = None
+    if run_head is None:
+        logits, hidden = forward()
+    else:
+        (logits, hidden), head = run_head(forward, position_map=position_map)
+    if head is None:
+        own = logits[rows, index]
+        mapped = MappedLogits(own, vocabulary_map, temperature, aligned)
+    else:
+        own = None
+        mapped = MappedLogits(head, vocabulary_map, temperature, aligned, index=mask.flatten().nonzero().squeeze(1))
+    unmapped, inexact, has_mass = mapped.masses()
     return AlignedTeacher(
-        scaled_log_probs=scatter(mapped.scaled_log_probs, 0.0),
+        mapped=mapped,
         own_logits=own,
         hidden_states=None if hidden is None else tuple(h[rows, index] for h in hidden),
-        available=scatter(mapped.has_mass, False),
-        unmapped_mass=scatter(mapped.unmapped_mass, 0.0),
-        inexact_mass=scatter(mapped.inexact_mass, 0.0),
+        available=aligned & has_mass,
+        unmapped_mass=unmapped,
+        inexact_mass=inexact,
     )
 
 

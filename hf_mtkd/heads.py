@@ -8,6 +8,11 @@ tensor of positions, so that its head projects no position; a forward hook on it
 the final hidden states (after the final norm) on the way. The first call keeps one position instead and checks
 that the model's logits there are its head applied to those hidden states, which catches a head that scales,
 caps or otherwise transforms its output without a configuration attribute that says so.
+
+Under DeepSpeed ZeRO-3 a head's parameters are partitioned across the processes (each holds a shard, and the
+parameter itself is empty outside its module's forward): `whole_head` takes them whole out of a call of the head
+itself, so that DeepSpeed gathers them for the loss's forward and again, in the backward, before their gradient
+accumulates (which it then reduce-scatters as for any parameter).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .logit_free import HeadLogits
@@ -68,13 +72,33 @@ def logit_free_reason(model: nn.Module) -> str | None:
     if type(head) is not nn.Linear:
         kind = "none" if head is None else f"{type(head).__module__}.{type(head).__name__}"
         return f"its output head is not a plain torch.nn.Linear ({kind})"
-    if hasattr(head.weight, "ds_id"):
-        return "DeepSpeed ZeRO-3 partitions its output head (gathering it is not supported yet)"
     if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
         return "its forward takes no `logits_to_keep`"
     if not hasattr(inner, "get_decoder") or inner.get_decoder() is inner:
         return "it has no decoder module apart from its head"
     return None
+
+
+def whole_head(head: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """
+    The weight and bias of `head`, whole. A head partitioned by DeepSpeed ZeRO-3 (`ds_id`) is called on no positions,
+    so that DeepSpeed's hooks on it gather its parameters; a forward hook, run before DeepSpeed's own hooks that
+    release the parameters and mark the call's outputs, hands views of them out of the call as its outputs. They keep
+    the gathered tensors alive while the loss reads them, and their gradient passes through DeepSpeed's pre-backward
+    hook on the head, which gathers the parameters again before it accumulates (as for the head's own forward).
+    """
+    if not hasattr(head.weight, "ds_id"):
+        return head.weight, head.bias
+
+    def whole(module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
+        return tuple(p.view_as(p) for p in (module.weight, module.bias) if p is not None)
+
+    handle = head.register_forward_hook(whole, prepend=True)
+    try:
+        parameters = head(head.weight.new_empty(0, head.in_features))
+    finally:
+        handle.remove()
+    return parameters[0], parameters[1] if len(parameters) > 1 else None
 
 
 class HeadRunner:
@@ -97,12 +121,14 @@ class HeadRunner:
         *,
         vocab_size: int | None = None,
         shared: int | None = None,
+        position_map: Tensor | None = None,
     ) -> tuple[Any, HeadLogits] | tuple[Any, str]:
         """
         `forward(logits_to_keep=...)`'s outputs and the `HeadLogits` of the valid positions `mask` `[B, T]`: the
         head cut to its first `shared` rows and `vocab_size` wide (a teacher on the student's vocabulary,
-        `hf_mtkd.teachers.on_student_vocabulary`). At the first call, when the logits are not the head's, the
-        outputs and the reason instead.
+        `hf_mtkd.teachers.on_student_vocabulary`). A model on its own tokens (a cross-tokenizer teacher) gives its
+        hidden states at the student's positions, its positions `position_map` `[B, T]` (-1: none, read as 0). At the
+        first call, when the logits are not the head's, the outputs and the reason instead.
         """
         captured: list[Tensor] = []
 
@@ -115,11 +141,17 @@ class HeadRunner:
             outputs = forward(logits_to_keep=positions)
         finally:
             handle.remove()
-        if len(captured) != 1 or captured[0].shape[:2] != mask.shape:
+        length = mask.shape[1] if position_map is None else None  # its own length is its own
+        if (
+            len(captured) != 1
+            or captured[0].dim() != 3
+            or captured[0].shape[0] != mask.shape[0]
+            or (length is not None and captured[0].shape[1] != length)
+        ):
             found = [tuple(h.shape) for h in captured]
             return outputs, f"its decoder's output {found} is not one [batch, length, hidden] tensor per forward"
         hidden = captured[0]
-        weight, bias = self.head.weight, self.head.bias
+        weight, bias = whole_head(self.head)
         if not self.checked:
             logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
             with torch.no_grad():
@@ -130,13 +162,17 @@ class HeadRunner:
             self.checked = True
         if shared is not None:
             weight, bias = weight[:shared], None if bias is None else bias[:shared]
+        if position_map is not None:
+            rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+            hidden = hidden[rows, position_map.clamp(min=0)]
         return outputs, HeadLogits(hidden[mask], weight, bias, vocab_size)
 
 
 class LogitFreePlan:
     """
     Which models of a trainer run logit-free (`logit_free` = `auto`, `always` or `never`): the student, and each
-    live teacher on the student's vocabulary beside a logit-free student. Where it does not apply, the reason is
+    live teacher beside a logit-free student (a cross-tokenizer teacher's head on its own vocabulary, mapped onto
+    the student's chunk by chunk, `hf_mtkd.cross_tokenizer.MappedLogits`). Where it does not apply, the reason is
     logged once (`auto`) or refused in one line (`always`), and that model gives its `[B, T, V]` logits as today; a
     student that cannot gives logits for every teacher too.
     """
@@ -150,7 +186,7 @@ class LogitFreePlan:
         *,
         student_reason: str | None = None,
     ) -> None:
-        """`teachers`: each live teacher on the student's vocabulary, None for the others (cached, cross-tokenizer)."""
+        """`teachers`: each live teacher (on the student's tokenizer or its own), None for the others (cached)."""
         self.mode = mode
         self.student: HeadRunner | None = None
         self.teachers: list[HeadRunner | None] = [None] * len(teachers)
@@ -158,8 +194,6 @@ class LogitFreePlan:
         if mode == "never":
             return
         reason = student_reason or logit_free_reason(student)
-        if reason is None and is_deepspeed_zero3_enabled():
-            reason = "DeepSpeed ZeRO-3 partitions the output heads (gathering them is not supported yet)"
         if reason is not None:
             self._fall_back("the student", reason)
             return
@@ -167,7 +201,7 @@ class LogitFreePlan:
         self.plan_teachers(teachers)
 
     def plan_teachers(self, teachers: list[nn.Module | None]) -> None:
-        """Which of `teachers` (None: not on the student's vocabulary) run logit-free, e.g. after they are replaced."""
+        """Which of `teachers` (None: not a live model) run logit-free, e.g. after they are replaced."""
         self.teachers = [None] * len(teachers)
         if self.student is None:
             return
@@ -208,12 +242,22 @@ class LogitFreePlan:
         return outputs, outputs.logits
 
     def run_teacher(
-        self, k: int, forward: Callable[..., Any], mask: Tensor, *, vocab_size: int, shared: int | None
+        self,
+        k: int,
+        forward: Callable[..., Any],
+        mask: Tensor,
+        *,
+        vocab_size: int | None = None,
+        shared: int | None = None,
+        position_map: Tensor | None = None,
     ) -> tuple[Any, HeadLogits | None]:
-        """Teacher k's outputs and, when it runs logit-free, its `HeadLogits` on the student's vocabulary."""
+        """
+        Teacher k's outputs and, when it runs logit-free, its `HeadLogits` at the valid positions: on the student's
+        vocabulary, or (`position_map`, a cross-tokenizer teacher) on its own, at its positions aligned to them.
+        """
         runner = self.teachers[k]
         if runner is not None:
-            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared)
+            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared, position_map=position_map)
             if not isinstance(result, str):
                 return outputs, result
             self._fall_back(f"teacher {self.names[k]!r}", result)

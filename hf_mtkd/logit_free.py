@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .chunked import Chunk, StudentLogits, next_token_mask
 from .dtypes import upcast
-from .storage import TeacherLogits, TopKLogProbs
+from .storage import RowsOnDemand, TeacherLogits, TopKLogProbs
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,15 @@ class HeadLogits:
 
 
 def any_head_logits(logits: Sequence[TeacherLogits | HeadLogits]) -> bool:
-    return any(isinstance(x, HeadLogits) for x in logits)
+    """Whether some of `logits` are given at the valid positions only (`HeadLogits`, packed `RowsOnDemand`)."""
+    return any(isinstance(x, HeadLogits) or (isinstance(x, RowsOnDemand) and x.packed) for x in logits)
 
 
 def at_valid_positions(teacher: TeacherLogits | HeadLogits, mask: Tensor) -> TeacherLogits | HeadLogits:
     """
     A teacher beside logit-free inputs, at the valid positions `mask` `[B, T]` only: `HeadLogits` as they are, a
-    `TopKLogProbs` as `[1, N, k]`, `[B, T, V]` logits as `[1, N, V]` (a copy).
+    `TopKLogProbs` as `[1, N, k]`, `RowsOnDemand` by their own `at_valid`, `[B, T, V]` logits as `[1, N, V]` (a
+    copy).
     """
     if isinstance(teacher, HeadLogits):
         if teacher.hidden.shape[0] != int(mask.sum()):
@@ -122,6 +124,8 @@ def at_valid_positions(teacher: TeacherLogits | HeadLogits, mask: Tensor) -> Tea
                 f"{int(mask.sum())} valid ones: take the hidden states at the valid positions (`HeadLogits.at_valid`)."
             )
         return teacher
+    if isinstance(teacher, RowsOnDemand):
+        return teacher.at_valid(mask)
     if isinstance(teacher, TopKLogProbs):
         return TopKLogProbs(
             teacher.indices[mask][None],

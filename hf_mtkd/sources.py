@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, default_data_collator
 
 from .chat_data import ExampleRenderer, trainer_renderer
+from .chunked import next_token_mask
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
     TEACHER_INPUTS_KEY,
@@ -182,7 +183,7 @@ class TeacherSource:
 
     @property
     def logit_free_models(self) -> list[nn.Module | None]:
-        """Each teacher that reads the student's tokens from a model of its own, so may run logit-free; None if not."""
+        """Each teacher run from a model of its own (on the student's tokens or its own), so may run logit-free."""
         return [None] * len(self.names)
 
     def __call__(
@@ -286,7 +287,7 @@ class CrossTokenizerTeacher:
         hidden: bool,
         run_head: Callable[..., Any] | None = None,
     ) -> TeacherOutput:
-        """Its outputs on the student's positions (`run_head` is None: cross-tokenizer teachers give logits)."""
+        """Its outputs on the student's positions; with `run_head`, its `HeadLogits` inside the mapped logits."""
         if own_inputs is None:
             raise ValueError(
                 f"Teacher {self.name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
@@ -299,8 +300,10 @@ class CrossTokenizerTeacher:
             self.vocabulary_map,
             temperature=temperature,
             output_hidden_states=hidden,
+            run_head=run_head,
+            mask=None if run_head is None else next_token_mask(inputs["labels"]),
         )
-        return TeacherOutput(view.scaled_log_probs, view.hidden_states, view.available, view.own_logits, view)
+        return TeacherOutput(view.mapped, view.hidden_states, view.available, view.own_logits, view)
 
     def add_metrics(self, sums: dict[str, Tensor], output: TeacherOutput, mask: Tensor) -> None:
         """Aligned positions and, over them, the unmapped and prefix-mapped probability mass."""
@@ -422,7 +425,7 @@ class LiveTeachers(TeacherSource):
 
     @property
     def logit_free_models(self) -> list[nn.Module | None]:
-        return [t.model if isinstance(t, SharedVocabularyTeacher) else None for t in self.teachers]
+        return [t.model for t in self.teachers]
 
     def __call__(
         self,

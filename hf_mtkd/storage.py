@@ -2,9 +2,12 @@ r"""
 Storage formats of a teacher's next-token distribution, and how the loss reads them chunk by chunk of positions.
 
 * **dense**: `[B, T, V]` logits on the student's vocabulary, as a causal LM returns them (a live teacher on the
-  student's tokenizer); a cross-tokenizer teacher's distribution mapped onto the student's vocabulary is dense too,
-  as the logits $\tau \log \tilde p$ at temperature τ (`hf_mtkd.cross_tokenizer.MappedTeacher.scaled_log_probs`);
-* **top-k** (`TopKLogProbs`, the teacher-logits cache): the k largest log-probabilities and the tail mass, below.
+  student's tokenizer);
+* **top-k** (`TopKLogProbs`, the teacher-logits cache): the k largest log-probabilities and the tail mass, below;
+* **made on demand** (`RowsOnDemand`): logits that exist only a chunk of rows at a time, when the loss reads them:
+  a cross-tokenizer teacher's distribution mapped onto the student's vocabulary, as the logits
+  $\tau \log \tilde p$ at temperature τ, made from its own logits (or its hidden states and head) chunk by chunk
+  (`hf_mtkd.cross_tokenizer.MappedLogits`).
 
 **The top-k form.** For a position with teacher logits $z$ over V tokens, let $S$ be the k most likely tokens and
 $m = \sum_{v \notin S} \mathrm{softmax}(z)_v$ the mass of the others (the *tail*). `TopKLogProbs` stores
@@ -159,8 +162,39 @@ class SparseRows:
 TopKLogits = TopKLogProbs
 """The former name of `TopKLogProbs` (it holds log-probabilities, not logits), kept for existing imports."""
 
-TeacherLogits = Tensor | TopKLogProbs
-"""What the losses accept for one teacher: `[B, T, V]` logits, or their top-k form."""
+
+class RowsOnDemand:
+    """
+    A teacher's logits on the student's vocabulary that are made a chunk of rows at a time when the loss reads them
+    (`dense`), never held whole: `[B, T, V]`, or `[1, N, V]` at the N valid positions (`packed`, beside a logit-free
+    student).
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """`(B, T, V)`, or `(1, N, V)` when `packed`."""
+        raise NotImplementedError
+
+    @property
+    def packed(self) -> bool:
+        """Whether its rows are the valid positions only."""
+        raise NotImplementedError
+
+    def dense(self, rows: slice) -> Tensor:
+        """The logits `[n, V]` of the rows `rows` (flat positions, or valid positions when `packed`), float32/64."""
+        raise NotImplementedError
+
+    def detach(self) -> RowsOnDemand:
+        """The same rows without a graph."""
+        raise NotImplementedError
+
+    def at_valid(self, mask: Tensor) -> RowsOnDemand:
+        """The same logits at the valid positions `mask` `[B, T]` only (`packed`)."""
+        raise NotImplementedError
+
+
+TeacherLogits = Tensor | TopKLogProbs | RowsOnDemand
+"""What the losses accept for one teacher: `[B, T, V]` logits, their top-k form, or logits made on demand."""
 
 
 def take_rows(tensor: Tensor, rows: slice | Tensor) -> Tensor:

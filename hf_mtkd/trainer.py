@@ -193,8 +193,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             model,
             self.teacher_source.logit_free_models,
             self.teacher_names,
-            student_reason="cross-tokenizer teachers need its [batch, length, vocab] logits"
-            if self.cross_tokenizer
+            student_reason="the `uld` divergence reads its [batch, length, vocab] logits"
+            if self.settings.divergence == "uld"
             else None,
         )
         """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""

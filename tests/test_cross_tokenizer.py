@@ -9,14 +9,18 @@ from trainer_helpers import tiny_config
 from transformers import PreTrainedTokenizerFast
 
 from hf_mtkd import MultiTeacherDistillationTrainer
+from hf_mtkd.chunked import next_token_mask
 from hf_mtkd.cross_tokenizer import (
+    MappedLogits,
     MultiTokenizerCollator,
     VocabularyMap,
     align_positions,
     boundary_keys,
     token_bytes,
 )
-from hf_mtkd.losses import multi_teacher_kd
+from hf_mtkd.logit_free import HeadLogits
+from hf_mtkd.losses import DistillationLoss, multi_teacher_kd
+from hf_mtkd.settings import DistillationSettings
 from hf_mtkd.testing import tiny_causal_lm
 
 HARD_TEXTS = [
@@ -155,6 +159,79 @@ def test_projection_matches_dense_reference(tokenizers):
     torch.testing.assert_close(torch.softmax(out.scaled_log_probs / tau, dim=-1), dense / dense.sum(-1, keepdim=True))
     torch.testing.assert_close(out.unmapped_mass, p[..., ~vocabulary_map.mapped].sum(-1))
     assert (out.unmapped_mass > 0).all() and (out.inexact_mass > 0).all()
+
+
+@pytest.mark.parametrize(("weighting", "divergence"), [("entropy", "forward_kl"), ("entropy+posterior", "jsd")])
+@pytest.mark.parametrize("form", ["own logits", "hidden and head", "own logits, student logits"])
+@pytest.mark.parametrize("num_teachers", [1, 2])
+def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weighting, divergence, form, num_teachers):
+    """
+    A cross-tokenizer teacher mapped a chunk of rows at a time (`MappedLogits`), beside a logit-free student (or one
+    on logits) and, when K = 2, a teacher on the student's vocabulary, gives the loss and gradients of the
+    `[B, T, V_s]` path, in float64: the teacher's logits gathered at the aligned positions, projected whole,
+    unaligned positions 0.
+    """
+    student_vocab = len(tokenizers["student"])
+    vocabulary_map = VocabularyMap.build(tokenizers["unigram"], tokenizers["student"], teacher_vocab_size=80)
+    g = torch.Generator().manual_seed(0)
+    b, t, t_own, d_s, d_k, tau = 3, 9, 7, 6, 8, 1.5
+    labels = torch.randint(0, student_vocab, (b, t), generator=g)
+    labels[0, 6:], labels[1, :3] = -100, -100  # right padding, a prompt
+    position_map = torch.randint(0, t_own, (b, t), generator=g)
+    position_map[:, ::4] = -1  # student positions without a twin
+    position_map[0, 1] = 2
+    aligned = position_map >= 0
+    rows, index = torch.arange(b)[:, None], position_map.clamp(min=0)
+    own_hidden = torch.randn(b, t_own, d_k, generator=g, dtype=torch.float64)
+    own_head = torch.randn(80, d_k, generator=g, dtype=torch.float64) * 2
+    # one aligned teacher position puts all its mass (to float64's last bit) on tokens the map leaves out: the
+    # teacher is unavailable there
+    vocabulary_map.index[70:] = -1
+    vocabulary_map.mapped = vocabulary_map.index >= 0
+    own_hidden[..., -1], own_head[:, -1] = 0.0, (vocabulary_map.index < 0).double()
+    own_hidden[0, 2, -1] = 2000.0  # teacher position 2 of row 0, aligned with student position 1 (above)
+    shared = torch.randn(b, t, student_vocab, generator=g, dtype=torch.float64) * 3
+    hidden = torch.randn(b, t, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(student_vocab, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    settings = DistillationSettings(
+        temperature=tau, alpha_ce=0.5, weighting=weighting, divergence=divergence, chunk_size=4
+    )
+    mask = next_token_mask(labels)
+
+    # the [B, T, V_s] path: the teacher's own logits at the aligned positions, projected at once
+    own = (own_hidden @ own_head.T)[rows, index]
+    projected = vocabulary_map.project(own[aligned], tau)
+    dense = torch.zeros(b, t, student_vocab, dtype=torch.float64)
+    dense[aligned] = projected.scaled_log_probs
+    available = torch.zeros(b, t, dtype=torch.bool)
+    available[aligned] = projected.has_mass
+    assert not available[0, 1] and mask[0, 1]
+    teacher_mask = torch.stack([available, torch.ones_like(available)][:num_teachers])
+    expected = DistillationLoss(settings)(hidden @ head.T, [dense, shared][:num_teachers], labels,
+                                          teacher_mask=teacher_mask)  # fmt: skip
+    expected_grads = torch.autograd.grad(expected.loss, [hidden, head])
+
+    # per chunk: the mapped rows made when the loss reads them
+    if form.startswith("own logits"):
+        mapped = MappedLogits(own, vocabulary_map, tau, aligned)
+    else:
+        head_logits = HeadLogits(own_hidden[rows, index][mask], own_head)
+        mapped = MappedLogits(head_logits, vocabulary_map, tau, aligned, index=mask.flatten().nonzero().squeeze(1))
+    unmapped, inexact, has_mass = mapped.masses(chunk_size=5)
+    read = mask if mapped.packed else torch.ones_like(mask)  # the positions whose masses it computed
+    assert torch.equal(aligned & has_mass, available & read)
+    torch.testing.assert_close(unmapped[aligned & read], projected.unmapped_mass[read[aligned]], rtol=0, atol=1e-14)
+    torch.testing.assert_close(inexact[aligned & read], projected.inexact_mass[read[aligned]], rtol=0, atol=1e-14)
+    student = hidden @ head.T if form.endswith("student logits") else HeadLogits.at_valid(hidden, labels, head)
+    result = DistillationLoss(settings)(student, [mapped, shared][:num_teachers],
+                                        labels, teacher_mask=teacher_mask)  # fmt: skip
+    grads = torch.autograd.grad(result.loss, [hidden, head])
+    assert float(result.loss.detach()) == pytest.approx(float(expected.loss.detach()), rel=1e-12, abs=1e-12)
+    for key in ("loss_kd", "loss_ce"):
+        assert float(result.terms[key]) == pytest.approx(float(expected.terms[key]), rel=1e-12, abs=1e-12), key
+    torch.testing.assert_close(result.kd.weights[:, mask], expected.kd.weights[:, mask], rtol=0, atol=1e-12)
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-12)
 
 
 # ---- the collator ----

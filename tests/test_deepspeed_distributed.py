@@ -176,6 +176,15 @@ def adam_tolerance(reference: dict) -> float:
     return LEARNING_RATE * gradient_error(reference) / ADAM_EPSILON * bound
 
 
+def assert_logit_free(report: dict, output: str) -> None:
+    """
+    The run read every model logit-free (the student and its three teachers: hidden states and heads, no [B, T, V]
+    logits) through training and evaluation, and logged no fallback.
+    """
+    assert report["logit_free"] == {"student": True, "teachers": [True] * 3}
+    assert "(not logit-free)" not in output
+
+
 def assert_same_weights(directory: Path, reference: Path, atol: float, steps: int = 3) -> None:
     """
     The weights saved in `directory` equal `reference`'s to `atol` (an optimizer's bound above), plus one float32
@@ -201,8 +210,8 @@ def runs(tmp_path_factory, teacher_dirs, tokenizer):
         "student": str(tmp / "student"), "teachers": teacher_dirs, "teacher_names": ["gpt2", "llama", "gpt_neox"],
         "learning_rate": LEARNING_RATE, **SGD,
     }  # fmt: skip
-    reference, _ = launch(tmp, "reference", distributed=False, per_device_train_batch_size=8, **base)
-    return {"tmp": tmp, "base": base, "reference": reference}
+    reference, output = launch(tmp, "reference", distributed=False, per_device_train_batch_size=8, **base)
+    return {"tmp": tmp, "base": base, "reference": reference, "reference_output": output}
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +242,10 @@ def test_zero3_partitions_teachers_and_matches_one_process(runs, zero3):
             assert teacher["materialized"] < teacher["total"] / 10
         assert rank["student"]["partitioned"] and rank["projector"]["partitioned"]
     assert "each teacher (gpt2, llama, gpt_neox) is partitioned across the 2 processes" in output
+    # the output heads, partitioned too, were gathered for the logit-free loss and their gradients reduce-scattered
+    # back (the trained heads below equal one process's)
+    assert_logit_free(report, output)
+    assert_logit_free(runs["reference"], runs["reference_output"])
     assert_same_training(report, runs["reference"])
     assert_same_weights(runs["tmp"] / "zero3" / "final", runs["tmp"] / "reference" / "final", sgd_tolerance(report))
 
@@ -263,6 +276,26 @@ def test_resume_from_zero3_checkpoint(runs, zero3):
     assert_same_weights(runs["tmp"] / "resumed" / "final", runs["tmp"] / "zero3" / "final", atol=1e-7)
 
 
+@pytest.mark.slow
+def test_zero3_tied_head_matches_one_process(runs, tokenizer):
+    """
+    A student whose head is its input embedding, logit-free under ZeRO-3: the one partitioned parameter gets the
+    head's gradient (from the loss) and the embedding's in one accumulation, as on one process.
+    """
+    model_type, kwargs = STUDENT_SHAPE
+    student = tiny_causal_lm(model_type, tokenizer, seed=1, **kwargs)
+    student.config.tie_word_embeddings = True
+    student.lm_head.weight = student.model.embed_tokens.weight
+    student.save_pretrained(runs["tmp"] / "tied_student")
+    base = {**runs["base"], "student": str(runs["tmp"] / "tied_student")}
+    reference, _ = launch(runs["tmp"], "tied_reference", distributed=False, per_device_train_batch_size=8, **base)
+    report, output = launch(runs["tmp"], "tied_zero3", deepspeed="zero3", **LAYOUT, **base)
+    assert_logit_free(report, output)
+    assert_same_training(report, reference)
+    tied = runs["tmp"] / "tied_zero3" / "final"
+    assert_same_weights(tied, runs["tmp"] / "tied_reference" / "final", sgd_tolerance(report))
+
+
 @pytest.mark.parametrize("kind", ["zero2", "ddp"])
 def test_zero2_and_ddp_replicate_teachers_and_match_one_process(runs, kind):
     deepspeed = {"deepspeed": "zero2"} if kind == "zero2" else {}
@@ -274,14 +307,18 @@ def test_zero2_and_ddp_replicate_teachers_and_match_one_process(runs, kind):
             assert not teacher["partitioned"] and teacher["materialized"] == teacher["total"]
     mode = "DeepSpeed ZeRO-2" if kind == "zero2" else "MULTI_CPU"
     assert f"{mode}: the teachers (" in output and "are replicated on each of the 2 processes" in output
+    assert_logit_free(report, output)
     assert_same_training(report, runs["reference"])
     assert_same_weights(runs["tmp"] / kind / "final", runs["tmp"] / "reference" / "final", sgd_tolerance(report))
 
 
 def test_zero3_offload_matches_one_process(runs, adamw_reference):
-    report, _ = launch(runs["tmp"], "zero3_offload", deepspeed="zero3_offload", **LAYOUT, **{**runs["base"], **ADAMW})
+    report, output = launch(
+        runs["tmp"], "zero3_offload", deepspeed="zero3_offload", **LAYOUT, **{**runs["base"], **ADAMW}
+    )
     for rank in report["ranks"]:
         assert all(teacher["partitioned"] for teacher in rank["teachers"])
+    assert_logit_free(report, output)
     # DeepSpeed's CPU AdamW (the config's optimizer, given the same ε) takes the same steps as torch's AdamW
     assert_same_training(report, adamw_reference)
     reference = runs["tmp"] / "reference_adamw" / "final"

@@ -13,7 +13,6 @@ from torch import nn
 from trainer_helpers import tiny_config
 
 from hf_mtkd import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer, cache_teacher_logits
-from hf_mtkd import heads as heads_module
 from hf_mtkd.testing import tiny_causal_lm
 
 TEACHERS = ("gpt2", "llama", "gpt_neox")
@@ -55,7 +54,7 @@ def head_widths(models):
     return seen
 
 
-def train(tmp_path, tokenizer, dataset, mode, *, student=None, teachers=None, **overrides):
+def train(tmp_path, tokenizer, dataset, mode, *, student=None, teachers=None, teacher_tokenizers=None, **overrides):
     student = student_model(tokenizer) if student is None else student
     teachers = teacher_models(tokenizer) if teachers is None else teachers
     trainer = MultiTeacherDistillationTrainer(
@@ -65,6 +64,7 @@ def train(tmp_path, tokenizer, dataset, mode, *, student=None, teachers=None, **
         train_dataset=dataset,
         eval_dataset=dataset.select(range(8)),
         processing_class=tokenizer,
+        teacher_tokenizers=teacher_tokenizers,
     )
     projected = head_widths([student, *teachers])
     trainer.train()
@@ -213,29 +213,50 @@ def test_logits_transformed_without_a_config_attribute_are_caught_at_the_first_b
     assert_same_training(free, dense)
 
 
-def test_cross_tokenizer_teachers_keep_the_student_on_logits(tmp_path, tokenizer, cross_tokenizers, corpus, caplog):
+@pytest.mark.parametrize("num_teachers", [1, 2])
+def test_cross_tokenizer_teachers_logit_free_equal_the_logits_path(tmp_path, cross_tokenizers, corpus, num_teachers):
+    """
+    A teacher on its own tokenizer (and, for K = 2, one on the student's) beside a logit-free student: the mapped
+    teacher is read a chunk at a time from its hidden states and head, and training and evaluation equal the
+    `[B, T, V]` path in float64.
+    """
+    student_tokenizer, own = cross_tokenizers["student"], cross_tokenizers["bpe300"]
+    data = Dataset.from_dict({"text": corpus[:16]})
+
+    def run(mode):
+        teachers = [tiny_causal_lm("llama", own, seed=3).double(), *teacher_models(student_tokenizer, 1)]
+        return train(
+            tmp_path, student_tokenizer, data, mode, student=student_model(student_tokenizer),
+            teachers=teachers[:num_teachers], teacher_tokenizers=[own, None][:num_teachers],
+        )  # fmt: skip
+
+    free, dense = run("always"), run("never")
+    assert free[0].cross_tokenizer and free[0].logit_free.student is not None and all(free[0].logit_free.teachers)
+    assert max(free[4]) == 1 and free[4].count(1) == 1 + num_teachers  # the first call checks one position
+    assert min(dense[4]) > 1
+    assert_same_training(free, dense)
+
+
+def test_the_uld_divergence_keeps_the_student_on_logits(tmp_path, cross_tokenizers, corpus, caplog):
     own = cross_tokenizers["bpe300"]
     with caplog.at_level(logging.WARNING):
         trainer = MultiTeacherDistillationTrainer(
             model=student_model(cross_tokenizers["student"]),
             teachers=[tiny_causal_lm("llama", own, seed=3)],
-            args=config(tmp_path, "auto", cross_tokenizer="always"),
+            args=config(tmp_path, "auto", cross_tokenizer="always", cross_tokenizer_loss="uld"),
             train_dataset=Dataset.from_dict({"text": corpus[:16]}),
             processing_class=cross_tokenizers["student"],
             teacher_tokenizers=[own],
         )
     assert trainer.logit_free.student is None
     (warning,) = fallback_warnings(caplog)
-    assert "cross-tokenizer teachers" in warning
+    assert "the `uld` divergence" in warning
 
 
-def test_zero3_and_never_leave_every_model_on_logits(tmp_path, tokenizer, dataset, caplog, monkeypatch):
-    assert construct(tmp_path, tokenizer, dataset, mode="never").logit_free.student is None
-    monkeypatch.setattr(heads_module, "is_deepspeed_zero3_enabled", lambda: True)
-    with caplog.at_level(logging.WARNING):
-        trainer = construct(tmp_path, tokenizer, dataset)
-    assert trainer.logit_free.student is None
-    assert "ZeRO-3" in fallback_warnings(caplog)[0]
+def test_never_leaves_every_model_on_logits(tmp_path, tokenizer, dataset):
+    # (ZeRO-3 runs logit-free: its partitioned heads are gathered, tests/test_deepspeed_distributed.py)
+    trainer = construct(tmp_path, tokenizer, dataset, mode="never")
+    assert trainer.logit_free.student is None and trainer.logit_free.teachers == [None] * 2
 
 
 def test_unknown_mode_is_refused(tmp_path):

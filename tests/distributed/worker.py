@@ -111,6 +111,11 @@ def main(spec_path: str) -> None:
         if spec["save_dir"]:
             trainer.save_model(spec["save_dir"])
     report["eval"] = trainer.evaluate()
+    # which models the loss read logit-free, after training and evaluation (a model that fell back is None)
+    report["logit_free"] = {
+        "student": trainer.logit_free.student is not None,
+        "teachers": [runner is not None for runner in trainer.logit_free.teachers],
+    }
     local = {
         "teachers": [holdings(t) for t in trainer.teachers],
         "student": holdings(trainer.model),
