@@ -22,6 +22,7 @@ as the prompt/completion data are.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,8 +47,9 @@ PROMPTS_KEY = "mtkd_prompts"
 STUDENT = "student"
 
 ON_POLICY_PREFIX = "on_policy/"
-"""The prefix of the on-policy metrics: `generated_tokens`, `share` and `teacher_weight/<name>`."""
+"""The prefix of the on-policy metrics: `generated_tokens`, `generation_seconds`, `share`, `teacher_weight/<name>`."""
 _TOKENS, _BATCHES, _GENERATED = "on_policy/num_tokens", "on_policy/num_batches", "on_policy/generated_tokens"
+_SECONDS = "on_policy/generation_seconds"
 
 
 def draw_on_policy(lmbda: float, seed: int, step: int, micro_batch: int) -> bool:
@@ -380,6 +382,7 @@ class OnPolicyGenerator:
         """With cross-tokenizer teachers, the collator that renders the generated examples for every model."""
         self.steps = 0
         """Optimizer steps completed since the metrics were last read (for `generated_tokens` per step)."""
+        self.world_size = args.world_size
 
     @property
     def every_batch(self) -> bool:
@@ -405,12 +408,15 @@ class OnPolicyGenerator:
 
     def complete(
         self, batches: list[dict[str, Any]], *, step: int, student: nn.Module, process_index: int = 0
-    ) -> tuple[list[dict[str, Any]], int]:
-        """The micro-batches of optimizer step `step`, those drawn generated; and the number of tokens generated."""
+    ) -> tuple[list[dict[str, Any]], int, float]:
+        """
+        The micro-batches of optimizer step `step`, those drawn generated; the number of tokens generated, and the
+        seconds generation took.
+        """
         self.steps += 1
         synced = is_deepspeed_zero3_enabled() and torch.distributed.is_initialized()
         synced = synced and torch.distributed.get_world_size() > 1
-        completed, generated = [], 0
+        completed, generated, seconds = [], 0, 0.0
         for index, batch in enumerate(batches):
             if draw_on_policy(self.lmbda, self.seed, step, index):
                 writer, model, vocabulary_size = STUDENT, student, None
@@ -422,6 +428,7 @@ class OnPolicyGenerator:
                 completed.append(batch)
                 continue
             prompts = prompt_tokens(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+            start = time.perf_counter()
             completions = generate_completions(
                 model,
                 prompts,
@@ -432,6 +439,7 @@ class OnPolicyGenerator:
                 vocabulary_size=vocabulary_size,
                 synced_gpus=synced,
             )
+            seconds += time.perf_counter() - start
             generated += sum(len(c) for c in completions)
             new = (
                 completion_batch(prompts, completions, self.pad_token_id)
@@ -441,7 +449,7 @@ class OnPolicyGenerator:
             new.update({key: batch[key] for key in (ROUTING_KEY, PROMPTS_KEY) if key in batch})
             new[GENERATED_BY_KEY] = writer
             completed.append(new)
-        return completed, generated
+        return completed, generated, seconds
 
     def _rendered(self, batch: Mapping[str, Any], completions: Sequence[Tensor]) -> dict[str, Any]:
         """A generated batch collated from text for every model (cross-tokenizer teachers)."""
@@ -474,19 +482,22 @@ class OnPolicyGenerator:
         for k, name in enumerate(self.names):
             sums[f"{ON_POLICY_PREFIX}teacher_weight/{name}"] = weights[k] * mine
 
-    def add_generated(self, sums: dict[str, Tensor], generated: int, device: torch.device) -> None:
-        """Count `generated` tokens written for the micro-batches of one optimizer step."""
-        value = torch.tensor(float(generated), device=device)
-        sums[_GENERATED] = sums[_GENERATED] + value if _GENERATED in sums else value
+    def add_generated(self, sums: dict[str, Tensor], generated: int, seconds: float, device: torch.device) -> None:
+        """Count `generated` tokens written for the micro-batches of one optimizer step, in `seconds`."""
+        for key, amount in ((_GENERATED, generated), (_SECONDS, seconds)):
+            value = torch.tensor(float(amount), device=device)
+            sums[key] = sums[key] + value if key in sums else value
 
     def means(self, values: dict[str, float], batches: int) -> dict[str, float]:
         """The on-policy metrics out of the summed `values` (taken out of them); `batches` micro-batches in all."""
         if _TOKENS not in values:
             return {}
         tokens, mine = values.pop(_TOKENS), values.pop(_BATCHES)
+        steps = max(self.steps, 1)
         means = {
             f"{ON_POLICY_PREFIX}share": mine / max(batches, 1),
-            _GENERATED: values.pop(_GENERATED, 0.0) / max(self.steps, 1),
+            _GENERATED: values.pop(_GENERATED, 0.0) / steps,  # summed over the processes
+            _SECONDS: values.pop(_SECONDS, 0.0) / steps / self.world_size,  # each process's own time
         }
         for key in [key for key in values if key.startswith(ON_POLICY_PREFIX)]:
             value = values.pop(key)

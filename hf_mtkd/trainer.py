@@ -539,13 +539,13 @@ class MultiTeacherDistillationTrainer(Trainer):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.on_policy is None or not batches:
             return batches, num_items_in_batch
-        batches, generated = self.on_policy.complete(
+        batches, generated, seconds = self.on_policy.complete(
             batches,
             step=self.state.global_step,
             student=self.accelerator.unwrap_model(self.model),
             process_index=self.args.process_index,
         )
-        self.on_policy.add_generated(self._metrics["train"], generated, device)
+        self.on_policy.add_generated(self._metrics["train"], generated, seconds, device)
         return batches, self._get_num_items_in_batch(batches, device)
 
     # ---- metrics ----

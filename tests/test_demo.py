@@ -174,6 +174,7 @@ def test_on_policy_comparison(tmp_path):
     share = on["summary"]["on_policy_share"]["mean"]
     assert 0 < share < 1  # about half the batches of 10 steps (the draw is seeded)
     assert on["summary"]["generated_per_step"]["mean"] > 0
+    assert 0 < on["summary"]["generation_seconds_per_step"]["mean"] < on["summary"]["train_seconds"]["mean"]
     weights = [on["summary"][f"on_policy_weight/{d}"]["mean"] for d in DOMAINS]  # on the student's own text
     assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     for entry in results["methods"].values():
@@ -182,6 +183,7 @@ def test_on_policy_comparison(tmp_path):
     assert key in results["comparisons"]
     report = (tmp_path / "results.md").read_text()
     assert "generated tokens per step" in report and key in report
+    assert "| weight of shakespeare on the student's text |" in report
 
 
 def test_cli_has_the_demo(capsys):

@@ -98,6 +98,7 @@ def test_the_logged_share_is_the_draw(tmp_path, tok, rows):
     for h, step in zip(logged, expected, strict=True):
         assert ("on_policy/teacher_weight/gpt2" in h) == any(step)
         assert h["on_policy/generated_tokens"] <= 4 * 5 * sum(step)
+        assert (h["on_policy/generation_seconds"] > 0) == any(step)  # the wall-clock time of generation
 
 
 # ---- prompts, generation and labels ----

@@ -26,7 +26,13 @@ def add_summaries(results: dict[str, Any]) -> None:
         entry["summary"] = summary
 
 
-RUN_STATISTICS = ("tokens_per_second", "train_seconds", "on_policy_share", "generated_per_step")
+RUN_STATISTICS = (
+    "tokens_per_second",
+    "train_seconds",
+    "on_policy_share",
+    "generated_per_step",
+    "generation_seconds_per_step",
+)
 """What a run records beside its test metrics (`hf_mtkd.demo.run.run_statistics`), and `on_policy_weight/<teacher>`."""
 
 
@@ -133,17 +139,27 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def on_policy_table(results: dict[str, Any]) -> str | None:
-    """Per method: the share of on-policy batches, the tokens generated per step and the training time."""
+    """
+    Per method: the share of on-policy batches, the tokens generated and the seconds spent generating per step, the
+    training time (generation included), and each teacher's mean weight on the student's own text (the training
+    batches the student wrote).
+    """
     rows = [
         (name, entry["summary"]) for name, entry in results["methods"].items() if "train_seconds" in entry["summary"]
     ]
     if not any("on_policy_share" in summary for _, summary in rows):
         return None
-    lines = ["| method | on-policy batches | generated tokens per step | training time (s) |", "|---|---|---|---|"]
+    teachers = list(results["teachers"])
+    header = ["method", "on-policy batches", "generated tokens per step", "generation s per step", "training time (s)"]
+    header += [f"weight of {t} on the student's text" for t in teachers]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in rows:
         share = _cell(s["on_policy_share"]) if "on_policy_share" in s else "0"
         generated = _cell(s["generated_per_step"], 0) if "generated_per_step" in s else "0"
-        lines.append(f"| {name} | {share} | {generated} | {_cell(s['train_seconds'], 0)} |")
+        seconds = _cell(s["generation_seconds_per_step"], 3) if "generation_seconds_per_step" in s else "0"
+        weights = [_cell(s[f"on_policy_weight/{t}"], 3) if f"on_policy_weight/{t}" in s else "" for t in teachers]
+        cells = [name, share, generated, seconds, _cell(s["train_seconds"], 0), *weights]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -132,13 +132,17 @@ def prompted(rows: Dataset, prompt_tokens: int) -> Dataset:
 def run_statistics(trainer: Trainer, seconds: float, scale: Scale) -> dict[str, float]:
     """
     The training throughput (tokens per second, at the nominal steps x batch x block tokens) and time; with on-policy
-    batches, also their share, the tokens the student generated per step and each teacher's mean weight on the
-    student's own text (`on_policy_weight/<teacher>`); means over the logged windows.
+    batches, also their share, the tokens the student generated and the seconds that took per step, and each
+    teacher's mean weight on the student's own text (`on_policy_weight/<teacher>`); means over the logged windows.
     """
     stats = {"tokens_per_second": scale.distill_steps * scale.batch_size * scale.block_size / seconds}
     stats["train_seconds"] = seconds
     logged_keys = dict.fromkeys(key for entry in trainer.state.log_history for key in entry)
-    names = {"on_policy/share": "on_policy_share", "on_policy/generated_tokens": "generated_per_step"}
+    names = {
+        "on_policy/share": "on_policy_share",
+        "on_policy/generated_tokens": "generated_per_step",
+        "on_policy/generation_seconds": "generation_seconds_per_step",
+    }
     prefix = "on_policy/teacher_weight/"
     names.update({key: "on_policy_weight/" + key[len(prefix) :] for key in logged_keys if key.startswith(prefix)})
     for key, name in names.items():
