@@ -396,6 +396,8 @@ def test_disable_dropout_sets_every_dropout_of_the_student_to_zero(tmp_path, tok
         ({"max_new_tokens": 0}, "`max_new_tokens` must be at least 1"),
         ({"generation_temperature": 0.0}, "`generation_temperature` must be > 0"),
         ({"generation_top_p": 0.0}, r"`generation_top_p` must be in \(0, 1\]"),
+        ({"generation_top_k": -1}, "`generation_top_k` must be >= 0"),
+        ({"seq_kd_teacher": "llama"}, "`seq_kd_teacher='llama'` has no effect without `seq_kd`: set seq_kd=True"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, config, message):
