@@ -226,7 +226,8 @@ class PromptCollator:
 class GeneratedRenderer:
     """
     Renders a generated example `{"prompt", "completion", "closed"}` for each model, the completion (the decoded
-    text, or one assistant message of it) carrying the loss; a completion cut before its EOS gets none appended.
+    text, or one assistant message of it) carrying the loss; a completion cut before its EOS gets none appended (a
+    message's text ends with its content, before the template's end of turn).
     """
 
     columns = ("prompt", "completion")
@@ -248,6 +249,10 @@ class GeneratedRenderer:
         else:
             example = {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}]}
             rendered = self.conversational.render(example, tokenizer, **render_kwargs)
+            if not closed and rendered.segments[-1] is not None:  # no end of turn the student did not write
+                end = rendered.segments[-1][1]
+                spans = tuple((a, min(b, end)) for a, b in rendered.loss_spans if a < end)
+                rendered = replace(rendered, text=rendered.text[:end], loss_spans=spans)
         return encode_rendered(replace(rendered, closed=closed), tokenizer, max_length)
 
 
