@@ -291,11 +291,6 @@ def check_on_policy(
             "The student's tokenizer has no EOS token, which ends every generated completion: set "
             "`tokenizer.eos_token` before on-policy distillation."
         )
-    if args.packing:
-        raise ValueError(
-            "`packing` cannot be combined with on-policy distillation (lmbda > 0 or seq_kd): generated batches hold "
-            "one prompt and its completion per row. Set packing=False."
-        )
     every_batch = args.lmbda == 1 or args.seq_kd
     data_format = dataset_format(train_dataset, prompts_alone=every_batch)
     columns = set(getattr(train_dataset, "column_names", None) or [])

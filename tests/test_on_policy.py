@@ -414,6 +414,7 @@ def test_disable_dropout_sets_every_dropout_of_the_student_to_zero(tmp_path, tok
         ({"generation_temperature": 0.0}, "`generation_temperature` must be > 0"),
         ({"generation_top_p": 0.0}, r"`generation_top_p` must be in \(0, 1\]"),
         ({"generation_top_k": -1}, "`generation_top_k` must be >= 0"),
+        ({"packing": True, "max_length": 32, "seq_kd": True}, "`packing` cannot be combined with on-policy"),
         ({"seq_kd_teacher": "llama"}, "`seq_kd_teacher='llama'` has no effect without `seq_kd`: set seq_kd=True"),
     ],
 )
