@@ -495,6 +495,16 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError(f"`generation_top_k` must be >= 0 (0: no top-k cut), got {self.generation_top_k}.")
         if not 0 < self.generation_top_p <= 1:
             raise ValueError(f"`generation_top_p` must be in (0, 1], got {self.generation_top_p}.")
+        if self.packing and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                "`packing` cannot be combined with on-policy distillation (lmbda > 0 or seq_kd): generated batches "
+                "hold one prompt and its completion per row. Set packing=False."
+            )
+        if self.seq_kd_teacher is not None and not self.seq_kd:
+            raise ValueError(
+                f"`seq_kd_teacher={self.seq_kd_teacher!r}` has no effect without `seq_kd`: set seq_kd=True for it "
+                "to write the completions, or drop it."
+            )
         self.feature_layers = _parse_feature_layers(self.feature_layers)
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

@@ -226,7 +226,8 @@ class PromptCollator:
 class GeneratedRenderer:
     """
     Renders a generated example `{"prompt", "completion", "closed"}` for each model, the completion (the decoded
-    text, or one assistant message of it) carrying the loss; a completion cut before its EOS gets none appended.
+    text, or one assistant message of it) carrying the loss; a completion cut before its EOS gets none appended (a
+    message's text ends with its content, before the template's end of turn).
     """
 
     columns = ("prompt", "completion")
@@ -248,6 +249,10 @@ class GeneratedRenderer:
         else:
             example = {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}]}
             rendered = self.conversational.render(example, tokenizer, **render_kwargs)
+            if not closed and rendered.segments[-1] is not None:  # no end of turn the student did not write
+                end = rendered.segments[-1][1]
+                spans = tuple((a, min(b, end)) for a, b in rendered.loss_spans if a < end)
+                rendered = replace(rendered, text=rendered.text[:end], loss_spans=spans)
         return encode_rendered(replace(rendered, closed=closed), tokenizer, max_length)
 
 
@@ -285,11 +290,6 @@ def check_on_policy(
         raise ValueError(
             "The student's tokenizer has no EOS token, which ends every generated completion: set "
             "`tokenizer.eos_token` before on-policy distillation."
-        )
-    if args.packing:
-        raise ValueError(
-            "`packing` cannot be combined with on-policy distillation (lmbda > 0 or seq_kd): generated batches hold "
-            "one prompt and its completion per row. Set packing=False."
         )
     every_batch = args.lmbda == 1 or args.seq_kd
     data_format = dataset_format(train_dataset, prompts_alone=every_batch)

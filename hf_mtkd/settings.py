@@ -117,10 +117,17 @@ class DistillationSettings:
     def from_config(cls, config: Any, *, cross_tokenizer: bool = False) -> DistillationSettings:
         """
         The settings of a `MultiTeacherDistillationConfig` (its fields named in `CONFIG_FIELDS`); its
-        `cross_tokenizer_loss` applies when some teacher runs in cross-tokenizer mode (`cross_tokenizer`).
+        `cross_tokenizer_loss` applies when some teacher runs in cross-tokenizer mode (`cross_tokenizer`); ULD then
+        replaces the fused divergence, so another `divergence` than the default is refused.
         """
         fields = {name: getattr(config, name) for name in CONFIG_FIELDS}
         if cross_tokenizer and config.cross_tokenizer_loss == "uld":
+            if fields["divergence"] not in (None, "forward_kl"):
+                raise ValueError(
+                    f"`divergence={fields['divergence']!r}` has no effect with `cross_tokenizer_loss='uld'`: ULD "
+                    "replaces the fused divergence when a teacher is on another tokenizer. Drop one of them "
+                    "(`cross_tokenizer_loss='kl'` keeps the divergence, teachers mapped to the student's vocabulary)."
+                )
             fields["divergence"] = "uld"
         return cls.from_fields(fields)
 

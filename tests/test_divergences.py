@@ -221,6 +221,16 @@ def test_config_refuses_what_does_not_fit(tmp_path, fields, message):
         config(tmp_path, **fields)
 
 
+def test_uld_with_another_divergence_is_refused(tmp_path):
+    """ULD replaces the fused divergence with cross-tokenizer teachers: a divergence chosen besides is refused."""
+    args = config(tmp_path, divergence="reverse_kl", cross_tokenizer_loss="uld")
+    assert DistillationSettings.from_config(args).divergence == "reverse_kl"  # no cross-tokenizer teacher: it applies
+    with pytest.raises(ValueError, match=r"`divergence='reverse_kl'` has no effect with `cross_tokenizer_loss='uld'`"):
+        DistillationSettings.from_config(args, cross_tokenizer=True)
+    plain = DistillationSettings.from_config(config(tmp_path, cross_tokenizer_loss="uld"), cross_tokenizer=True)
+    assert plain.divergence == "uld"
+
+
 def test_float32_mixture_log_stays_exact_where_every_teacher_underflows():
     """Two teachers both give a token e^-120 (0 in float32): the reverse KL reads log p = -120, not the floor."""
     student, teachers, labels = random_batch(8, num_teachers=2)

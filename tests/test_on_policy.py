@@ -338,6 +338,23 @@ def test_a_peft_student_generates_on_policy(tmp_path, tok, rows):
     assert all(batch[GENERATED_BY_KEY] == "student" for batch, _ in recorder.batches)
 
 
+@pytest.mark.parametrize("template", ["chatml", "mistral"])
+def test_a_cut_generated_answer_gets_no_end_of_turn(tok, conversations, template):
+    """Rendered anew for a teacher, an answer cut at max_new_tokens ends with its text; a closed one ends its turn."""
+    tokenizer = tok if template == "chatml" else chat_tokenizer(conversations, "mistral", 300, "wordpiece")
+    renderer = on_policy.GeneratedRenderer()
+    learned = {}
+    for closed in (True, False):
+        example = {"prompt": conversations[0][:1], "completion": "one plus one", "closed": closed}
+        encoded = renderer.encode(example, tokenizer)
+        ids = [i for i, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != -100]
+        learned[closed] = tokenizer.decode(ids)
+        prompt = tokenizer.apply_chat_template(conversations[0][:1], tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(encoded.input_ids).startswith(tokenizer.decode(tokenizer(prompt)["input_ids"]))
+    assert learned[False].strip() == "one plus one"
+    assert learned[True].startswith(learned[False]) and len(learned[True].strip()) > len("one plus one")
+
+
 @pytest.mark.parametrize(("conversational", "prompts_alone"), [(False, False), (True, False), (True, True)])
 def test_cross_tokenizer_teachers_score_the_generated_text(
     tmp_path, tok, conversations, conversational, prompts_alone
@@ -396,6 +413,9 @@ def test_disable_dropout_sets_every_dropout_of_the_student_to_zero(tmp_path, tok
         ({"max_new_tokens": 0}, "`max_new_tokens` must be at least 1"),
         ({"generation_temperature": 0.0}, "`generation_temperature` must be > 0"),
         ({"generation_top_p": 0.0}, r"`generation_top_p` must be in \(0, 1\]"),
+        ({"generation_top_k": -1}, "`generation_top_k` must be >= 0"),
+        ({"packing": True, "max_length": 32, "seq_kd": True}, "`packing` cannot be combined with on-policy"),
+        ({"seq_kd_teacher": "llama"}, "`seq_kd_teacher='llama'` has no effect without `seq_kd`: set seq_kd=True"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, config, message):
