@@ -66,6 +66,24 @@ def resolve_deepspeed_config(value: dict | str | None) -> dict | str | None:
 
 
 @contextmanager
+def process_group_scope() -> Iterator[None]:
+    """
+    End the default process group that is started within this context (by `TrainingArguments`, from a launcher's
+    environment) on the way out, returning or raising: `torch.distributed.destroy_process_group()`, the shutdown torch
+    asks of every program before it exits. A group started before the context is the caller's and is left alone.
+
+    This frees the group, and joins its gloo worker threads, only where nothing else still holds it; a gloo worker
+    thread that outlives the interpreter can abort the process at exit (see docs/scaling.md, "The gloo abort").
+    """
+    started_outside = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not started_outside and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@contextmanager
 def zero3_init_dtype(dtype: str) -> Iterator[None]:
     """
     Under ZeRO-3, `from_pretrained` creates models inside `deepspeed.zero.Init`, in the DeepSpeed config's dtype
