@@ -73,7 +73,8 @@ def process_group_scope() -> Iterator[None]:
     asks of every program before it exits. A group started before the context is the caller's and is left alone.
 
     This frees the group, and joins its gloo worker threads, only where nothing else still holds it; a gloo worker
-    thread that outlives the interpreter can abort the process at exit (see docs/scaling.md, "The gloo abort").
+    thread that outlives the interpreter can abort the process at exit (docs/scaling.md, "The gloo abort in the CPU
+    tests").
     """
     started_outside = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:

@@ -48,9 +48,9 @@ GRADIENT_RTOL = 1e-5
 def aborted_at_exit(output: str) -> bool:
     """
     Whether `output` shows the gloo abort at interpreter exit, a race in torch's gloo backend reproduced without this
-    package by tests/distributed/gloo_exit_abort.py (see docs/scaling.md, "The gloo abort"): the message, then
-    faulthandler's report of the abort, whose last thread (the main thread, the oldest) has no Python frame, as it has
-    only once the script has returned.
+    package by tests/distributed/gloo_exit_abort.py (docs/scaling.md, "The gloo abort in the CPU tests"): the
+    message, then faulthandler's report of the abort, whose last thread (the main thread, the oldest) has no Python
+    frame, as it has only once the script has returned.
     """
     report = output[output.find(ABORT) :] if ABORT in output else ""
     if "Fatal Python error: Aborted" not in report:

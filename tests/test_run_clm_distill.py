@@ -431,8 +431,8 @@ def test_cache_teachers_then_distill_from_the_cache(
 def test_main_destroys_the_process_group_it_started(tmp_path, monkeypatch, started_by):
     """
     Under a launcher, parsing the arguments (`TrainingArguments`) starts the process group; main destroys it on the
-    way out, here after an argument error (torch's shutdown; see docs/scaling.md, "The gloo abort"). A group the
-    caller started before main stays the caller's.
+    way out, here after an argument error (torch's shutdown; docs/scaling.md, "The gloo abort in the CPU tests"). A
+    group the caller started before main stays the caller's.
     """
     import torch.distributed as dist
 
