@@ -69,19 +69,29 @@ def resolve_deepspeed_config(value: dict | str | None) -> dict | str | None:
 def process_group_scope() -> Iterator[None]:
     """
     End the default process group that is started within this context (by `TrainingArguments`, from a launcher's
-    environment) on the way out, returning or raising: `torch.distributed.destroy_process_group()`, the shutdown torch
-    asks of every program before it exits. A group started before the context is the caller's and is left alone.
+    environment) on the way out: on return, a barrier (no process exits before every process, rank 0 included, has
+    written its results) and then `torch.distributed.destroy_process_group()`, the shutdown torch asks of every
+    program; on an exception, only the latter (the other processes may never reach a barrier). A group started before
+    the context is the caller's and is left alone.
 
-    This frees the group, and joins its gloo worker threads, only where nothing else still holds it; a gloo worker
-    thread that outlives the interpreter can abort the process at exit (docs/scaling.md, "The gloo abort in the CPU
-    tests").
+    Destroying frees the group, and joins its gloo worker threads, only where nothing else still holds it; a gloo
+    worker thread that outlives the interpreter can abort the process at exit (docs/scaling.md, "The gloo abort in the
+    CPU tests").
     """
-    started_outside = torch.distributed.is_available() and torch.distributed.is_initialized()
+    started_outside = _process_group_started()
     try:
         yield
-    finally:
-        if not started_outside and torch.distributed.is_available() and torch.distributed.is_initialized():
+    except BaseException:
+        if not started_outside and _process_group_started():
             torch.distributed.destroy_process_group()
+        raise
+    if not started_outside and _process_group_started():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _process_group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 @contextmanager
