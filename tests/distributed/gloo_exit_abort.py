@@ -8,7 +8,11 @@ ways, and counts the runs in which a process aborted with "terminate called with
 - `exit`: return without `destroy_process_group()`;
 - `destroy`: `destroy_process_group()`, with nothing else holding the group, so that it is freed there and then;
 - `destroy-held`: `destroy_process_group()` while another reference to the group lives on (as the DDP wrapper,
-  DeepSpeed's engines and `import torch._dynamo` each keep one in the distributed tests' processes).
+  DeepSpeed's engines and `import torch._dynamo` each keep one in the distributed tests' processes);
+- `barrier-held`: as `destroy-held`, after a barrier (`hf_mtkd.distributed.process_group_scope` and the distributed
+  tests' worker end so), while which the waiting process lets the worker threads have the GIL.
+
+The all-reduced tensor is kept to the end, as a model's parameters are.
 
 The cause is a race in torch's gloo backend: a worker thread (`pt_gloo_runloop`) drops its reference to a finished
 collective, and with it the last C++ reference to a Python tensor, only after the waiting thread has been woken.
@@ -26,8 +30,8 @@ import subprocess
 import sys
 
 ABORT = "terminate called without an active exception"
-ENDINGS = ("exit", "destroy", "destroy-held")
-HELD = []  # `destroy-held`: the group, kept to interpreter finalization
+ENDINGS = ("exit", "destroy", "destroy-held", "barrier-held")
+HELD = []  # kept to interpreter finalization: the tensor, and for `*-held` the group
 
 
 def rank_main(ending: str) -> None:
@@ -36,9 +40,12 @@ def rank_main(ending: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    if ending == "destroy-held":
+    if ending.endswith("-held"):
         HELD.append(dist.group.WORLD)
-    dist.all_reduce(torch.ones(1000))
+    HELD.append(torch.ones(1000))
+    dist.all_reduce(HELD[-1])
+    if ending == "barrier-held":
+        dist.barrier()
     if ending != "exit":
         dist.destroy_process_group()
 
