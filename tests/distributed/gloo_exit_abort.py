@@ -34,10 +34,13 @@ ENDINGS = ("exit", "destroy", "destroy-held", "barrier-held")
 HELD = []  # kept to interpreter finalization: the tensor, and for `*-held` the group
 
 
-def rank_main(ending: str) -> None:
+def rank_main(ending: str, switch_interval: float | None) -> None:
     """One process: the collective and the chosen ending (the launcher sets MASTER_ADDR, RANK, ...)."""
     import torch
     import torch.distributed as dist
+
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
 
     dist.init_process_group("gloo")
     if ending.endswith("-held"):
@@ -56,12 +59,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_once(ending: str) -> bool:
+def run_once(ending: str, switch_interval: float | None) -> bool:
     """Launch the two processes once; whether one of them aborted."""
     port = str(free_port())
+    interval = [] if switch_interval is None else ["--switch-interval", str(switch_interval)]
     processes = [
         subprocess.Popen(
-            [sys.executable, __file__, "--ending", ending, "--rank", str(rank)],
+            [sys.executable, __file__, "--ending", ending, "--rank", str(rank), *interval],
             env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -77,13 +81,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ending", choices=ENDINGS, default="exit", help="How each process ends (see above).")
     parser.add_argument("--runs", type=int, default=40, help="How many two-process runs to launch.")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval in each process (Python's default: 0.005 s): how long a thread waits for the GIL "
+        "before it asks the holder to give it up; longer widens the race's window.",
+    )
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # set in the launched processes
     args = parser.parse_args()
     if args.rank is not None:
-        rank_main(args.ending)
+        rank_main(args.ending, args.switch_interval)
         return
-    aborted = sum(run_once(args.ending) for _ in range(args.runs))
-    print(f"{args.ending}: {aborted} of {args.runs} runs aborted ({ABORT!r})")
+    aborted = sum(run_once(args.ending, args.switch_interval) for _ in range(args.runs))
+    interval = "" if args.switch_interval is None else f", switch interval {args.switch_interval} s"
+    print(f"{args.ending}{interval}: {aborted} of {args.runs} runs aborted ({ABORT!r})")
 
 
 if __name__ == "__main__":
