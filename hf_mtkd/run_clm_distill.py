@@ -610,7 +610,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_on
     """
     Run the script with `args` (default: the command line); `prog` names the command in help and the model card.
     With `cache_only`, only write `--teacher_logits_cache` for the train and validation splits (no student). A
-    process group started here (under a distributed launcher) is destroyed before returning, or raising.
+    process group started here (under a distributed launcher) is destroyed on the way out (after a barrier on return).
     """
     with process_group_scope():
         _main(args, prog, cache_only)

@@ -2,7 +2,7 @@
 
     python tests/distributed/gloo_exit_abort.py --ending exit --runs 40
 
-launches `--runs` times two processes that join a gloo process group, all-reduce one tensor and end in one of three
+launches `--runs` times two processes that join a gloo process group, all-reduce one tensor and end in one of four
 ways, and counts the runs in which a process aborted with "terminate called without an active exception":
 
 - `exit`: return without `destroy_process_group()`;
@@ -10,7 +10,7 @@ ways, and counts the runs in which a process aborted with "terminate called with
 - `destroy-held`: `destroy_process_group()` while another reference to the group lives on (as the DDP wrapper,
   DeepSpeed's engines and `import torch._dynamo` each keep one in the distributed tests' processes);
 - `barrier-held`: as `destroy-held`, after a barrier (`hf_mtkd.distributed.process_group_scope` and the distributed
-  tests' worker end so), while which the waiting process lets the worker threads have the GIL.
+  tests' worker end so), during which a waiting process lets the worker threads have the GIL.
 
 The all-reduced tensor is kept to the end, as a model's parameters are.
 
