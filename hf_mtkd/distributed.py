@@ -66,6 +66,35 @@ def resolve_deepspeed_config(value: dict | str | None) -> dict | str | None:
 
 
 @contextmanager
+def process_group_scope() -> Iterator[None]:
+    """
+    End the default process group that is started within this context (by `TrainingArguments`, from a launcher's
+    environment) on the way out: on return, a barrier (no process exits before every process, rank 0 included, has
+    written its results) and then `torch.distributed.destroy_process_group()`, the shutdown torch asks of every
+    program; on an exception, only the latter (the other processes may never reach a barrier). A group started before
+    the context is the caller's and is left alone.
+
+    Destroying frees the group, and joins its gloo worker threads, only where nothing else still holds it; a gloo
+    worker thread that outlives the interpreter can abort the process at exit (docs/scaling.md, "The gloo abort in the
+    CPU tests").
+    """
+    started_outside = _process_group_started()
+    try:
+        yield
+    except BaseException:
+        if not started_outside and _process_group_started():
+            torch.distributed.destroy_process_group()
+        raise
+    if not started_outside and _process_group_started():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _process_group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextmanager
 def zero3_init_dtype(dtype: str) -> Iterator[None]:
     """
     Under ZeRO-3, `from_pretrained` creates models inside `deepspeed.zero.Init`, in the DeepSpeed config's dtype

@@ -57,6 +57,7 @@ from transformers import (
 from .chat_data import CompletionCollator, ExampleRenderer, detect_format, set_chat_template, tokenize_dataset
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import uses_cross_tokenizer
+from .distributed import process_group_scope
 from .dtypes import DTYPE_CHOICES, torch_dtype
 from .hub import check_push_access
 from .model_config import text_config
@@ -608,8 +609,14 @@ def prepare_datasets(
 def main(args: Sequence[str] | None = None, prog: str | None = None, *, cache_only: bool = False) -> None:
     """
     Run the script with `args` (default: the command line); `prog` names the command in help and the model card.
-    With `cache_only`, only write `--teacher_logits_cache` for the train and validation splits (no student).
+    With `cache_only`, only write `--teacher_logits_cache` for the train and validation splits (no student). A
+    process group started here (under a distributed launcher) is destroyed on the way out (after a barrier on return).
     """
+    with process_group_scope():
+        _main(args, prog, cache_only)
+
+
+def _main(args: Sequence[str] | None, prog: str | None, cache_only: bool) -> None:
     if prog is None:  # how to run the same again, for help and the model card
         prog = f"python {sys.argv[0]}" if args is None else "python -m hf_mtkd.run_clm_distill"
     args = sys.argv[1:] if args is None else list(args)

@@ -425,3 +425,38 @@ def test_cache_teachers_then_distill_from_the_cache(
     assert f"{stale}: k: cache 8, now 4. Give the same teachers" in err
     with pytest.raises(SystemExit), isolated_logging():
         cli_main(["cache-teachers", "--teacher_model_name_or_path", teacher_dirs[0], "--train_file", train])
+
+
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+@pytest.mark.parametrize("started_by", ["main", "caller"])
+def test_main_destroys_the_process_group_it_started(tmp_path, monkeypatch, started_by, outcome):
+    """
+    Under a launcher, parsing the arguments (`TrainingArguments`) starts the process group; main destroys it on the
+    way out, after a barrier when it returns, without one when it raises (torch's shutdown; docs/scaling.md, "The
+    gloo abort in the CPU tests"). A group the caller started before main stays the caller's.
+    """
+    import torch.distributed as dist
+
+    def start_group():  # a one-process gloo group, as a launcher's environment would start
+        store = dist.FileStore(str(tmp_path / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    def run(args, prog, cache_only):
+        if started_by == "main":
+            start_group()
+        if outcome == "raises":
+            raise SystemExit(2)  # as an argument error does
+
+    barriers = []
+    monkeypatch.setattr(hf_mtkd.run_clm_distill, "_main", run)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: barriers.append(dist.is_initialized()))
+    if started_by == "caller":
+        start_group()
+    try:
+        with pytest.raises(SystemExit) if outcome == "raises" else contextlib.nullcontext():
+            main(["--output_dir", str(tmp_path / "out")])
+        assert dist.is_initialized() is (started_by == "caller")
+        assert barriers == ([True] if started_by == "main" and outcome == "returns" else [])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -131,6 +131,7 @@ def main(spec_path: str) -> None:
         with open(spec["report"], "w") as file:
             json.dump(report, file, indent=1)
     if dist.is_initialized():
+        dist.barrier()  # no process exits before rank 0 has written the report (docs/scaling.md, "The gloo abort ...")
         dist.destroy_process_group()
 
 
