@@ -362,16 +362,20 @@ class ChunkedDistillation(torch.autograd.Function):
                         teachers, chunk_entropy, chunk_weights, fusion, log_q.dtype, exact_log=exact_log
                     )
                 row_kd = (kd_scale * counted).to(log_q.dtype)[:, None] if need_grad else None
-                value, chunk_grad = divergence(log_q, target, row_kd)
+                shared = ce_log_probs is log_q  # τ = 1: the CE's q term joins the divergence's, one exp for both
+                q_scale = ce_scale.to(log_q.dtype) if shared else 0.0
+                value, chunk_grad = divergence(log_q, target, row_kd, q_scale)
                 kl_total = kl_total + value.where(counted, 0.0).sum()
                 del target, value
             del teachers
             if need_grad:
-                if ce_log_probs is not None:  # q_1 - e_y, in place of log q_1 (the divergence has read log q_τ)
+                if ce_log_probs is not None and not (with_kd and ce_log_probs is log_q):
+                    # q_1, in place of log q_1 (the divergence has read log q_τ)
                     ce_grad = ce_log_probs.exp_().mul_(ce_scale)
-                    ce_step = (-ce_scale).to(ce_grad.dtype).reshape(1, 1).expand(chunk.size, 1)
-                    ce_grad.scatter_add_(-1, y[:, None], ce_step)
                     chunk_grad = ce_grad if chunk_grad is None else chunk_grad.add_(ce_grad)
+                if ce_log_probs is not None:  # - e_y
+                    ce_step = (-ce_scale).to(chunk_grad.dtype).reshape(1, 1).expand(chunk.size, 1)
+                    chunk_grad.scatter_add_(-1, y[:, None], ce_step)
                 if not chunk.all_valid:  # padding and row ends inside the run get no gradient
                     chunk_grad.masked_fill_(~valid[:, None], 0)
                 student.write(rows, chunk_grad)

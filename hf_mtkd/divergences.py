@@ -67,11 +67,12 @@ class Divergence:
     """Whether it reads $\\log \\bar p$ where $\\bar p$ may underflow (then fused in log space, `fuse_dense`)."""
 
     def __call__(
-        self, log_q: Tensor, target: DenseTarget | SparseTarget, scale: Tensor | None
+        self, log_q: Tensor, target: DenseTarget | SparseTarget, scale: Tensor | None, q_scale: Tensor | float = 0.0
     ) -> tuple[Tensor, Tensor | None]:
         """
         $D$ `[n]` from the student's tempered log-probabilities `log_q` `[n, V]`, and `scale` `[n, 1]` times
-        $\\partial D / \\partial u$ `[n, V]` (None when `scale` is None). `log_q` is left as it is.
+        $\\partial D / \\partial u$ `[n, V]` plus `q_scale` times q (the cross-entropy's q term at τ = 1, so that one
+        exp serves both; None when `scale` is None). `log_q` is left as it is.
         """
         if isinstance(target, SparseTarget):
             target = target.dense(log_q.shape[-1])
@@ -79,7 +80,7 @@ class Divergence:
         value, score = self.dense(log_q, q, target, log_p, scale is not None)
         if scale is None:
             return value, None
-        score.sub_(rowdot(q, score)[:, None]).mul_(q).mul_(scale)
+        score.sub_(rowdot(q, score)[:, None]).mul_(scale).add_(q_scale).mul_(q)
         return value, score
 
     def dense(
@@ -96,12 +97,12 @@ class ForwardKL(Divergence):
     exact_log_target = False
 
     def __call__(
-        self, log_q: Tensor, target: DenseTarget | SparseTarget, scale: Tensor | None
+        self, log_q: Tensor, target: DenseTarget | SparseTarget, scale: Tensor | None, q_scale: Tensor | float = 0.0
     ) -> tuple[Tensor, Tensor | None]:
         value = forward_kl(log_q, target)
         if scale is None:
             return value, None
-        grad = log_q.exp().mul_(scale)
+        grad = log_q.exp().mul_(scale + q_scale)  # q (scale + q_scale) - scale p̄
         target.subtract_from(grad, scale)
         return value, grad
 

@@ -99,7 +99,8 @@ class DistillationSettings:
         if self.fusion not in FUSIONS:
             raise ValueError(f"Unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}.")
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"Unknown divergence {self.divergence!r}; choose one of {list(DIVERGENCES)}.")
+            renamed = " (`kl` is now `forward_kl`)" if self.divergence == "kl" else ""
+            raise ValueError(f"Unknown divergence {self.divergence!r}{renamed}; choose one of {list(DIVERGENCES)}.")
         if not 0 <= self.beta <= 1:
             raise ValueError(f"`beta` (of the generalized JSD) must be in [0, 1], got {self.beta}.")
         if not 0 <= self.skew_alpha < 1:
