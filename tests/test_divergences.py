@@ -205,6 +205,11 @@ def test_config_selects_the_divergence_as_gkd_does(tmp_path):
     assert isinstance(settings.kd_divergence, SkewReverseKL)
 
 
+def test_the_former_name_of_the_forward_kl_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"Unknown divergence 'kl' \(`kl` is now `forward_kl`\)"):
+        DistillationSettings(divergence="kl")
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -216,11 +221,6 @@ def test_config_selects_the_divergence_as_gkd_does(tmp_path):
         ({"divergence": "skew_kl", "skew_alpha": 1.0}, r"`skew_alpha` .* must be in \[0, 1\), got 1.0"),
     ],
 )
-def test_the_former_name_of_the_forward_kl_is_named_in_the_error():
-    with pytest.raises(ValueError, match=r"Unknown divergence 'kl' \(`kl` is now `forward_kl`\)"):
-        DistillationSettings(divergence="kl")
-
-
 def test_config_refuses_what_does_not_fit(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **fields)
