@@ -340,8 +340,8 @@ class ChunkedDistillation(torch.autograd.Function):
             if with_kd:
                 log_q = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
             ce_log_probs = None  # log q_1, for the CE term
+            shared = alpha_ce is not None and log_q is not None and temperature == 1  # τ = 1: log q_1 = log q_τ
             if alpha_ce is not None:
-                shared = log_q is not None and temperature == 1
                 ce_log_probs = log_q if shared else torch.log_softmax(logits, dim=-1)
                 ce_total = ce_total - chunk.select(ce_log_probs.gather(-1, y[:, None])[:, 0]).sum()
             del logits
@@ -362,14 +362,13 @@ class ChunkedDistillation(torch.autograd.Function):
                         teachers, chunk_entropy, chunk_weights, fusion, log_q.dtype, exact_log=exact_log
                     )
                 row_kd = (kd_scale * counted).to(log_q.dtype)[:, None] if need_grad else None
-                shared = ce_log_probs is log_q  # τ = 1: the CE's q term joins the divergence's, one exp for both
-                q_scale = ce_scale.to(log_q.dtype) if shared else 0.0
+                q_scale = ce_scale.to(log_q.dtype) if shared else 0.0  # the CE's q term: one exp for both
                 value, chunk_grad = divergence(log_q, target, row_kd, q_scale)
                 kl_total = kl_total + value.where(counted, 0.0).sum()
                 del target, value
             del teachers
             if need_grad:
-                if ce_log_probs is not None and not (with_kd and ce_log_probs is log_q):
+                if ce_log_probs is not None and not shared:
                     # q_1, in place of log q_1 (the divergence has read log q_τ)
                     ce_grad = ce_log_probs.exp_().mul_(ce_scale)
                     chunk_grad = ce_grad if chunk_grad is None else chunk_grad.add_(ce_grad)
