@@ -337,6 +337,33 @@ def test_resume_from_zero3_checkpoint(runs, zero3):
     assert_same_weights(runs["tmp"] / "resumed" / "final", runs["tmp"] / "zero3" / "final", atol=1e-7)
 
 
+def test_zero3_cross_tokenizer_teachers_match_one_process(runs, teacher_dirs, cross_teacher_dirs):
+    """
+    Two teachers on tokenizers of their own beside one on the student's, every model logit-free under ZeRO-3: each
+    mapped teacher's partitioned head is gathered for its chunks (hf_mtkd.cross_tokenizer.MappedLogits), and two
+    processes train as one.
+    """
+    base = {
+        **runs["base"],
+        "teachers": [teacher_dirs[0], *cross_teacher_dirs[:2]],
+        "teacher_tokenizers": [None, *cross_teacher_dirs[:2]],
+        "teacher_names": ["gpt2", "bpe300", "unigram"],
+    }
+    reference, reference_output = launch(
+        runs["tmp"], "cross_reference", distributed=False, per_device_train_batch_size=8, **base
+    )
+    report, output = launch(runs["tmp"], "cross_zero3", deepspeed="zero3", **LAYOUT, **base)
+    assert report["cross_tokenizer"] and reference["cross_tokenizer"]
+    for rank in report["ranks"]:
+        assert all(teacher["partitioned"] for teacher in rank["teachers"])
+    assert all(log["teacher_aligned/unigram"] > 0 for log in train_logs(report))
+    assert_logit_free(reference, reference_output)
+    assert_logit_free(report, output)
+    assert_same_training(report, reference)
+    cross = runs["tmp"] / "cross_zero3" / "final"
+    assert_same_weights(cross, runs["tmp"] / "cross_reference" / "final", sgd_tolerance(report))
+
+
 @pytest.mark.slow
 def test_zero3_tied_head_matches_one_process(runs, tokenizer):
     """

@@ -1,6 +1,7 @@
 """One distillation run for the distributed tests, launched by `torchrun` (or as a plain process for references).
 
-Usage: `worker.py SPEC.json`. The spec names the saved tokenizer/student/teachers, the DeepSpeed config (or none),
+Usage: `worker.py SPEC.json`. The spec names the saved tokenizer/student/teachers (and the tokenizers of teachers on
+their own, `teacher_tokenizers`), the DeepSpeed config (or none),
 the batch layout, the optimizer (and, for one process, noise to add to the gradients) and what to do (`train`, or
 `evaluate` a saved student in a fresh process). Rank 0 writes a JSON report: the training logs, evaluation metrics
 and, per process, how much of each teacher and of the student it holds.
@@ -25,8 +26,11 @@ from hf_mtkd.testing import synthetic_corpus
 from hf_mtkd.trainer import PROJECTOR_WEIGHTS_NAME
 
 
-def tokenized(tokenizer, num_texts: int, seed: int) -> Dataset:
+def tokenized(tokenizer, num_texts: int, seed: int, text: bool = False) -> Dataset:
+    """`num_texts` texts tokenized for the student, or kept as text (`text`: for cross-tokenizer teachers)."""
     texts = synthetic_corpus(num_texts, seed=seed)
+    if text:
+        return Dataset.from_dict({"text": texts})
     return Dataset.from_dict({"text": texts}).map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
     )
@@ -92,17 +96,23 @@ def main(spec_path: str) -> None:
         dataloader_num_workers=0,
     )
     student = AutoModelForCausalLM.from_pretrained(spec["student"])
+    own = spec.get("teacher_tokenizers")  # None, or a path (or null) per teacher
     trainer = MultiTeacherDistillationTrainer(
         model=student,
         teachers=teachers,
         args=args,
-        train_dataset=tokenized(tokenizer, 8, seed=3),
-        eval_dataset=tokenized(tokenizer, 16, seed=4),
+        train_dataset=tokenized(tokenizer, 8, seed=3, text=own is not None),
+        eval_dataset=tokenized(tokenizer, 16, seed=4, text=own is not None),
         processing_class=tokenizer,
+        teacher_tokenizers=None if own is None else [path and AutoTokenizer.from_pretrained(path) for path in own],
     )
     if spec.get("gradient_noise"):
         add_gradient_noise([*trainer.model.parameters(), *trainer.projector.parameters()], spec["gradient_noise"])
-    report: dict = {"world_size": args.world_size, "teacher_types": [type(t).__name__ for t in trainer.teachers]}
+    report: dict = {
+        "world_size": args.world_size,
+        "teacher_types": [type(t).__name__ for t in trainer.teachers],
+        "cross_tokenizer": trainer.cross_tokenizer,
+    }
     if spec["action"] == "evaluate":
         trainer.projector.load_state_dict(load_file(os.path.join(spec["student"], PROJECTOR_WEIGHTS_NAME)))
     else:
