@@ -496,14 +496,29 @@ def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, con
 
 @pytest.mark.distributed
 def test_zero3_on_two_processes_generates_in_step(tmp_path):
-    """ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step."""
+    """
+    ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step,
+    gathered once per generation (ds3_gather_for_generation) or layer by layer at every token: the same text and
+    losses either way.
+    """
     worker = Path(__file__).parent / "distributed" / "on_policy_worker.py"
-    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3"], timeout=300)  # a rank left waiting: no report
+    # both settings in one launch; a rank left waiting: no report
+    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3", "true", "false"], timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
-    ranks = report["ranks"]
-    assert all(rank["partitioned"] for rank in ranks)
-    assert ranks[0]["writers"] == ranks[1]["writers"]  # the same draws on every process
-    assert {"student", "llama"} == set(ranks[0]["writers"])
-    logs = [h for h in report["log_history"] if "loss" in h]
-    assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
-    assert ranks[0]["labels"] != ranks[1]["labels"]  # completions of other lengths: generation kept the ranks in step
+    for gather, run_report in report.items():
+        ranks = run_report["ranks"]
+        assert all(rank["partitioned"] for rank in ranks)
+        assert ranks[0]["writers"] == ranks[1]["writers"]  # the same draws on every process
+        assert {"student", "llama"} == set(ranks[0]["writers"])
+        logs = [h for h in run_report["log_history"] if "loss" in h]
+        assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
+        assert ranks[0]["labels"] != ranks[1]["labels"]  # completions of other lengths: generation kept in step
+        generations = [g for rank in ranks for g in rank["generations"]]
+        assert len(generations) == 2 * len(ranks[0]["writers"])  # every micro-batch generated, on both processes
+        # gathered: whole weights and no synced_gpus; else each layer gathered per token, the ranks kept in step
+        assert all(g == {"synced_gpus": gather == "false", "whole": gather == "true"} for g in generations)
+    gathered, per_token = report["true"], report["false"]
+    for one, other in zip(gathered["ranks"], per_token["ranks"], strict=True):
+        assert one["input_ids"] == other["input_ids"] and one["writers"] == other["writers"]
+    losses = [[h["loss"] for h in run_report["log_history"] if "loss" in h] for run_report in (gathered, per_token)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
