@@ -3,6 +3,7 @@
 Under DeepSpeed ZeRO-3 each teacher is wrapped in a DeepSpeed engine without an optimizer, so its parameters are
 partitioned across the processes like the student's and gathered layer by layer during its forward pass. Under
 ZeRO-1/2, plain DDP or a single process, every process holds a full copy of each teacher in `teacher_dtype`.
+For on-policy generation, `zero3_gathered` holds a ZeRO-3 model's weights whole for the span of a `generate` call.
 """
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ resumed from a checkpoint generates what the uninterrupted run did. The trainer 
 optimizer step where it fetches them (`Trainer.get_batch_samples`), before `num_items_in_batch` is counted, so the
 loss is normalised over the generated tokens of the whole step and gradient accumulation stays exact.
 
+Generation fits what reads it: a batch gets fewer new tokens than `max_new_tokens` where its longest prompt would
+otherwise outgrow the positions of the student or of a teacher on its tokenizer (`position_limits`; a setting that
+can never fit is refused when the trainer is built); no padding row of a head wider than the tokenizer is sampled;
+the student generates under its training forward's autocast; under DeepSpeed ZeRO-3 the writer's weights are
+gathered once per generation (`ds3_gather_for_generation`, `hf_mtkd.distributed.zero3_gathered`).
+
 Teachers on their own tokenizers read the student's text: the generated tokens are decoded and the example is
 rendered anew, prompt and completion, for every model by the trainer's `MultiTokenizerCollator` (`GeneratedRenderer`),
 as the prompt/completion data are.
