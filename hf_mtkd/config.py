@@ -73,6 +73,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `seq_kd`, `seq_kd_teacher`: a teacher generates the completions of the other batches, and which one.
     - `max_new_tokens`, `generation_temperature`, `generation_top_k`, `generation_top_p`: how completions are sampled.
     - `disable_dropout`: no dropout in the student (GKD's default).
+    - `ds3_gather_for_generation`: under DeepSpeed ZeRO-3, the writer's weights gathered once per generation.
 
     > Scale
 
@@ -414,6 +415,15 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         metadata={
             "help": "Set every dropout probability of the student to 0 for training (GKD's disable_dropout, on by "
             "default there). Generation always runs without dropout (eval mode); teachers always do."
+        },
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSpeed ZeRO-3: gather the partitioned weights of the model that generates (the student, or "
+            "the seq_kd teacher) once for each generated micro-batch, so that every new token is a local forward "
+            "pass (TRL's setting of the same name). Each process then holds the whole writer for a moment. False: "
+            "gather each layer again at every token (much slower), for a writer too large to hold whole."
         },
     )
 

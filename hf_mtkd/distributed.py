@@ -3,6 +3,7 @@
 Under DeepSpeed ZeRO-3 each teacher is wrapped in a DeepSpeed engine without an optimizer, so its parameters are
 partitioned across the processes like the student's and gathered layer by layer during its forward pass. Under
 ZeRO-1/2, plain DDP or a single process, every process holds a full copy of each teacher in `teacher_dtype`.
+For on-policy generation, `zero3_gathered` holds a ZeRO-3 model's weights whole for the span of a `generate` call.
 """
 
 from __future__ import annotations
@@ -154,6 +155,50 @@ def prepare_teachers(
             ", ".join(sorted({str(_dtype(t)).removeprefix("torch.") for t in teachers})),
         )
     return list(teachers)
+
+
+def zero3_parameter_offload(engine: nn.Module) -> Any | None:
+    """
+    The object that partitions a DeepSpeed ZeRO-3 `engine`'s parameters and holds the per-module hooks that gather
+    and release them (DeepSpeed's `DeepSpeedZeRoOffload`: the optimizer's, or the engine's own without one), or
+    None for any other model.
+    """
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "param_coordinator") and hasattr(offload, "forward_hooks") else None
+
+
+@contextmanager
+def zero3_gathered(engine: nn.Module) -> Iterator[None]:
+    """
+    A DeepSpeed ZeRO-3 `engine`'s parameters whole on every process inside the block, gathered once, with the
+    engine's module hooks taken off meanwhile: they would release each layer's parameters after its forward (and
+    gather them again at the next), and take part in collective calls that processes which stop generating early
+    would not join. On the way out the parameters are partitioned again and the hooks put back, as DeepSpeed sets
+    them up (their recorded fetch order is started afresh). Anything else than a ZeRO-3 engine: nothing is done.
+    """
+    offload = zero3_parameter_offload(engine)
+    if offload is None:
+        yield
+        return
+    import deepspeed
+
+    module = offload.module
+    parameters = list(module.parameters())
+    for parameter in parameters:
+        parameter.ds_active_sub_modules.clear()  # no layer is running: none may keep a parameter gathered later
+    for handle in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
+        handle.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        with deepspeed.zero.GatheredParameters(parameters):
+            yield
+    finally:
+        # DeepSpeed's own start-of-forward hook, then its per-module hooks (which start a new fetch-order record)
+        offload.fwd_pre_hook = module.register_forward_pre_hook(
+            lambda _module, *_: offload.get_param_coordinator().reset_step()
+        )
+        offload._register_deepspeed_module(module)
 
 
 def teacher_deepspeed_config(training_config: dict[str, Any], teacher: nn.Module) -> dict[str, Any]:

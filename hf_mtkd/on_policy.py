@@ -14,6 +14,12 @@ resumed from a checkpoint generates what the uninterrupted run did. The trainer 
 optimizer step where it fetches them (`Trainer.get_batch_samples`), before `num_items_in_batch` is counted, so the
 loss is normalised over the generated tokens of the whole step and gradient accumulation stays exact.
 
+Generation fits what reads it: a batch gets fewer new tokens than `max_new_tokens` where its longest prompt would
+otherwise outgrow the positions of the student or of a teacher on its tokenizer (`position_limits`; a setting that
+can never fit is refused when the trainer is built); no padding row of a head wider than the tokenizer is sampled;
+the student generates under its training forward's autocast; under DeepSpeed ZeRO-3 the writer's weights are
+gathered once per generation (`ds3_gather_for_generation`, `hf_mtkd.distributed.zero3_gathered`).
+
 Teachers on their own tokenizers read the student's text: the generated tokens are decoded and the example is
 rendered anew, prompt and completion, for every model by the trainer's `MultiTokenizerCollator` (`GeneratedRenderer`),
 as the prompt/completion data are.
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,13 +39,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import logging
 
 from .chat_data import ExampleRenderer, RenderedExample, dataset_format, encode_rendered
 from .config import MultiTeacherDistillationConfig
-from .cross_tokenizer import MultiTokenizerCollator
+from .cross_tokenizer import MultiTokenizerCollator, max_positions
+from .distributed import zero3_gathered, zero3_parameter_offload
 from .routing import ROUTING_KEY
 from .sources import CachedTeacherLogits, TeacherSource
+from .teachers import vocab_size
+
+logger = logging.get_logger(__name__)
 
 GENERATED_BY_KEY = "mtkd_generated_by"
 """Batch key naming who wrote a generated batch's completions: `STUDENT` or a teacher's name (absent: the data)."""
@@ -113,6 +124,35 @@ class Sampling:
     def from_config(cls, args: MultiTeacherDistillationConfig) -> Sampling:
         temperature = args.temperature if args.generation_temperature is None else args.generation_temperature
         return cls(args.max_new_tokens, temperature, args.generation_top_k, args.generation_top_p)
+
+
+def position_limits(student: nn.Module, source: TeacherSource | None = None) -> list[tuple[str, int]]:
+    """
+    The models that read the generated token ids as they are, each with the positions it holds (its text config's
+    `max_position_embeddings`, gpt2's `n_positions`, where it states one): the student and, given the loaded
+    `source`, every teacher on the student's tokenizer (the seq_kd writer among them). A teacher on its own tokenizer
+    reads its own rendering, which the collator cuts to its positions, as on data.
+    """
+    models = [("the student", student)]
+    if source is not None:
+        shared = [tokenizer is None for tokenizer in source.tokenizers]
+        models += [
+            (f"teacher {name!r}", model)
+            for name, model, same in zip(source.names, source.models, shared, strict=True)
+            if same
+        ]
+    return [(who, limit) for who, model in models if (limit := max_positions(model)) is not None]
+
+
+def check_max_new_tokens(max_new_tokens: int, limits: Sequence[tuple[str, int]]) -> None:
+    """Refuse a `max_new_tokens` that leaves no position for even a one-token prompt in one of the `limits`."""
+    for who, limit in limits:
+        if max_new_tokens >= limit:
+            raise ValueError(
+                f"`max_new_tokens={max_new_tokens}` can never fit in the {limit} positions of {who} "
+                f"(`max_position_embeddings`): a prompt of one token and {max_new_tokens} new ones take "
+                f"{max_new_tokens + 1}. Set max_new_tokens below {limit}."
+            )
 
 
 @torch.no_grad()
@@ -271,8 +311,13 @@ def check_on_policy(
     source: TeacherSource,
     processing_class: Any,
     train_dataset: Any,
+    student: nn.Module,
 ) -> None:
-    """Refuse up front, before any teacher is loaded, what on-policy and seq_kd batches cannot work with."""
+    """
+    Refuse up front, before any teacher is loaded, what on-policy and seq_kd batches cannot work with (the teachers'
+    positions are checked once they are loaded, by `OnPolicyGenerator`).
+    """
+    check_max_new_tokens(args.max_new_tokens, position_limits(student))
     if isinstance(source, CachedTeacherLogits):
         raise ValueError(
             "On-policy distillation (lmbda > 0 or seq_kd) cannot use a teacher-logits cache: cached teachers cannot "
@@ -377,6 +422,17 @@ class OnPolicyGenerator:
                     "cannot continue the student's prompts: choose one that does with `seq_kd_teacher`."
                 )
         self.vocabulary_size = source.shared_vocabulary_sizes[self.teacher] if self.teacher is not None else None
+        """The token ids the seq_kd teacher's completions may use (the leading ones), or None."""
+        width = vocab_size(student)
+        self.student_vocabulary_size = len(tokenizer) if width is not None and width > len(tokenizer) else None
+        """The token ids the student's completions may use: its tokenizer's, when its head has padding rows beyond."""
+        limits = position_limits(student, source)
+        check_max_new_tokens(args.max_new_tokens, limits)
+        self.position_limit = min(limits, key=lambda limit: limit[1], default=None)
+        """The fewest positions a model reading the generated ids holds, and which model (None: no stated limit)."""
+        self.capped = False
+        """Whether a batch's completions were already cut short to fit `position_limit` (logged once)."""
+        self.gather_for_generation = args.ds3_gather_for_generation
         self.source = source
         self.renderer: MultiTokenizerCollator | None = None
         """With cross-tokenizer teachers, the collator that renders the generated examples for every model."""
@@ -404,41 +460,88 @@ class OnPolicyGenerator:
             )
         self.renderer = copy.copy(found)
         self.renderer.renderer = GeneratedRenderer()
+        if self.position_limit is not None:  # the student's rendering of its text may outgrow the ids it generated
+            limit = self.position_limit[1]
+            self.renderer.max_length = limit if found.max_length is None else min(found.max_length, limit)
         return PromptCollator(collator)
 
+    def new_tokens(self, prompts: Sequence[Tensor]) -> int:
+        """
+        The tokens a batch of `prompts` may generate: `max_new_tokens`, or fewer where the longest prompt and
+        `max_new_tokens` exceed `position_limit` (logged once); a prompt that fills it is refused.
+        """
+        wanted = self.sampling.max_new_tokens
+        if self.position_limit is None:
+            return wanted
+        who, limit = self.position_limit
+        longest = max(len(prompt) for prompt in prompts)
+        if longest >= limit:
+            raise ValueError(
+                f"A training prompt of {longest} tokens fills the {limit} positions of {who} "
+                "(`max_position_embeddings`), leaving none to generate a completion in: keep the prompts shorter "
+                f"than {limit} tokens (e.g. with `max_length`, which cuts the rendered rows)."
+            )
+        if limit - longest < wanted and not self.capped:
+            self.capped = True
+            logger.warning(
+                "On-policy generation: a batch's longest prompt (%d tokens) and max_new_tokens=%d exceed the %d "
+                "positions of %s, so its completions get at most %d new tokens; so does every batch that does not "
+                "fit (logged once).",
+                longest,
+                wanted,
+                limit,
+                who,
+                limit - longest,
+            )
+        return min(wanted, limit - longest)
+
     def complete(
-        self, batches: list[dict[str, Any]], *, step: int, student: nn.Module, process_index: int = 0
+        self,
+        batches: list[dict[str, Any]],
+        *,
+        step: int,
+        student: nn.Module,
+        process_index: int = 0,
+        wrapped_student: nn.Module | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> tuple[list[dict[str, Any]], int, float]:
         """
         The micro-batches of optimizer step `step`, those drawn generated; the number of tokens generated, and the
-        seconds generation took.
+        seconds generation took. `student` generates inside `autocast()` (the precision of its training forward);
+        `wrapped_student` is what the Trainer runs (a DeepSpeed engine, whose ZeRO-3 parameters are gathered for
+        generation with `ds3_gather_for_generation`). The seq_kd teacher generates in its own dtype, as it scores.
         """
         self.steps += 1
-        synced = is_deepspeed_zero3_enabled() and torch.distributed.is_initialized()
-        synced = synced and torch.distributed.get_world_size() > 1
+        several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         completed, generated, seconds = [], 0, 0.0
         for index, batch in enumerate(batches):
             if draw_on_policy(self.lmbda, self.seed, step, index):
-                writer, model, vocabulary_size = STUDENT, student, None
+                writer, model, vocabulary_size = STUDENT, student, self.student_vocabulary_size
+                engine, precision = wrapped_student or student, autocast
             elif self.teacher is not None:
                 name = self.names[self.teacher]
-                writer, model = name, self.source.generation_teachers[name]
-                model, vocabulary_size = getattr(model, "module", model), self.vocabulary_size  # a DeepSpeed engine
+                writer, engine = name, self.source.generation_teachers[name]
+                model, vocabulary_size = getattr(engine, "module", engine), self.vocabulary_size  # a DeepSpeed engine
+                precision = nullcontext
             else:
                 completed.append(batch)
                 continue
             prompts = prompt_tokens(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+            sampling = replace(self.sampling, max_new_tokens=self.new_tokens(prompts))
+            partitioned = any(hasattr(parameter, "ds_id") for parameter in model.parameters())  # by ZeRO-3
+            gathered = self.gather_for_generation and zero3_parameter_offload(engine) is not None
             start = time.perf_counter()
-            completions = generate_completions(
-                model,
-                prompts,
-                self.sampling,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.pad_token_id,
-                seed=mixed_seed(self.seed, step, index, process_index, 1),
-                vocabulary_size=vocabulary_size,
-                synced_gpus=synced,
-            )
+            with zero3_gathered(engine) if gathered else nullcontext(), precision():
+                completions = generate_completions(
+                    model,
+                    prompts,
+                    sampling,
+                    eos_token_id=self.eos_token_ids,
+                    pad_token_id=self.pad_token_id,
+                    seed=mixed_seed(self.seed, step, index, process_index, 1),
+                    vocabulary_size=vocabulary_size,
+                    synced_gpus=partitioned and several and not gathered,  # per-token gathers: the ranks in step
+                )
             seconds += time.perf_counter() - start
             generated += sum(len(c) for c in completions)
             new = (
@@ -490,10 +593,12 @@ class OnPolicyGenerator:
 
     def means(self, values: dict[str, float], batches: int) -> dict[str, float]:
         """The on-policy metrics out of the summed `values` (taken out of them); `batches` micro-batches in all."""
+        steps, self.steps = max(self.steps, 1), 0  # a new window starts, whatever this one held
         if _TOKENS not in values:
+            for key in [key for key in values if key.startswith(ON_POLICY_PREFIX)]:
+                del values[key]
             return {}
         tokens, mine = values.pop(_TOKENS), values.pop(_BATCHES)
-        steps = max(self.steps, 1)
         means = {
             f"{ON_POLICY_PREFIX}share": mine / max(batches, 1),
             _GENERATED: values.pop(_GENERATED, 0.0) / steps,  # summed over the processes
@@ -503,5 +608,4 @@ class OnPolicyGenerator:
             value = values.pop(key)
             if tokens > 0:
                 means[key] = value / tokens
-        self.steps = 0
         return means

@@ -155,7 +155,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         self.teacher_names = self.teacher_source.names
         self._check_routing(args, train_dataset, eval_dataset)
         if args.lmbda > 0 or args.seq_kd:
-            check_on_policy(args, self.teacher_source, processing_class, train_dataset)
+            check_on_policy(args, self.teacher_source, processing_class, train_dataset, model)
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
         self.teacher_records = self.teacher_source.records
         if args.disable_dropout:
@@ -544,6 +544,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             step=self.state.global_step,
             student=self.accelerator.unwrap_model(self.model),
             process_index=self.args.process_index,
+            wrapped_student=self.model_wrapped,
+            autocast=self.accelerator.autocast,  # the training forward's mixed precision (bf16, fp16)
         )
         self.on_policy.add_generated(self._metrics["train"], generated, seconds, device)
         return batches, self._get_num_items_in_batch(batches, device)
@@ -602,6 +604,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         count, batches, empty = (int(values.pop(key)) for key in ("num_tokens", "num_batches", "num_empty_batches"))
         if mode == "train" and empty:
             self._warn_empty_batches(empty, batches)
+        means = self.on_policy.means(values, batches) if self.on_policy is not None and mode == "train" else {}
         if count == 0:
             if mode == "eval" and self.is_world_process_zero():
                 logger.warning(
@@ -610,7 +613,6 @@ class MultiTeacherDistillationTrainer(Trainer):
                     _NO_TOKEN,
                 )
             return {}
-        means = self.on_policy.means(values, batches) if self.on_policy is not None and mode == "train" else {}
         for key, value in values.items():
             kind, _, name = key.partition("/")
             aligned = f"teacher_aligned/{name}"

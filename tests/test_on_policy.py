@@ -1,6 +1,7 @@
 """On-policy distillation (lmbda, seq_kd): the seeded draw, prompts and labels, exact accumulation, resume, teachers"""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -166,6 +167,112 @@ def test_generation_is_seeded_and_leaves_the_global_random_state_alone(tok):
     model.generation_config.suppress_tokens = list(range(10, len(tok)))  # would leave ids 0-9 only
     assert sample(0) == plain  # only the sampling settings shape the distribution, not the model's own
     assert model.generation_config.suppress_tokens[0] == 10
+
+
+def two_batches(trainer, size=4):
+    """Two collated training micro-batches of `size` rows, and the length of each one's longest prompt."""
+    batches = [trainer.data_collator([trainer.train_dataset[i] for i in range(j, j + size)]) for j in (0, size)]
+    prompts = [prompt_tokens(b["input_ids"], b["labels"], b["attention_mask"]) for b in batches]
+    return batches, [max(len(p) for p in batch) for batch in prompts]
+
+
+def test_completions_are_capped_to_the_positions_left(tmp_path, tok, rows, caplog):
+    batches, longest = two_batches(make_trainer(tmp_path, tok, rows))
+    limit = max(longest) + 3
+    student = tiny_causal_lm("gpt2", tok, seed=1, max_positions=limit)  # learned positions: nothing beyond them
+    trainer = make_trainer(tmp_path, tok, rows, student=student, max_new_tokens=limit - 1)
+    with caplog.at_level(logging.WARNING):
+        generated, _ = trainer.get_batch_samples(iter(batches * 2), 4, torch.device("cpu"))
+    widths = [batch["input_ids"].shape[1] for batch in generated]
+    assert widths == [limit] * 4  # each batch's completions as long as its longest prompt leaves room for
+    (message,) = [r.getMessage() for r in caplog.records if "On-policy generation" in r.getMessage()]  # once
+    first = f"longest prompt ({longest[0]} tokens) and max_new_tokens={limit - 1} exceed the {limit} positions"
+    assert f"{first} of the student" in message and f"at most {limit - longest[0]} new tokens" in message
+
+
+def test_a_prompt_that_fills_the_positions_is_refused(tmp_path, tok, rows):
+    batches, longest = two_batches(make_trainer(tmp_path, tok, rows))
+    student = tiny_causal_lm("gpt2", tok, seed=1, max_positions=longest[0])
+    trainer = make_trainer(tmp_path, tok, rows, student=student, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"A training prompt of {longest[0]} tokens fills the {longest[0]} positions"):
+        trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+
+
+def test_generated_text_fits_every_models_positions_across_tokenizers(tmp_path, tok, conversations):
+    """The student's rendering of its text is cut at its positions; a cross-tokenizer teacher's at its own."""
+    other = chat_tokenizer(conversations, "mistral", 300, "wordpiece")
+    data = Dataset.from_list([{"prompt": m[:1], "completion": m[1:2]} for m in conversations])
+    teachers = [tiny_causal_lm("gpt2", tok, seed=3), tiny_causal_lm("mistral", other, seed=4, max_positions=20)]
+    config = dict(teachers=teachers, teacher_tokenizers=[None, other], teacher_names=["same", "other"])
+    batches, longest = two_batches(make_trainer(tmp_path, tok, data, **config))
+    limit = max(longest) + 2
+    student = tiny_causal_lm("gpt2", tok, seed=1, max_positions=limit)
+    with torch.no_grad():
+        student.lm_head.weight[tok.eos_token_id] *= 30  # often closed: the rendering adds the end of turn
+    trainer = make_trainer(tmp_path, tok, data, student=student, max_new_tokens=8, **config)
+    generated, _ = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    for batch in generated:
+        assert batch["input_ids"].shape[1] <= limit
+        assert batch["teacher_inputs"][1]["input_ids"].shape[1] <= 20
+        model = trainer.model.train()
+        assert math.isfinite(float(trainer.compute_loss(model, batch).detach()))
+
+
+def test_the_student_never_writes_a_padding_id(tmp_path, tok, rows):
+    """A head wider than the tokenizer (a padded vocabulary) whose padding rows would win: none is ever generated."""
+    student = tiny_causal_lm("qwen2", tok, seed=1, vocab_size=len(tok) + 64)
+    head = torch.nn.Linear(student.lm_head.in_features, student.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(student.lm_head.weight)
+        head.bias.zero_()
+        head.bias[len(tok) :] = 1e4
+    student.lm_head = head
+    trainer = make_trainer(tmp_path, tok, rows, student=student, teacher_tokenizers=[tok, tok])
+    batches, _ = two_batches(trainer)
+    generated, _ = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    for batch in generated:
+        written = batch["input_ids"][batch["labels"] != -100]
+        assert len(written) > 0 and int(written.max()) < len(tok)
+
+
+@pytest.mark.parametrize("writer", ["student", "peft student", "seq_kd teacher"])
+def test_generation_runs_in_the_precision_of_the_training_forward(tmp_path, tok, rows, writer):
+    """With bf16=True the student generates under the trainer's autocast; the seq_kd teacher in its own dtype."""
+    student = base = tiny_causal_lm("qwen2", tok, seed=1)
+    if writer == "peft student":
+        peft = pytest.importorskip("peft")  # PEFT's generate bypasses the autocast accelerate puts on the forward
+        student = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    teachers = [tiny_causal_lm("gpt2", tok, seed=3), tiny_causal_lm("llama", tok, seed=4)]
+    model = teachers[1] if writer == "seq_kd teacher" else base
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, args, out: seen.append((m.training, out.dtype))
+    )
+    writes = dict(lmbda=0.0, seq_kd=True, seq_kd_teacher="llama") if writer == "seq_kd teacher" else {}
+    trainer = make_trainer(tmp_path, tok, rows, student=student, teachers=teachers, bf16=True, max_steps=1, **writes)
+    trainer.train()
+    generation = {dtype for training, dtype in seen if not training}  # the teacher also scores in eval mode
+    assert generation == ({torch.float32} if writer == "seq_kd teacher" else {torch.bfloat16})
+
+
+def test_the_generated_tokens_per_step_start_afresh_after_a_window_without_metrics(tmp_path, tok, rows):
+    trainer = make_trainer(tmp_path, tok, rows)
+    generator, store = trainer.on_policy, trainer._metrics["train"]
+
+    def window(steps, generated, tokens):
+        generator.steps += steps  # as `complete` counts the optimizer steps
+        generator.add_generated(store, generated, 0.5, torch.device("cpu"))
+        if tokens is not None:  # a window whose batches recorded metrics
+            count = torch.tensor(float(tokens))
+            generator.add_metrics(store, "student", torch.full((2,), tokens / 2), count)
+            store.update(num_tokens=count, num_batches=torch.tensor(1.0), num_empty_batches=count == 0)
+        return trainer._pop_metrics("train")
+
+    assert window(3, 30, tokens=0) == {}  # no token: nothing reported
+    assert window(1, 10, tokens=4)["on_policy/generated_tokens"] == 10
+    assert generator.means({"on_policy/generated_tokens": 60.0}, 0) == {}  # no metrics: the window's keys dropped
+    generator.steps = 3
+    assert generator.means({}, 0) == {} and generator.steps == 0
 
 
 def test_generated_batches_carry_loss_on_the_generated_tokens_only(tmp_path, tok, rows):
@@ -438,6 +545,16 @@ def test_what_on_policy_cannot_work_with_is_refused_before_loading_teachers(tmp_
     refused(rows, "`packing` cannot be combined with on-policy", packing=True, max_length=32)
     prompts = Dataset.from_list([{"prompt": m[0]["content"]} for m in conversations])
     refused(prompts, "Prompts alone train on-policy only", lmbda=0.5)
+    short = tiny_causal_lm("gpt2", tok, max_positions=6)
+    refused(
+        rows, r"`max_new_tokens=6` can never fit in the 6 positions of the student", student=short, max_new_tokens=6
+    )
+
+
+def test_max_new_tokens_beyond_a_teachers_positions_is_refused_when_the_trainer_is_built(tmp_path, tok, rows):
+    teachers = [tiny_causal_lm("gpt2", tok, seed=3, max_positions=8), tiny_causal_lm("llama", tok, seed=4)]
+    with pytest.raises(ValueError, match=r"`max_new_tokens=9` can never fit in the 8 positions of teacher 'gpt2'"):
+        make_trainer(tmp_path, tok, rows, teachers=teachers, max_new_tokens=9)
 
 
 def test_a_teacher_cache_is_refused(tmp_path, tok, rows):
@@ -496,14 +613,29 @@ def test_the_example_script_takes_lmbda(tmp_path, teacher_dirs, student_dir, con
 
 @pytest.mark.distributed
 def test_zero3_on_two_processes_generates_in_step(tmp_path):
-    """ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step."""
+    """
+    ZeRO-3 on two CPU processes: the student and the seq_kd teacher generate from partitioned weights, in step,
+    gathered once per generation (ds3_gather_for_generation) or layer by layer at every token: the same text and
+    losses either way.
+    """
     worker = Path(__file__).parent / "distributed" / "on_policy_worker.py"
-    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3"], timeout=300)  # a rank left waiting: no report
+    # both settings in one launch; a rank left waiting: no report
+    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3", "true", "false"], timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
-    ranks = report["ranks"]
-    assert all(rank["partitioned"] for rank in ranks)
-    assert ranks[0]["writers"] == ranks[1]["writers"]  # the same draws on every process
-    assert {"student", "llama"} == set(ranks[0]["writers"])
-    logs = [h for h in report["log_history"] if "loss" in h]
-    assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
-    assert ranks[0]["labels"] != ranks[1]["labels"]  # completions of other lengths: generation kept the ranks in step
+    for gather, run_report in report.items():
+        ranks = run_report["ranks"]
+        assert all(rank["partitioned"] for rank in ranks)
+        assert ranks[0]["writers"] == ranks[1]["writers"]  # the same draws on every process
+        assert {"student", "llama"} == set(ranks[0]["writers"])
+        logs = [h for h in run_report["log_history"] if "loss" in h]
+        assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
+        assert ranks[0]["labels"] != ranks[1]["labels"]  # completions of other lengths: generation kept in step
+        generations = [g for rank in ranks for g in rank["generations"]]
+        assert len(generations) == 2 * len(ranks[0]["writers"])  # every micro-batch generated, on both processes
+        # gathered: whole weights and no synced_gpus; else each layer gathered per token, the ranks kept in step
+        assert all(g == {"synced_gpus": gather == "false", "whole": gather == "true"} for g in generations)
+    gathered, per_token = report["true"], report["false"]
+    for one, other in zip(gathered["ranks"], per_token["ranks"], strict=True):
+        assert one["input_ids"] == other["input_ids"] and one["writers"] == other["writers"]
+    losses = [[h["loss"] for h in run_report["log_history"] if "loss" in h] for run_report in (gathered, per_token)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
