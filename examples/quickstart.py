@@ -16,7 +16,7 @@ data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), ba
 
 args = MultiTeacherDistillationConfig(
     output_dir="distilled-student", max_steps=100, learning_rate=3e-3, temperature=2.0, alpha_ce=0.5,
-    alpha_kd=0.5, alpha_feat=0.1, teacher_weighting="entropy", logging_steps=25, report_to="none",
+    alpha_kd=0.5, alpha_feat=0.1, teacher_weighting="posterior", logging_steps=25, report_to="none",
 )  # fmt: skip
 trainer = MultiTeacherDistillationTrainer(
     model=student, teachers=teachers, args=args, train_dataset=data, eval_dataset=data.select(range(64)),

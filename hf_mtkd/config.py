@@ -19,7 +19,7 @@ from .fusion import FUSIONS
 from .heads import LOGIT_FREE_MODES
 from .redaction import redact
 from .settings import DistillationSettings
-from .weighting import GRANULARITIES, WEIGHTINGS
+from .weighting import DEFAULT_WEIGHTING, GRANULARITIES, WEIGHTINGS
 
 
 @dataclass
@@ -100,13 +100,14 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         },
     )
     teacher_weighting: str = field(
-        default="entropy",
+        default=DEFAULT_WEIGHTING,
         metadata={
-            "help": "How teachers are weighted at each position: 'entropy' (a more certain teacher, with lower "
-            "tempered entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature)), 'static' "
-            "(w_k = prior_k), 'correctness' (w_k ~ prior_k * p_k(true next token)^(1/label_temperature)), "
-            "'posterior' (w_k ~ prior_k * exp(sum_{s<=t} posterior_decay^(t-s) log p_k(y_{s+1}) / "
-            "label_temperature): the teacher that has predicted this document best leads), 'entropy+posterior' "
+            "help": "How teachers are weighted at each position: 'posterior' (the default: w_k ~ prior_k * "
+            "exp(sum_{s<=t} posterior_decay^(t-s) log p_k(y_{s+1}) / label_temperature): the teacher that has "
+            "predicted this document best so far leads), 'entropy' (a more certain teacher, with lower tempered "
+            "entropy, gets more weight: w_k ~ prior_k * exp(-H_k / entropy_temperature); it trusts a confidently "
+            "wrong teacher), 'static' (w_k = prior_k), 'correctness' (w_k ~ prior_k * p_k(true next "
+            "token)^(1/label_temperature)), 'entropy+posterior' "
             "(the product of both factors) or 'likelihood' (w_k ~ prior_k * p_k(document)^(1/label_temperature), "
             "the same at every position of a row or packed document: routes each document to the teacher that "
             "predicts it best).",

@@ -46,7 +46,7 @@ from .fusion import FUSIONS as FUSIONS
 from .logit_free import HeadLogits, HiddenStudent, any_head_logits, at_valid_positions
 from .settings import DistillationSettings
 from .storage import TeacherLogits, dense_rows, take_rows
-from .weighting import TeacherSignals, check_teacher_prior
+from .weighting import DEFAULT_WEIGHTING, TeacherSignals, check_teacher_prior
 
 
 @dataclass
@@ -318,7 +318,7 @@ def compute_teacher_weights(
     labels: Tensor,
     *,
     temperature: float = 1.0,
-    weighting: str = "entropy",
+    weighting: str = DEFAULT_WEIGHTING,
     entropy_temperature: float = 1.0,
     teacher_weights: Sequence[float] | Tensor | None = None,
     granularity: str = "token",
@@ -375,7 +375,7 @@ def multi_teacher_kd(
     labels: Tensor,
     *,
     temperature: float = 1.0,
-    weighting: str = "entropy",
+    weighting: str = DEFAULT_WEIGHTING,
     entropy_temperature: float = 1.0,
     teacher_weights: Sequence[float] | Tensor | None = None,
     fusion: str = "probability",
@@ -438,7 +438,7 @@ def multi_teacher_kd_loss(
     labels: Tensor,
     *,
     temperature: float = 1.0,
-    weighting: str = "entropy",
+    weighting: str = DEFAULT_WEIGHTING,
     entropy_temperature: float = 1.0,
     teacher_weights: Sequence[float] | Tensor | None = None,
     fusion: str = "probability",

@@ -20,7 +20,14 @@ from torch import Tensor
 from .alignment import FEATURE_LOSSES
 from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DIVERGENCES, Divergence, divergence
 from .fusion import FUSIONS
-from .weighting import GRANULARITIES, POSITION_LOCAL_WEIGHTINGS, WEIGHTINGS, WeightingParameters, normalize_prior
+from .weighting import (
+    DEFAULT_WEIGHTING,
+    GRANULARITIES,
+    POSITION_LOCAL_WEIGHTINGS,
+    WEIGHTINGS,
+    WeightingParameters,
+    normalize_prior,
+)
 
 CONFIG_FIELDS = {
     "temperature": "temperature",
@@ -61,7 +68,7 @@ class DistillationSettings:
 
     temperature: float = 1.0
     """τ of the tempered distributions in the KD term."""
-    weighting: str = "entropy"
+    weighting: str = DEFAULT_WEIGHTING
     entropy_temperature: float = 1.0
     """$\\gamma_H$ of `entropy`."""
     label_temperature: float = 1.0

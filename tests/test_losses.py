@@ -13,6 +13,7 @@ from hf_mtkd.losses import (
     multi_teacher_kd,
     multi_teacher_kd_loss,
 )
+from hf_mtkd.weighting import MIN_TARGET_LOG_PROB
 
 B, T, V, K = 3, 6, 11, 3
 
@@ -218,9 +219,9 @@ def test_confident_teacher_gets_more_weight(batch):
     _, teachers, labels = batch
     sharp, flat = teachers[0] * 10, teachers[0] * 0.1
     mask = labels[:, 1:] != -100
-    weights = compute_teacher_weights([flat, sharp], labels)[:, :, :-1]
+    weights = compute_teacher_weights([flat, sharp], labels, weighting="entropy")[:, :, :-1]
     assert (weights[1][mask] > weights[0][mask]).all()
-    routed = compute_teacher_weights([flat, sharp], labels, entropy_temperature=0.1)[:, :, :-1]
+    routed = compute_teacher_weights([flat, sharp], labels, weighting="entropy", entropy_temperature=0.1)[:, :, :-1]
     assert (routed[1][mask] > 0.99).all()  # a small gamma routes each position to the most certain teacher
 
 
@@ -358,7 +359,7 @@ def test_correctness_follows_the_teacher_that_predicts_the_labels(batch):
     right = F.one_hot(targets, V).double() * 3.0  # puts its mass on the true next token
     wrong = right.roll(1, dims=-1) * 3  # sharper, and always on the wrong token
     mask = labels[:, 1:] != -100
-    by_entropy = compute_teacher_weights([right, wrong], labels)[:, :, :-1]
+    by_entropy = compute_teacher_weights([right, wrong], labels, weighting="entropy")[:, :, :-1]
     assert (by_entropy[1][mask] > 0.5).all()  # entropy trusts the confident one
     for weighting in ("correctness", "posterior", "likelihood"):
         weights = compute_teacher_weights([right, wrong], labels, weighting=weighting)[:, :, :-1]
@@ -382,6 +383,38 @@ def test_posterior_does_not_leak_across_rows_or_documents(batch):
     second = compute_teacher_weights(teachers, other, weighting="posterior")
     torch.testing.assert_close(first[:, 1:], second[:, 1:])
     assert not torch.allclose(first[:, 0], second[:, 0])
+
+
+@pytest.mark.parametrize("weighting", ["correctness", "posterior", "entropy+posterior", "likelihood"])
+def test_a_token_no_teacher_can_produce_bounds_the_evidence(weighting):
+    """
+    A true token that a teacher gives probability 0 (logit -inf: a padding row, an unmapped token) counts as
+    log p = MIN_TARGET_LOG_PROB: where every teacher gives it 0 the weights stay finite, and a teacher that gave it 0
+    once is not silenced for the rest of the document (`posterior` forgets it at the rate λ).
+    """
+    length, vocab = 48, 16
+    labels = torch.randint(0, vocab - 1, (1, length), generator=torch.Generator().manual_seed(0))
+    labels[0, 1] = vocab - 1  # the first next-token target: a token...
+    logits = torch.zeros(1, length, vocab, dtype=torch.float64)
+    both = [logits.clone(), logits.clone()]
+    for z in both:
+        z[0, 0, vocab - 1] = -torch.inf  # ...that neither teacher can produce
+    weights = compute_teacher_weights(both, labels, weighting=weighting)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights[:, 0, :-1], torch.full((2, length - 1), 0.5, dtype=torch.float64))
+    one = [logits.clone(), logits.clone()]
+    one[1][0, 0, vocab - 1] = -torch.inf  # only the second teacher cannot; otherwise the two are the same
+    weights = compute_teacher_weights(one, labels, weighting=weighting)
+    floor = MIN_TARGET_LOG_PROB - math.log(1 / vocab)  # the second teacher's evidence against the first at t = 0
+    if weighting in ("correctness", "posterior"):
+        first = torch.sigmoid(torch.tensor(floor, dtype=torch.float64))
+        torch.testing.assert_close(weights[1, 0, 0], first, rtol=1e-9, atol=0)
+    if weighting in ("posterior", "entropy+posterior"):  # forgotten at λ = 0.9 per position
+        late = torch.sigmoid(torch.tensor(0.9 ** (length - 2) * floor, dtype=torch.float64))
+        torch.testing.assert_close(weights[1, 0, length - 2], late, rtol=1e-9, atol=0)
+        assert weights[1, 0, length - 2] > 0.4
+    if weighting == "correctness":
+        torch.testing.assert_close(weights[1, 0, 1:-1], torch.full((length - 2,), 0.5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(("weighting", "fusion", "granularity"), OPTIONS)

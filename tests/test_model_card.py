@@ -159,7 +159,7 @@ def test_card_body(pushed_run, teacher_dirs, student_dir):
     for metric in ("perplexity", "loss_ce", "loss_kd", "loss_feat"):
         assert table_row(card, metric) == [metric, f"{results[f'eval_{metric}']:.4g}"]
     assert table_row(card, "`alpha_feat`") == ["`alpha_feat`", "0.1"]
-    assert table_row(card, "`teacher_weighting`") == ["`teacher_weighting`", "entropy"]
+    assert table_row(card, "`teacher_weighting`") == ["`teacher_weighting`", "posterior"]
     assert f"Trained for 6 optimizer steps ({state['epoch']:.4g} epochs)." in card
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in card
     assert "they are not uploaded to the Hub" in card

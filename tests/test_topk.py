@@ -110,7 +110,7 @@ def test_top_k_gradcheck(batch):
 def test_top_k_weights_follow_the_truncated_entropy(batch):
     _, teachers, labels = batch
     cached = [TopKLogits.from_logits(z.float(), 5) for z in teachers]
-    weights = compute_teacher_weights(cached, labels, temperature=2.0)
+    weights = compute_teacher_weights(cached, labels, temperature=2.0, weighting="entropy")
     assert weights.dtype == torch.float32
     b, t = valid_positions(labels)[0]
     entropies = []
