@@ -186,6 +186,27 @@ def test_on_policy_comparison(tmp_path):
     assert "| weight of shakespeare on the student's text |" in report
 
 
+def test_warm_start(tmp_path):
+    """`--warm_start_steps`: every method starts from the seed's student after plain cross-entropy steps."""
+    name = "no teacher (CE only), prompted"
+    argv = ["--quick", "--steps", "2", "--on_policy", "--warm_start_steps", "20", "--methods", name]
+    main([*argv, "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    warm = results["warm_start"]
+    assert warm["steps"] == 20 and [run["seed"] for run in warm["runs"]] == results["scale"]["seeds"]
+    (start,) = [run["test"]["overall"]["perplexity"] for run in warm["runs"]]
+    assert start < 0.8 * results["scale"]["vocab_size"]  # 20 steps learned something (random weights: about V)
+    # two more steps from there, not from random weights (which after two steps are still near V)
+    (after,) = [run["test"]["overall"]["perplexity"] for run in results["methods"][name]["runs"]]
+    assert 0.8 * start < after < 1.05 * start
+    assert (
+        "Warm start: every method starts from the seed's student after 20 steps"
+        in (tmp_path / "results.md").read_text()
+    )
+    with pytest.raises(ValueError, match="not with --tune"):
+        main(["--quick", "--tune", "--warm_start_steps", "5", "--output_dir", str(tmp_path / "tune")])
+
+
 def test_cli_has_the_demo(capsys):
     from hf_mtkd.cli import main as cli
 

@@ -276,6 +276,16 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
             "top-k forms (their k most likely tokens exact, the rest of their mass spread evenly over the other "
             "tokens); perplexity is exact.",
         ]
+    if results.get("warm_start"):
+        warm = results["warm_start"]
+        perplexities = [run["test"]["overall"]["perplexity"] for run in warm["runs"]]
+        spread = f" ± {statistics.stdev(perplexities):.2f}" if len(perplexities) > 1 else ""
+        sections[1:1] = [
+            "",
+            f"Warm start: every method starts from the seed's student after {warm['steps']} steps of plain "
+            f"cross-entropy on the training blocks (its overall test perplexity: "
+            f"{statistics.fmean(perplexities):.2f}{spread}).",
+        ]
     on_policy = on_policy_table(results)
     if on_policy:
         sections += ["", "Generation (on-policy batches are continued by the student before the step):", "", on_policy]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -76,14 +77,16 @@ def distill(
     scale: Scale,
     output_dir: Path,
     cached: CachedTeachers | None = None,
+    init: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """
-    Train a fresh student with `method`; return it and its run statistics (`run_statistics`). With `cached`, every
+    Train a fresh student (a copy of `init`, the seed's warm start, where given) with `method`; return it and its run
+    statistics (`run_statistics`). With `cached`, every
     method trains on its fixed training rows, and the teachers are read from its cache (except for feature alignment,
     which needs their hidden states, and on-policy training, whose teachers score the student's own text: those
     teachers run live on the same rows).
     """
-    student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
+    student = build_model(STUDENT, data.tokenizer, scale, seed=seed) if init is None else copy.deepcopy(init)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
     if cached is None:
         blocks = {domain: routed(d, domain, method) for domain, d in data.train.items()}
@@ -122,6 +125,18 @@ def distill(
     trainer.train()
     seconds = time.perf_counter() - start
     return student, run_statistics(trainer, seconds, scale)
+
+
+def warm_start(seed: int, steps: int, data: DemoData, scale: Scale, output_dir: Path) -> nn.Module:
+    """The seed's student after `steps` of plain cross-entropy on the training blocks (every method's warm start)."""
+    student = build_model(STUDENT, data.tokenizer, scale, seed=seed)
+    Trainer(
+        model=student,
+        args=TrainingArguments(**training_settings(output_dir, steps, scale.batch_size, seed)),
+        train_dataset=concatenate_datasets(list(data.train.values())),
+        data_collator=DataCollatorForLanguageModeling(data.tokenizer, mlm=False),
+    ).train()
+    return student
 
 
 def prompted(rows: Dataset, prompt_tokens: int) -> Dataset:
@@ -246,6 +261,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             f"--teacher_top_k {args.teacher_top_k} must be 0 (live teachers) or a positive number of tokens."
         )
+    if args.warm_start_steps < 0 or (args.warm_start_steps and args.tune):
+        raise ValueError(
+            f"--warm_start_steps {args.warm_start_steps}: give a number of steps >= 0, and not with --tune (the "
+            "shipped hyperparameters were chosen from random weights)."
+        )
     scale = SCALES[PRETRAINED_SCALES[args.scale] if args.pretrained_teacher else args.scale]
     if args.steps is not None:
         scale = dataclasses.replace(scale, distill_steps=args.steps)
@@ -337,10 +357,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     specialists = {domain: k for k, domain in enumerate(teachers) if domain in data.validation}
     results["score_scales"] = score_scales(data.validation, reference, specialists, batch_size=scale.batch_size)
     print("Teachers' test perplexity by held-out domain:\n" + teacher_table(results), flush=True)
+    warm = {}
+    if args.warm_start_steps:
+        for seed in tqdm(scale.seeds, desc="warm start"):
+            warm[seed] = warm_start(seed, args.warm_start_steps, data, scale, output_dir / "runs")
+        no_teacher = Method("warm start")
+        results["warm_start"] = {
+            "steps": args.warm_start_steps,
+            "runs": [
+                {"seed": s, "test": evaluate(m, no_teacher, {}, data.test, teachers, scale.batch_size, cached)}
+                for s, m in warm.items()
+            ],
+        }
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
         hparams, source = tuned_hparams(tuned, method)
-        student, stats = distill(method, hparams, seed, data, teachers, scale, output_dir / "runs", cached)
+        student, stats = distill(
+            method, hparams, seed, data, teachers, scale, output_dir / "runs", cached, init=warm.get(seed)
+        )
         entry = results["methods"].setdefault(method.name, {"hparams": hparams, "hparams_source": source, "runs": []})
         entry["runs"].append(
             {
@@ -396,6 +430,15 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
         "scenario's default weighting trains off-policy (on the blocks' own continuations) and on-policy (half of "
         "the batches continued by the student itself, scored by the teachers), beside a prompted CE-only row; the "
         "table adds the share of on-policy batches, the generated tokens per step and the training time.",
+    )
+    parser.add_argument(
+        "--warm_start_steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Start every method from the seed's student after N steps of plain cross-entropy on the training "
+        "blocks (a fine-tuned student, as on-policy distillation usually starts from) instead of from random "
+        "weights; the report adds the warm student's own test perplexity. 0: from random weights.",
     )
     parser.add_argument(
         "--bad_teacher",
