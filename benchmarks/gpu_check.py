@@ -10,9 +10,10 @@ The logit-free path beside today's on a GPU, at LLM-like shapes with bf16 teache
              bfloat16 teachers shaped as Qwen2.5-1.5B, Llama-3.2-1B and Qwen3-1.7B, all on a 152k vocabulary with
              random weights; per row (B, T, K, half of each row a masked prompt), one step's peak device memory
              above what the models hold and its median time, for plain fine-tuning of the student (HF Trainer),
-             TRL's GKD (K = 1, where trl is installed), today's path (`logit_free="never"`) and the logit-free one
-             (`"always"`); a step that runs out of memory is reported as such. The two paths' losses on the same
-             batch are compared too (bf16: rounding-level differences).
+             TRL's GKD (K = 1, where trl is installed), today's path (`logit_free="never"`), the logit-free one
+             (`"always"`), both with entropy weights, and the logit-free one with `posterior` (the default weighting,
+             which reads the teachers' heads twice); a step that runs out of memory is reported as such. The two
+             paths' losses on the same batch are compared too (bf16: rounding-level differences).
 
 Every method's step is `Trainer.training_step` without an optimizer, inside the same autocast, as in
 `benchmarks/bench_step.py`, whose CPU table this one extends to real sizes.
@@ -79,7 +80,8 @@ QUICK_TEACHERS = [
      "num_key_value_heads": 2, "head_dim": 16}
     for t in TEACHERS
 ]  # fmt: skip
-METHODS = ("plain", "trl", "today", "free")
+METHODS = ("plain", "trl", "today", "free", "posterior")
+"""`posterior`: the logit-free step with the package's default weighting, whose first pass reads the heads again."""
 
 
 @dataclass(frozen=True)
@@ -169,10 +171,15 @@ def common_args(tmp: str, device: torch.device) -> dict[str, Any]:
 
 
 def distiller(
-    student: torch.nn.Module, teachers: list[torch.nn.Module], tmp: str, device: torch.device, logit_free: str
+    student: torch.nn.Module,
+    teachers: list[torch.nn.Module],
+    tmp: str,
+    device: torch.device,
+    logit_free: str,
+    weighting: str = "entropy",
 ) -> MultiTeacherDistillationTrainer:
     args = MultiTeacherDistillationConfig(
-        **common_args(tmp, device), temperature=2.0, teacher_weighting="entropy", logit_free=logit_free
+        **common_args(tmp, device), temperature=2.0, teacher_weighting=weighting, logit_free=logit_free
     )
     return MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=args)
 
@@ -277,6 +284,7 @@ def scale_row(row: Row, device: torch.device, repeats: int, quick: bool, tokeniz
             "plain": step_of(Trainer(model=student, args=TrainingArguments(**common_args(tmp, device))), batch, True),
             "today": step_of(distiller(student, teachers, tmp, device, "never"), batch, True),
             "free": step_of(distiller(student, teachers, tmp, device, "always"), batch, True),
+            "posterior": step_of(distiller(student, teachers, tmp, device, "always", "posterior"), batch, True),
         }
         if row.num_teachers == 1 and GKDTrainer is not None:
             # off-policy forward KL; bf16 left to the autocast every method runs in (TRL's default would wrap the
@@ -306,7 +314,9 @@ def scale_row(row: Row, device: torch.device, repeats: int, quick: bool, tokeniz
         result["today_loss"], result["free_loss"] = losses["today"], losses["free"]
     if None not in losses.values():
         result["free_vs_today_loss"] = abs(losses["free"] - losses["today"]) / abs(losses["today"])
-    for name in ("today", "free", "trl"):
+    ms, free = result.get("posterior_ms"), result.get("free_ms")
+    result["posterior_time_over_free"] = ms / free if ms is not None and free else None
+    for name in ("today", "free", "trl", "posterior"):
         peak, plain = result.get(f"{name}_peak_mib"), result.get("plain_peak_mib")
         result[f"{name}_memory_over_plain"] = peak / plain if peak is not None and plain else None
         ms, today = result.get(f"{name}_ms"), result.get("today_ms")
@@ -333,10 +343,11 @@ SCALE_COLUMNS = [
     ("B x T", lambda r: f"{r['batch_size']} x {r['seq_len']}"),
     ("K", lambda r: str(r["num_teachers"])),
     ("valid", lambda r: str(r["valid_positions"])),
-    ("ms plain / trl / today / free",
+    ("ms plain / trl / today / free / posterior",
      lambda r: " / ".join(_cell(r, m, "ms") for m in METHODS)),
     ("free/today time", lambda r: _ratio(r.get("free_time_over_today"))),
-    ("MiB plain / trl / today / free",
+    ("posterior/free time", lambda r: _ratio(r.get("posterior_time_over_free"))),
+    ("MiB plain / trl / today / free / posterior",
      lambda r: " / ".join(_cell(r, m, "peak_mib") for m in METHODS)),
     ("today/plain MiB", lambda r: _ratio(r.get("today_memory_over_plain"))),
     ("free/plain MiB", lambda r: _ratio(r.get("free_memory_over_plain"))),

@@ -37,7 +37,7 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     rows = report["scale"]
     assert [(r["batch_size"], r["num_teachers"]) for r in rows] == [(1, 1), (2, 3)]
     for row in rows:
-        methods = ("plain", "today", "free") + (("trl",) if row["num_teachers"] == 1 else ())
+        methods = ("plain", "today", "free", "posterior") + (("trl",) if row["num_teachers"] == 1 else ())
         for method in methods:
             assert not row[f"{method}_oom"] and math.isfinite(row[f"{method}_ms"]) and row[f"{method}_ms"] > 0
         assert row["free_time_over_today"] == row["free_ms"] / row["today_ms"]
