@@ -396,11 +396,11 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         },
     )
     generation_temperature: float | None = field(
-        default=None,
+        default=1.0,
         metadata={
-            "help": "Sampling temperature of on-policy and seq_kd completions (> 0). None: the KD `temperature` "
-            "(GKD's single temperature), which defaults to 2.0 here: set it (e.g. 0.9, GKD's default) to sample "
-            "text the student would write."
+            "help": "Sampling temperature of on-policy and seq_kd completions (> 0). 1.0: the writer's own "
+            "distribution, the text it would write. None: the KD `temperature`, one temperature for both as in "
+            "TRL's GKD (with this package's KD default of 2.0 that samples much flatter, noisier text)."
         },
     )
     generation_top_k: int = field(

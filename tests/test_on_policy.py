@@ -135,6 +135,19 @@ class FixedGenerator(torch.nn.Module):
         return torch.cat([input_ids, self.new_tokens[: len(input_ids)]], dim=1)
 
 
+def test_completions_are_sampled_at_temperature_1_unless_told(tmp_path):
+    """The student's own distribution by default, whatever the KD τ; None: the KD τ, GKD's single temperature."""
+    from hf_mtkd import MultiTeacherDistillationConfig
+
+    def sampling(**fields):
+        args = MultiTeacherDistillationConfig(output_dir=str(tmp_path), temperature=2.0, lmbda=0.5, **fields)
+        return Sampling.from_config(args).temperature
+
+    assert sampling() == 1.0
+    assert sampling(generation_temperature=None) == 2.0
+    assert sampling(generation_temperature=0.7) == 0.7
+
+
 def test_generation_left_pads_samples_in_eval_mode_and_cuts_after_the_first_eos():
     model = FixedGenerator([[4, 1, 2, 2], [4, 4, 4, 4], [1, 2, 2, 2]]).train()
     prompts = [torch.tensor([7, 8, 9]), torch.tensor([5]), torch.tensor([6, 6])]
