@@ -81,10 +81,9 @@ def distill(
 ) -> tuple[nn.Module, dict[str, float]]:
     """
     Train a fresh student (a copy of `init`, the seed's warm start, where given) with `method`; return it and its run
-    statistics (`run_statistics`). With `cached`, every
-    method trains on its fixed training rows, and the teachers are read from its cache (except for feature alignment,
-    which needs their hidden states, and on-policy training, whose teachers score the student's own text: those
-    teachers run live on the same rows).
+    statistics (`run_statistics`). With `cached`, every method trains on its fixed training rows, and the teachers are
+    read from its cache (except for feature alignment, which needs their hidden states, and on-policy training, whose
+    teachers score the student's own text: those teachers run live on the same rows).
     """
     student = build_model(STUDENT, data.tokenizer, scale, seed=seed) if init is None else copy.deepcopy(init)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
