@@ -6,6 +6,7 @@ Step time and memory of multi-teacher distillation, side by side on the same mod
                 [B, T, V] logits of the student and every teacher (`logit_free="never"`, the path before issue 16);
   (b') free     the same step logit-free (`logit_free="always"`): final hidden states at the valid positions and
                 output heads, each chunk's logits made by a matmul, no [B, T, V] tensor for any model;
+                `posterior`: the same with the default weighting (scale grid);
   (c) cached    the same trainer on the teachers' cached top-k logits (`cache_teacher_logits`), no teacher runs;
   (d) plain     `transformers.Trainer.training_step` of the student alone (plain fine-tuning);
   (e) trl       TRL's `GKDTrainer` with the first teacher (lmbda=0: off-policy, beta=0: forward KL), K = 1 only;
@@ -23,8 +24,9 @@ random logits of 4 x 256 positions (the smoke run: its own batch).
     python benchmarks/bench_step.py --quick         # a smoke run in seconds
     python benchmarks/bench_step.py --grid scale --output docs/bench_step_scale
         # LLM-like vocabularies and lengths (V 65k/152k, T 1024/2048, K 1/3, half of each row a masked prompt):
-        # plain fine-tuning, TRL (K = 1), today's path and the logit-free one, one step each (the first, no
-        # warm-up), timed and measured at once in the memory process: about 10 minutes on 2 CPU cores
+        # plain fine-tuning, TRL (K = 1), today's path and the logit-free one (entropy weighting, and the default
+        # `posterior`), one step each (the first, no warm-up), timed and measured at once in the memory process:
+        # about 12 minutes on 2 CPU cores
     python benchmarks/bench_step.py --output docs/bench_step   # writes docs/bench_step.json and .md
 """
 
@@ -109,7 +111,8 @@ SCALE = [
     for k in (1, 3)
 ]
 """Issue 16's grid: the vocabularies of Llama-3-like (65k: 64k-128k) and Qwen2.5 (152k) models, long rows."""
-SCALE_METHODS = ("plain", "trl", "mtkd", "free")
+FULL_METHODS = ("floor", "mtkd", "free", "cached", "plain", "trl")
+SCALE_METHODS = ("plain", "trl", "mtkd", "free", "posterior")
 SCALE_QUICK = [Setting("tiny", 2048, k, batch_size=1, seq_len=64, prompt=0.5) for k in (1, 3)]
 """A smoke run of the scale grid's methods and report."""
 GRIDS = {"full": FULL, "quick": QUICK, "scale": SCALE, "scale_quick": SCALE_QUICK}
@@ -187,7 +190,8 @@ def make_steps(
     tmp: str,
     methods: tuple[str, ...] | None = None,
 ) -> dict[str, Callable[[], Any]]:
-    """One no-optimizer training step (forward and backward) per method (None: all), on the same student and batch."""
+    """One no-optimizer training step (forward and backward) per method (None: `FULL_METHODS`), on the same student and
+    batch."""
     common = {"output_dir": tmp, "report_to": "none", "use_cpu": True, "disable_tqdm": True}
     num_items = int((batch["labels"][:, 1:] != -100).sum())
 
@@ -206,9 +210,9 @@ def make_steps(
         loss.backward()
         student.zero_grad(set_to_none=True)
 
-    def kd_args(logit_free: str) -> MultiTeacherDistillationConfig:
+    def kd_args(logit_free: str, weighting: str = "entropy") -> MultiTeacherDistillationConfig:
         return MultiTeacherDistillationConfig(
-            **common, temperature=2.0, teacher_weighting="entropy", logit_free=logit_free
+            **common, temperature=2.0, teacher_weighting=weighting, logit_free=logit_free
         )
 
     def cached() -> Callable[[], Any]:
@@ -232,10 +236,16 @@ def make_steps(
         "free": lambda: trainer_step(
             MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=kd_args("always")), batch
         ),
+        "posterior": lambda: trainer_step(
+            MultiTeacherDistillationTrainer(
+                model=student, teachers=teachers, args=kd_args("always", weighting="posterior")
+            ),
+            batch,
+        ),
         "cached": cached,
         "plain": lambda: trainer_step(Trainer(model=student, args=TrainingArguments(**common)), batch),
     }
-    steps = {name: make() for name, make in makers.items() if methods is None or name in methods}
+    steps = {name: make() for name, make in makers.items() if name in (methods or FULL_METHODS)}
     if setting.num_teachers == 1 and GKDTrainer is not None and (methods is None or "trl" in methods):
         rows = Dataset.from_dict({"input_ids": batch["input_ids"].tolist()})
         # float32 like the other methods (TRL's configs default to bf16 where supported, and its trainer would wrap
@@ -324,6 +334,7 @@ def measure(
     row["free_over_mtkd"] = row["free_ms"] / row["mtkd_ms"]
     row["free_over_trl"] = row["free_ms"] / row["trl_ms"] if "trl_ms" in row else None
     if methods is not None:
+        row["posterior_over_free"] = row["posterior_ms"] / row["free_ms"]
         return row
     row["mtkd_over_floor"] = row["mtkd_ms"] / row["floor_ms"]
     row["cached_over_plain"] = row["cached_ms"] / row["plain_ms"]
@@ -388,6 +399,8 @@ SCALE_COLUMNS = [
     ("logit-free ms", lambda r: f"{r['free_ms']:.0f}"),
     ("free/today", lambda r: f"{r['free_over_mtkd']:.2f}"),
     ("free/trl", lambda r: f"{r['free_over_trl']:.2f}" if r["free_over_trl"] else "-"),
+    ("free, posterior ms", lambda r: f"{r['posterior_ms']:.0f}"),
+    ("posterior/entropy", lambda r: f"{r['posterior_over_free']:.2f}"),
     (
         "MiB plain / trl / today / free",
         lambda r: " / ".join(_mb(r.get(f"{m}_peak_mb")) for m in ("plain", "trl", "mtkd", "free")),

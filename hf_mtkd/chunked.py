@@ -30,7 +30,7 @@ from .dtypes import upcast
 from .fusion import fuse_dense, fuse_sparse
 from .settings import DistillationSettings
 from .storage import SparseRows, TeacherLogits, read_rows
-from .weighting import TeacherSignals, weights_from_signals
+from .weighting import DocumentTrack, TeacherSignals, document_grid, weights_from_signals
 
 CHUNK_ELEMENTS = 2**22
 """With `chunk_size=None`, positions are read `CHUNK_ELEMENTS // V` at a time: each `[chunk, V]` float32 tensor is
@@ -184,8 +184,8 @@ class Weighting:
         return cls(settings, settings.prior(num_teachers, device=device))
 
     @property
-    def local(self) -> bool:
-        return self.settings.position_local
+    def causal(self) -> bool:
+        return self.settings.causal
 
     def __call__(
         self, signals: TeacherSignals, teacher_mask: Tensor | None, teacher_prior: Tensor | None = None
@@ -201,16 +201,38 @@ class Weighting:
             teacher_prior=teacher_prior,
         )
 
-    def chunk(
-        self, entropy: Tensor, target_log_prob: Tensor, teacher_mask: Tensor | None, teacher_prior: Tensor | None
+
+class ChunkWeights:
+    """
+    The weights of a `causal` `Weighting`, made chunk by chunk in the order of a pass's `Layout`: each chunk is
+    weighted from its own signals and, for the weightings that run along a document (`posterior`), the running sums
+    carried from the chunks before it (`hf_mtkd.weighting.DocumentTrack`), so every teacher is read once.
+    """
+
+    def __init__(self, weigh: Weighting, layout: Layout, segment_starts: Tensor | None) -> None:
+        time, document = document_grid(layout.mask, segment_starts)
+        self.weigh = weigh
+        self.time, self.document = layout.flat(time), layout.flat(document)
+        self.track = DocumentTrack(self.time[:0], self.document[:0])
+
+    def __call__(
+        self,
+        chunk: Chunk,
+        entropy: Tensor,
+        target_log_prob: Tensor,
+        teacher_mask: Tensor | None,
+        teacher_prior: Tensor | None,
     ) -> Tensor:
         """
-        Weights `[K, n]` of n positions from their own signals (only when `local`), with `teacher_mask` `[K, n]`
-        and `teacher_prior` `[n, K]` (each position's row prior) at those positions: each position is a row.
+        Weights `[K, n]` of the chunk's n positions from their signals `[K, n]`, with `teacher_mask` `[K, n]` and
+        `teacher_prior` `[n, K]` (each position's row prior) at those positions; chunks come in the pass's order.
         """
+        self.track = self.track.at(self.time[chunk.rows], self.document[chunk.rows])
+        evidence = target_log_prob if chunk.all_valid else target_log_prob.where(chunk.valid, 0.0)
         everywhere = torch.ones(entropy.shape[1], 1, dtype=torch.bool, device=entropy.device)
-        signals = TeacherSignals(entropy, target_log_prob, everywhere)
-        return self(signals, None if teacher_mask is None else teacher_mask[:, :, None], teacher_prior)[:, :, 0]
+        signals = TeacherSignals(entropy, evidence, everywhere, track=self.track)
+        mask = None if teacher_mask is None else teacher_mask[:, :, None]
+        return self.weigh(signals, mask, teacher_prior)[:, :, 0]
 
 
 class StudentLogits:
@@ -274,9 +296,9 @@ class ChunkedDistillation(torch.autograd.Function):
     \frac{1}{N} \sum -\log \mathrm{softmax}(z_s)_y$ over the valid positions, in one pass over chunks of positions:
     the one loop over chunks that has a gradient.
 
-    Each chunk reads every teacher once (`hf_mtkd.storage.read_rows`): its statistics, its weights (when they depend
-    on the position alone; else `weights` are given), the fused target (`hf_mtkd.fusion`), the divergence D and its
-    gradient (`hf_mtkd.divergences`, the settings' `kd_divergence`), the cross-entropy, and the gradient in the
+    Each chunk reads every teacher once (`hf_mtkd.storage.read_rows`): its statistics, its weights (`weigh`, when
+    they read no later position; else `weights` are given), the fused target (`hf_mtkd.fusion`), the divergence D
+    and its gradient (`hf_mtkd.divergences`, the settings' `kd_divergence`), the cross-entropy, and the gradient in the
     student's logits, $\frac{1}{N}(\alpha_{kd} \tau\, \partial D / \partial u + \alpha_{ce} (q_1 - e_y))$ ($u = z_s /
     \tau$; $\partial D / \partial u = q_\tau - \bar p$ for the forward KL), handed to the `StudentLogits` strategy
     during the forward (written into one `[B, T, V]` buffer, or multiplied into the gradients of the hidden states
@@ -298,7 +320,7 @@ class ChunkedDistillation(torch.autograd.Function):
         labels: Tensor,
         normalizer: Tensor,
         weights: Tensor | None,
-        weigh: Weighting,
+        weigh: ChunkWeights | None,
         teacher_mask: Tensor | None,
         teacher_prior: Tensor | None,
         settings: DistillationSettings,
@@ -350,7 +372,7 @@ class ChunkedDistillation(torch.autograd.Function):
                 available = None if flat_mask is None else flat_mask[:, rows]
                 if flat_weights is None:
                     prior = None if flat_prior is None else flat_prior[rows]
-                    chunk_weights = weigh.chunk(chunk_entropy, chunk_log_prob, available, prior)
+                    chunk_weights = weigh(chunk, chunk_entropy, chunk_log_prob, available, prior)
                 else:
                     chunk_weights = flat_weights[:, rows]
                 # the KD term counts at valid positions where some teacher has weight

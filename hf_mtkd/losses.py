@@ -30,6 +30,7 @@ from .alignment import FEATURE_LOSSES
 from .chunked import CHUNK_ELEMENTS as CHUNK_ELEMENTS
 from .chunked import (
     ChunkedDistillation,
+    ChunkWeights,
     DenseStudent,
     Layout,
     Weighting,
@@ -272,8 +273,12 @@ class DistillationLoss:
         if teacher_prior is not None:
             check_teacher_prior(teacher_prior, labels.shape[0], len(teacher_logits))
         weigh = Weighting.of(settings, len(teacher_logits), labels.device)
-        weights = None
-        if with_kd and not weigh.local:
+        layout = Layout(mask, packed)
+        segment_starts = None if position_ids is None else position_ids == 0
+        weights = chunk_weights = None
+        if with_kd and weigh.causal:
+            chunk_weights = ChunkWeights(weigh, layout, segment_starts)
+        elif with_kd:
             signals = teacher_statistics(
                 teacher_logits,
                 labels,
@@ -287,11 +292,11 @@ class DistillationLoss:
         student = HiddenStudent(student_logits) if packed else DenseStudent(student_logits)
         loss, loss_kd, loss_ce, entropy, target_log_prob = ChunkedDistillation.apply(
             student,
-            Layout(mask, packed),
+            layout,
             labels,
             normalizer(mask, num_items_in_batch),
             weights,
-            weigh,
+            chunk_weights,
             teacher_mask,
             teacher_prior,
             settings,
@@ -300,7 +305,6 @@ class DistillationLoss:
             *student.inputs,
         )
         if weights is None:
-            segment_starts = None if position_ids is None else position_ids == 0
             signals = TeacherSignals(entropy, target_log_prob, mask, segment_starts)
             weights = weigh(signals, teacher_mask, teacher_prior)
         return MultiTeacherKDOutput(
@@ -400,8 +404,8 @@ def multi_teacher_kd(
     weighting arguments.
 
     Both terms and the gradient come from one pass over chunks of positions, which reads each teacher once when
-    the weights of a position depend on it alone (`granularity="token"` with `static`, `entropy` or
-    `correctness`); otherwise a first pass computes the teachers' statistics. Without `alpha_ce`, $L_{ce}$ is
+    the weights of a position read no later position (`granularity="token"` with any weighting but `likelihood`);
+    otherwise a first pass computes the teachers' statistics. Without `alpha_ce`, $L_{ce}$ is
     neither computed nor part of the loss.
     """
     settings = DistillationSettings(

@@ -21,9 +21,9 @@ from .alignment import FEATURE_LOSSES
 from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DIVERGENCES, Divergence, divergence
 from .fusion import FUSIONS
 from .weighting import (
+    CAUSAL_WEIGHTINGS,
     DEFAULT_WEIGHTING,
     GRANULARITIES,
-    POSITION_LOCAL_WEIGHTINGS,
     WEIGHTINGS,
     WeightingParameters,
     normalize_prior,
@@ -159,9 +159,9 @@ class DistillationSettings:
         return WeightingParameters(self.entropy_temperature, self.label_temperature, self.posterior_decay)
 
     @property
-    def position_local(self) -> bool:
-        """Whether a position's weights depend only on that position's signals (so they can be made per chunk)."""
-        return self.granularity == "token" and self.weighting in POSITION_LOCAL_WEIGHTINGS
+    def causal(self) -> bool:
+        """Whether a position's weights read only its own signals and earlier ones (so they can be made per chunk)."""
+        return self.granularity == "token" and self.weighting in CAUSAL_WEIGHTINGS
 
     def check_num_teachers(self, num_teachers: int) -> None:
         """Refuse a `min_weight` that K teachers' weights cannot all reach (a prior of the wrong length: `prior`)."""

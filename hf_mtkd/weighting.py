@@ -36,6 +36,79 @@ class TeacherSignals:
     """`[B, T]` bool, the valid positions (N of them, in row-major order)."""
     segment_starts: Tensor | None = None
     """`[B, T]` bool, True where a packed document begins (from `position_ids == 0`); None: one per row."""
+    track: DocumentTrack | None = None
+    """Where the N positions lie in their documents, and the running sums carried from the positions read before
+    them (a chunk of a pass, see `DocumentTrack`); None: `DocumentTrack.of(mask, segment_starts)`, the signals
+    holding whole documents."""
+
+    def document_track(self) -> DocumentTrack:
+        return DocumentTrack.of(self.mask, self.segment_starts) if self.track is None else self.track
+
+
+def document_grid(mask: Tensor, segment_starts: Tensor | None) -> tuple[Tensor, Tensor]:
+    """
+    `[B, T]` time t of each position in its row and id of its document (a row, or a packed segment of one, from
+    `segment_starts`): the ids of row b lie in `[b (T + 1), (b + 1)(T + 1))`.
+    """
+    batch_size, seq_len = mask.shape
+    time = torch.arange(seq_len, device=mask.device).expand(batch_size, seq_len)
+    starts = torch.zeros_like(mask) if segment_starts is None else segment_starts
+    row = torch.arange(batch_size, device=mask.device)[:, None] * (seq_len + 1)
+    return time, starts.long().cumsum(dim=1) + row
+
+
+SCAN_BLOCK = 256
+"""Positions whose running sums `DocumentTrack.decayed_sums` makes with one `[block, block]` matrix."""
+
+
+@dataclass
+class DocumentTrack:
+    r"""
+    The times and documents of n positions read in row-major order, and the running sums
+    $S_k(j) = \sum_{i \le j,\ d_i = d_j} \lambda^{t_j - t_i} e_k(i)$ carried from the runs of positions read before
+    them (`state`, `last_time`, `last_document`: the sums at the last position read; None before the first). A
+    pass over chunks gives every chunk's `DocumentTrack` the same carry, so that the chunks' sums are those of one
+    call over all positions.
+    """
+
+    time: Tensor
+    """`[n]` position of each in its row."""
+    document: Tensor
+    """`[n]` id of each one's document; a document's positions are consecutive."""
+    state: Tensor | None = None
+    last_time: Tensor | None = None
+    last_document: Tensor | None = None
+
+    @classmethod
+    def of(cls, mask: Tensor, segment_starts: Tensor | None) -> DocumentTrack:
+        """The valid positions of `mask`, whole documents (nothing carried)."""
+        time, document = document_grid(mask, segment_starts)
+        return cls(time[mask], document[mask])
+
+    def at(self, time: Tensor, document: Tensor) -> DocumentTrack:
+        """The next run of positions, with this one's carry."""
+        return DocumentTrack(time, document, self.state, self.last_time, self.last_document)
+
+    def decayed_sums(self, evidence: Tensor, decay: float) -> Tensor:
+        r"""
+        $S_k(j)$ `[K, n]` of `evidence` $e$ `[K, n]`, a `[block, block]` matrix of $\lambda^{t_j - t_i}$ at a time
+        (no power of $\lambda^{-1}$, so nothing overflows); the sums at the last position are carried to `at`.
+        """
+        sums = torch.empty_like(evidence)
+        for start in range(0, evidence.shape[1], SCAN_BLOCK):
+            block = slice(start, start + SCAN_BLOCK)
+            time, document = self.time[block], self.document[block]
+            gap = (time[:, None] - time[None, :]).to(evidence.dtype)
+            kernel = torch.where(document[:, None] == document[None, :], decay ** gap.clamp(min=0), 0.0).tril()
+            block_sums = evidence[:, block] @ kernel.T
+            if self.state is not None:
+                carried = (decay ** (time - self.last_time).to(evidence.dtype)).where(
+                    document == self.last_document, 0.0
+                )
+                block_sums = block_sums + self.state[:, None] * carried
+            sums[:, block] = block_sums
+            self.state, self.last_time, self.last_document = block_sums[:, -1], time[-1], document[-1]
+        return sums
 
 
 @dataclass(frozen=True)
@@ -83,17 +156,11 @@ def posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Te
     leads on it, which routes each document to its specialist without domain labels.
 
     The sum runs over the valid positions of the same row and document: ignored positions add nothing (the state
-    still decays by $\lambda$ per position) and the state restarts at each row and at each `segment_starts`.
+    still decays by $\lambda$ per position) and the state restarts at each row and at each `segment_starts`. It
+    reads no later position, so a pass over chunks makes it chunk by chunk (`TeacherSignals.track`).
     """
-    grid = signals.target_log_prob.new_zeros(signals.entropy.shape[0], *signals.mask.shape)
-    grid[:, signals.mask] = signals.target_log_prob
-    keep = torch.ones_like(signals.mask) if signals.segment_starts is None else ~signals.segment_starts
-    state = grid.new_zeros(grid.shape[:2])
-    cumulative = torch.empty_like(grid)
-    for t in range(grid.shape[2]):
-        state = params.posterior_decay * state * keep[:, t] + grid[:, :, t]
-        cumulative[:, :, t] = state
-    return cumulative[:, signals.mask] / params.label_temperature
+    track = signals.document_track()
+    return track.decayed_sums(signals.target_log_prob, params.posterior_decay) / params.label_temperature
 
 
 def likelihood_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
@@ -106,14 +173,11 @@ def likelihood_scores(signals: TeacherSignals, params: WeightingParameters) -> T
 
     A document is a row, or a packed segment of one (`segment_starts`); ignored positions add nothing.
     """
-    num_teachers = signals.entropy.shape[0]
-    grid = signals.target_log_prob.new_zeros(num_teachers, *signals.mask.shape)
-    grid[:, signals.mask] = signals.target_log_prob
     batch_size, seq_len = signals.mask.shape
-    starts = torch.zeros_like(signals.mask) if signals.segment_starts is None else signals.segment_starts
-    segment = starts.long().cumsum(dim=1) + torch.arange(batch_size, device=starts.device)[:, None] * (seq_len + 1)
-    sums = grid.new_zeros(num_teachers, batch_size * (seq_len + 1)).index_add_(1, segment.flatten(), grid.flatten(1))
-    return sums[:, segment[signals.mask]] / params.label_temperature
+    document = signals.document_track().document
+    sums = signals.target_log_prob.new_zeros(signals.entropy.shape[0], batch_size * (seq_len + 1))
+    sums.index_add_(1, document, signals.target_log_prob)
+    return sums[:, document] / params.label_temperature
 
 
 def entropy_posterior_scores(signals: TeacherSignals, params: WeightingParameters) -> Tensor:
@@ -152,9 +216,9 @@ def describe_weighting(weighting: str, granularity: str) -> str:
     return summary if weighting == "static" else f"{summary}, per {granularity}"
 
 
-POSITION_LOCAL_WEIGHTINGS = ("static", "entropy", "correctness")
-"""The weightings whose score at a position reads that position's signals only: at `token` granularity the loss
-computes their weights chunk by chunk, in the same pass as the KL."""
+CAUSAL_WEIGHTINGS = ("static", "entropy", "correctness", "posterior", "entropy+posterior")
+"""The weightings whose score at a position reads only that position and the earlier ones of its document (through
+`DocumentTrack`): at `token` granularity the loss makes their weights chunk by chunk, in the same pass as the KL."""
 
 
 def normalize_prior(teacher_weights: Sequence[float] | Tensor | None, num_teachers: int, device=None) -> Tensor:

@@ -93,8 +93,10 @@ def reference_weights(
     return weights
 
 
-def reference_kd(student, teachers, labels, tau, weighting, gamma, prior, fusion, granularity, n=None):
-    weights = reference_weights(teachers, labels, tau, weighting, gamma, prior, granularity)
+def reference_kd(
+    student, teachers, labels, tau, weighting, gamma, prior, fusion, granularity, n=None, **weight_options
+):
+    weights = reference_weights(teachers, labels, tau, weighting, gamma, prior, granularity, **weight_options)
     valid = valid_positions(labels)
     total = 0.0
     for b, t in valid:
@@ -383,6 +385,72 @@ def test_posterior_does_not_leak_across_rows_or_documents(batch):
     second = compute_teacher_weights(teachers, other, weighting="posterior")
     torch.testing.assert_close(first[:, 1:], second[:, 1:])
     assert not torch.allclose(first[:, 0], second[:, 0])
+
+
+@pytest.mark.parametrize("scan_block", [3, 256])
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, None])
+@pytest.mark.parametrize("weighting", ["posterior", "entropy+posterior"])
+def test_weights_along_a_document_carry_across_chunks(monkeypatch, weighting, chunk_size, scan_block):
+    """
+    `posterior` at `token` granularity is made in the loss's one pass, chunk by chunk, its running sums carried
+    from chunk to chunk (and from block to block inside a chunk): the loss is the reference's for every cut, with
+    packed documents, a prompt and padding, and no first pass reads the teachers.
+    """
+    monkeypatch.setattr("hf_mtkd.weighting.SCAN_BLOCK", scan_block)
+    first_passes = []
+    monkeypatch.setattr("hf_mtkd.losses.teacher_statistics", lambda *args, **kwargs: first_passes.append(args))
+    student, teachers, labels, _ = random_logits(3, b=2, t=12)
+    labels[0, 9:] = -100  # right padding
+    labels[1, :2] = -100  # an ignored prompt
+    position_ids = torch.tensor([list(range(12)), [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])  # packed documents
+    options = dict(label_temperature=0.7, posterior_decay=0.8, min_weight=0.05, position_ids=position_ids)
+    loss = multi_teacher_kd_loss(
+        student,
+        teachers,
+        labels,
+        temperature=1.3,
+        weighting=weighting,
+        entropy_temperature=0.6,
+        teacher_weights=[1, 2, 3],
+        chunk_size=chunk_size,
+        **options,
+    )
+    expected = reference_kd(
+        student,
+        teachers,
+        labels,
+        1.3,
+        weighting,
+        0.6,
+        [1, 2, 3],
+        "probability",
+        "token",
+        label_gamma=0.7,
+        decay=0.8,
+        min_weight=0.05,
+        position_ids=position_ids,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert first_passes == []
+
+
+@pytest.mark.parametrize(("weighting", "granularity"), [("likelihood", "token"), ("posterior", "sequence")])
+def test_weights_that_read_later_positions_take_a_first_pass(monkeypatch, weighting, granularity):
+    import hf_mtkd.losses
+
+    first_passes = []
+    statistics = hf_mtkd.losses.teacher_statistics
+
+    def counted(*args, **kwargs):
+        first_passes.append(args)
+        return statistics(*args, **kwargs)
+
+    monkeypatch.setattr("hf_mtkd.losses.teacher_statistics", counted)
+    student, teachers, labels, _ = random_logits(4)
+    loss = multi_teacher_kd_loss(student, teachers, labels, weighting=weighting, granularity=granularity, chunk_size=2)
+    expected = reference_kd(student, teachers, labels, 1.0, weighting, 1.0, [1, 1, 1], "probability", granularity)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert len(first_passes) == 1
 
 
 @pytest.mark.parametrize("weighting", ["correctness", "posterior", "entropy+posterior", "likelihood"])
