@@ -16,11 +16,12 @@ $$\frac{\partial L}{\partial h_{chunk}} = G W, \qquad \frac{\partial L}{\partial
 so the pass holds O(chunk x V) beside the O(V x d) gradient of the head. The loss equals the one on the logits
 $hW^\top + b$ exactly (same chunks, same reductions).
 
-Weightings that pool over a sequence or the batch (or `posterior`, which runs along a sequence) need every
-position's statistics before the first weight: a first chunked pass computes the teachers' entropies and true-token
-log-probabilities `[K, N]` and keeps those (O(K x N) numbers, what the weights read), and the main pass computes each
-teacher's chunk logits again: keeping them would be the `[N, V]` tensors this path avoids. That doubles the teachers'
-head compute for those weightings only; position-local weightings at `token` granularity read each teacher once.
+Weightings that read no later position (every one at `token` granularity but `likelihood`; `posterior` carries its
+running sums from chunk to chunk) are made in the same pass as the KL, so each teacher's head runs once. Those that
+pool over a document, a sequence or the batch need every position's statistics before the first weight: a first
+chunked pass computes the teachers' entropies and true-token log-probabilities `[K, N]` and keeps those (O(K x N)
+numbers, what the weights read), and the main pass computes each teacher's chunk logits again: keeping them would be
+the `[N, V]` tensors this path avoids. That doubles the teachers' head compute for those weightings only.
 """
 
 from __future__ import annotations

@@ -63,6 +63,18 @@ _NO_TOKEN = "no position with a next-token label"
 """How warnings and errors name a batch or dataset whose labels leave nothing to predict."""
 
 
+def _student_needs_logits(args: MultiTeacherDistillationConfig, settings: DistillationSettings) -> str | None:
+    """Why this training gives the loss the student's `[B, T, V]` logits whatever its head (None: it need not)."""
+    if settings.divergence == "uld":
+        return "the `uld` divergence reads its [batch, length, vocab] logits"
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return (
+            "under FSDP its head is sharded outside its forward, where the logit-free loss would read it (not "
+            "supported yet; DeepSpeed ZeRO-3, `--deepspeed zero3`, runs logit-free)"
+        )
+    return None
+
+
 class MultiTeacherDistillationTrainer(Trainer):
     """
     A drop-in `Trainer` that distills one or more frozen teachers into `model` (the student).
@@ -193,9 +205,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             model,
             self.teacher_source.logit_free_models,
             self.teacher_names,
-            student_reason="the `uld` divergence reads its [batch, length, vocab] logits"
-            if self.settings.divergence == "uld"
-            else None,
+            student_reason=_student_needs_logits(args, self.settings),
         )
         """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""
         self._prediction_loss_only: bool | None = None

@@ -184,6 +184,13 @@ def test_on_policy_comparison(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "generated tokens per step" in report and key in report
     assert "| weight of shakespeare on the student's text |" in report
+    # how each student writes, judged by each domain's specialist
+    for entry in results["methods"].values():
+        for domain in [*DOMAINS, "overall"]:
+            test = entry["runs"][0]["test"][domain]
+            assert test["own_text_perplexity"] > 1 and test["own_text_kl"] > 0
+    assert f"{names[-1]} vs {names[1]} (overall/own_text_kl)" in results["comparisons"]
+    assert "| ppl of own python text |" in report
 
 
 def test_warm_start(tmp_path):
@@ -199,10 +206,9 @@ def test_warm_start(tmp_path):
     # two more steps from there, not from random weights (which after two steps are still near V)
     (after,) = [run["test"]["overall"]["perplexity"] for run in results["methods"][name]["runs"]]
     assert 0.8 * start < after < 1.05 * start
-    assert (
-        "Warm start: every method starts from the seed's student after 20 steps"
-        in (tmp_path / "results.md").read_text()
-    )
+    report = (tmp_path / "results.md").read_text()
+    assert "Warm start: every method starts from the seed's student after 20 steps" in report
+    assert "| warm start (before any row's training) |" in report
     with pytest.raises(ValueError, match="not with --tune"):
         main(["--quick", "--tune", "--warm_start_steps", "5", "--output_dir", str(tmp_path / "tune")])
 

@@ -253,6 +253,26 @@ def test_the_uld_divergence_keeps_the_student_on_logits(tmp_path, cross_tokenize
     assert "the `uld` divergence" in warning
 
 
+def test_fsdp_keeps_the_student_on_logits(tmp_path, tokenizer, dataset, caplog, monkeypatch):
+    """Under FSDP (`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP) the student gives its logits."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # on one CPU process accelerate then runs without FSDP
+    with caplog.at_level(logging.WARNING):
+        trainer = construct(tmp_path, tokenizer, dataset)
+    assert trainer.logit_free.student is None and trainer.logit_free.teachers == [None] * 2
+    (warning,) = fallback_warnings(caplog)
+    assert "the student" in warning and "under FSDP its head is sharded" in warning
+    with pytest.raises(ValueError, match=r"logit_free=.always.*the student cannot run logit-free.*under FSDP"):
+        construct(tmp_path, tokenizer, dataset, mode="always")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(ValueError, match=r"the student cannot run logit-free.*under FSDP"):  # `--fsdp`, refused early
+        MultiTeacherDistillationTrainer(
+            model=student_model(tokenizer),
+            teachers=teacher_models(tokenizer, 1),
+            args=config(tmp_path, "always", fsdp=True),
+            train_dataset=dataset,
+        )
+
+
 def test_never_leaves_every_model_on_logits(tmp_path, tokenizer, dataset):
     # (ZeRO-3 runs logit-free: its partitioned heads are gathered, tests/test_deepspeed_distributed.py)
     trainer = construct(tmp_path, tokenizer, dataset, mode="never")

@@ -69,6 +69,75 @@ def evaluate_domains(
     return {domain: _means(sums) for domain, sums in totals.items()}
 
 
+OWN_TEXT_METRICS = ("own_text_perplexity", "own_text_kl")
+"""The metrics of `own_text_quality`, beside the held-out ones of a domain."""
+
+
+@torch.no_grad()
+def own_text_quality(
+    model: nn.Module,
+    datasets: Mapping[str, Dataset],
+    judges: Mapping[str, nn.Module],
+    *,
+    prompt_tokens: int,
+    new_tokens: int,
+    seed: int,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    r"""
+    How well the model q writes each domain d, judged by d's specialist teacher $p_d$ (`judges[d]`): the first
+    `prompt_tokens` of every block of `datasets[d]` are continued by `new_tokens` tokens x sampled from q at
+    temperature 1 (seeded by `seed`), and over the sampled positions:
+
+    * `own_text_perplexity`: $\exp(-\overline{\log p_d(x_t \mid x_{<t})})$, the specialist's perplexity of the
+      model's own text;
+    * `own_text_kl`: $\overline{\mathrm{KL}(q(\cdot \mid x_{<t}) \| p_d(\cdot \mid x_{<t}))}$, the reverse KL per
+      token along the model's own samples (summed over a sample, it estimates the sequence-level
+      $\mathrm{KL}(q \| p_d)$), what on-policy distillation lowers and off-policy distillation does not target.
+
+    Per domain and `overall` (token-weighted); the global random state is left as it was.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[str, dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for domain, dataset in datasets.items():
+            sums = {"tokens": 0.0, "nll": 0.0, "kl": 0.0}
+            for start in range(0, len(dataset), batch_size):
+                prompts = torch.tensor(dataset[start : start + batch_size]["input_ids"], device=device)
+                prompts = prompts[:, :prompt_tokens]
+                text = model.generate(
+                    input_ids=prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=pad_token_id,
+                )
+                labels = text.clone()
+                labels[:, :prompt_tokens] = -100
+                own, judged = model(input_ids=text).logits, judges[domain](input_ids=text).logits
+                count = float(labels[:, 1:].ne(-100).sum())
+                sums["tokens"] += count
+                sums["nll"] += causal_lm_loss(judged, labels).item() * count
+                kl = multi_teacher_kd_loss(own, [judged], labels, weighting="static", divergence="reverse_kl")
+                sums["kl"] += kl.item() * count
+            totals[domain] = sums
+    totals["overall"] = {key: sum(t[key] for t in totals.values()) for key in ("tokens", "nll", "kl")}
+    return {
+        domain: {
+            "own_text_perplexity": math.exp(sums["nll"] / sums["tokens"]),
+            "own_text_kl": sums["kl"] / sums["tokens"],
+        }
+        for domain, sums in totals.items()
+    }
+
+
 @torch.no_grad()
 def score_scales(
     datasets: Mapping[str, Dataset],

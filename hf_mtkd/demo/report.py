@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .evaluation import OWN_TEXT_METRICS
+
 
 def summarize(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for a single seed)."""
@@ -84,9 +86,11 @@ def comparisons(results: dict[str, Any]) -> dict[str, Any]:
     default = results.get("default_method", "entropy")
     methods = [default, *[m for m in ("entropy", "entropy + features", *WEIGHTINGS_SHOWN) if m != default]]
     out = {}
+    scored = {key for entry in results["methods"].values() for key in entry["runs"][0]["test"]["overall"]}
+    own_text = [f"overall/{key}" for key in OWN_TEXT_METRICS if key in scored]
     for method in dict.fromkeys(methods):
         for baseline in (single, "static ensemble", ROUTING, *results.get("baselines", ())):
-            for metric in ("overall/perplexity", "overall/kd_loss"):
+            for metric in ("overall/perplexity", "overall/kd_loss", *own_text):
                 found = compare(results, method, baseline, metric) if baseline and baseline != method else None
                 if found:
                     out[f"{method} vs {baseline} ({metric})"] = found
@@ -160,6 +164,28 @@ def on_policy_table(results: dict[str, Any]) -> str | None:
         weights = [_cell(s[f"on_policy_weight/{t}"], 3) if f"on_policy_weight/{t}" in s else "" for t in teachers]
         cells = [name, share, generated, seconds, _cell(s["train_seconds"], 0), *weights]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def own_text_table(results: dict[str, Any]) -> str | None:
+    """
+    Per method (and the warm start): how its students write each domain, the specialist's perplexity of their
+    samples and the reverse KL from them to the specialist (`hf_mtkd.demo.evaluation.own_text_quality`).
+    """
+    rows = [(name, entry["summary"]) for name, entry in results["methods"].items()]
+    if not any("overall/own_text_kl" in summary for _, summary in rows):
+        return None
+    if results.get("warm_start"):
+        runs = results["warm_start"]["runs"]
+        keys = [(d, k) for d in [*results["domains"], "overall"] for k in OWN_TEXT_METRICS]
+        summary = {f"{d}/{k}": summarize([r["test"][d][k] for r in runs]) for d, k in keys}
+        rows.insert(0, ("warm start (before any row's training)", summary))
+    domains = results["domains"]
+    header = ["method", *[f"ppl of own {d} text" for d in domains], "overall", "KL(q ‖ specialist) per token"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, s in rows:
+        cells = [_cell(s[f"{d}/own_text_perplexity"], 1) for d in [*domains, "overall"]]
+        lines.append("| " + " | ".join([name, *cells, _cell(s["overall/own_text_kl"], 3)]) + " |")
     return "\n".join(lines)
 
 
@@ -289,6 +315,16 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     on_policy = on_policy_table(results)
     if on_policy:
         sections += ["", "Generation (on-policy batches are continued by the student before the step):", "", on_policy]
+    own_text = own_text_table(results)
+    if own_text:
+        sections += [
+            "",
+            "The students' own text: each test block's first tokens continued by the student (sampled at "
+            "temperature 1, seeded), judged by the domain's specialist teacher (its perplexity of the samples, and "
+            "the reverse KL per token from the student to it along them; lower is better):",
+            "",
+            own_text,
+        ]
     sections += [
         "",
         "Teachers' test perplexity by held-out domain (best of each column in bold):",
@@ -314,8 +350,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
         ]
     sections += [
         "",
-        "Comparisons, paired by seed (overall held-out perplexity and KD loss; negative is better; clear = one sign "
-        "on every seed and beyond twice the standard error):",
+        "Comparisons, paired by seed (overall held-out perplexity and KD loss"
+        + (", and the own-text metrics" if own_text else "")
+        + "; negative is better; clear = one sign on every seed and beyond twice the standard error):",
         "",
     ]
     for name, c in results["comparisons"].items():

@@ -29,10 +29,11 @@ from ..settings import DistillationSettings
 from ..testing import ConfidentlyWrongTeacher
 from ..trainer import MultiTeacherDistillationTrainer
 from .corpus import SCENARIOS, SDIST, default_cache_dir, load_domains, split_documents, split_works
-from .evaluation import evaluate_domains, score_scales
+from .evaluation import evaluate_domains, own_text_quality, score_scales
 from .methods import (
     DEFAULT_METHOD,
     GRID,
+    PROMPT_TOKENS,
     Method,
     demo_methods,
     off_policy_name,
@@ -214,6 +215,23 @@ def evaluate(
     )
 
 
+def with_own_text(
+    test: dict[str, dict[str, float]], student: nn.Module, seed: int, data: DemoData, judges: dict, scale: Scale
+) -> dict[str, dict[str, float]]:
+    """`test` with the student's `own_text_quality` on the test prompts, judged by each domain's specialist."""
+    quality = own_text_quality(
+        student,
+        data.test,
+        judges,
+        prompt_tokens=PROMPT_TOKENS,
+        new_tokens=scale.block_size - PROMPT_TOKENS,
+        seed=seed,
+        pad_token_id=data.tokenizer.pad_token_id,
+        batch_size=scale.batch_size,
+    )
+    return {domain: {**metrics, **quality[domain]} for domain, metrics in test.items()}
+
+
 def tune(
     methods: Sequence[Method],
     data: DemoData,
@@ -356,6 +374,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     specialists = {domain: k for k, domain in enumerate(teachers) if domain in data.validation}
     results["score_scales"] = score_scales(data.validation, reference, specialists, batch_size=scale.batch_size)
     print("Teachers' test perplexity by held-out domain:\n" + teacher_table(results), flush=True)
+    # the on-policy comparison also scores how each student writes, judged by each domain's specialist
+    judges = {domain: teachers[domain] for domain in data.test} if args.on_policy else None
+
+    def test_metrics(student: nn.Module, method: Method, hparams: dict[str, Any], seed: int) -> dict:
+        test = evaluate(student, method, hparams, data.test, teachers, scale.batch_size, cached)
+        return test if judges is None else with_own_text(test, student, seed, data, judges, scale)
+
     warm = {}
     if args.warm_start_steps:
         for seed in tqdm(scale.seeds, desc="warm start"):
@@ -363,10 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         no_teacher = Method("warm start")
         results["warm_start"] = {
             "steps": args.warm_start_steps,
-            "runs": [
-                {"seed": s, "test": evaluate(m, no_teacher, {}, data.test, teachers, scale.batch_size, cached)}
-                for s, m in warm.items()
-            ],
+            "runs": [{"seed": s, "test": test_metrics(m, no_teacher, {}, s)} for s, m in warm.items()],
         }
     runs = [(method, seed) for method in methods for seed in scale.seeds]
     for method, seed in tqdm(runs, desc="distilling"):
@@ -379,7 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "seed": seed,
                 **stats,
-                "test": evaluate(student, method, hparams, data.test, teachers, scale.batch_size, cached),
+                "test": test_metrics(student, method, hparams, seed),
             }
         )
     write_report(results, output_dir)
