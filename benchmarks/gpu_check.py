@@ -12,8 +12,8 @@ The logit-free path beside today's on a GPU, at LLM-like shapes with bf16 teache
              above what the models hold and its median time, for plain fine-tuning of the student (HF Trainer),
              TRL's GKD (K = 1, where trl is installed), today's path (`logit_free="never"`), the logit-free one
              (`"always"`), both with entropy weights, and the logit-free one with `posterior` (the default weighting,
-             which reads the teachers' heads twice); a step that runs out of memory is reported as such. The two
-             paths' losses on the same batch are compared too (bf16: rounding-level differences).
+             made in the same pass, each teacher's head read once); a step that runs out of memory is reported as
+             such. The two paths' losses on the same batch are compared too (bf16: rounding-level differences).
 
 Every method's step is `Trainer.training_step` without an optimizer, inside the same autocast, as in
 `benchmarks/bench_step.py`, whose CPU table this one extends to real sizes.
@@ -81,7 +81,7 @@ QUICK_TEACHERS = [
     for t in TEACHERS
 ]  # fmt: skip
 METHODS = ("plain", "trl", "today", "free", "posterior")
-"""`posterior`: the logit-free step with the package's default weighting, whose first pass reads the heads again."""
+"""`posterior`: the logit-free step with the package's default weighting (one pass, like `entropy`)."""
 
 
 @dataclass(frozen=True)

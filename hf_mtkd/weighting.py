@@ -42,6 +42,7 @@ class TeacherSignals:
     holding whole documents."""
 
     def document_track(self) -> DocumentTrack:
+        """`track`, or the positions of `mask` as whole documents."""
         return DocumentTrack.of(self.mask, self.segment_starts) if self.track is None else self.track
 
 
