@@ -168,8 +168,10 @@ def test_on_policy_comparison(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     names = [m.name for m in on_policy_methods(DOMAINS, 64)]
     assert list(results["methods"]) == names and results["default_method"] == names[-1]
-    off, on = (results["methods"][name] for name in names[1:])
+    routed_off, routed_on, off, on = (results["methods"][name] for name in names[1:])
     assert off["hparams"] == on["hparams"] and on["hparams_source"] == "tuned for posterior"
+    assert routed_off["hparams"] == routed_on["hparams"] and routed_on["hparams_source"] == "tuned for domain routing"
+    assert "on_policy_share" in routed_on["summary"] and "on_policy_share" not in routed_off["summary"]
     assert "on_policy_share" not in off["summary"]
     share = on["summary"]["on_policy_share"]["mean"]
     assert 0 < share < 1  # about half the batches of 10 steps (the draw is seeded)
@@ -179,7 +181,8 @@ def test_on_policy_comparison(tmp_path):
     assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     for entry in results["methods"].values():
         assert math.isfinite(entry["summary"]["overall/perplexity"]["mean"])
-    key = f"{names[-1]} vs {names[1]} (overall/perplexity)"
+    key = f"{names[-1]} vs {names[3]} (overall/perplexity)"
+    assert f"{names[2]} vs {names[1]} (overall/own_text_kl)" in results["comparisons"]  # routed, on- vs off-policy
     assert key in results["comparisons"]
     report = (tmp_path / "results.md").read_text()
     assert "generated tokens per step" in report and key in report
@@ -189,8 +192,26 @@ def test_on_policy_comparison(tmp_path):
         for domain in [*DOMAINS, "overall"]:
             test = entry["runs"][0]["test"][domain]
             assert test["own_text_perplexity"] > 1 and test["own_text_kl"] > 0
-    assert f"{names[-1]} vs {names[1]} (overall/own_text_kl)" in results["comparisons"]
+    assert f"{names[-1]} vs {names[3]} (overall/own_text_kl)" in results["comparisons"]
     assert "| ppl of own python text |" in report
+
+
+def test_divergence_flag_reaches_every_distilled_row(tmp_path):
+    name = "posterior, off-policy"
+    argv = ["--quick", "--steps", "3", "--on_policy", "--methods", "no teacher (CE only), prompted", name]
+    runs = {}
+    for divergence in ("forward_kl", "reverse_kl"):
+        main([*argv, "--divergence", divergence, "--output_dir", str(tmp_path / divergence)])
+        runs[divergence] = json.loads((tmp_path / divergence / "results.json").read_text())
+        assert runs[divergence]["divergence"] == divergence
+    forward, reverse = (runs[d]["methods"] for d in ("forward_kl", "reverse_kl"))
+    no_teacher = "no teacher (CE only), prompted"
+    assert forward[no_teacher]["runs"][0]["test"] == reverse[no_teacher]["runs"][0]["test"]
+    assert forward[name]["runs"][0]["test"]["overall"]["perplexity"] != pytest.approx(
+        reverse[name]["runs"][0]["test"]["overall"]["perplexity"], rel=1e-6
+    )
+    report = (tmp_path / "reverse_kl" / "results.md").read_text()
+    assert "Every distilled row trains with the `reverse_kl` divergence" in report
 
 
 def test_warm_start(tmp_path):

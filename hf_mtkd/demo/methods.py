@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 GRID = {"temperature": (1.0, 2.0), "alpha_kd": (0.5, 0.9)}
@@ -75,24 +75,44 @@ LMBDA = 0.5
 def on_policy_methods(domains: tuple[str, ...], block_size: int, scenario: str = "domains") -> list[Method]:
     """
     The on-policy comparison (`--on_policy`): every training block keeps its first `PROMPT_TOKENS` as a prompt
-    without loss; no teacher, the scenario's default weighting off-policy (the blocks' own continuations), and the
-    same with `LMBDA` of the batches continued by the student itself (sampled at temperature 1 up to the block's
-    length), both with that weighting's tuned hyperparameters.
+    without loss; no teacher; routing by hand and the scenario's default weighting, each off-policy (the blocks'
+    own continuations) and with `LMBDA` of the batches continued by the student itself (sampled at temperature 1
+    up to the block's length; a routed row's own text keeps its row's teacher), each pair with its off-policy
+    row's tuned hyperparameters. The default weighting's on-policy row comes last.
     """
     default = DEFAULT_METHOD[scenario]
     weighting = {"teacher_weighting": default}
+    static = {"teacher_weighting": "static"}
     sampling = {"lmbda": LMBDA, "max_new_tokens": block_size - PROMPT_TOKENS, "generation_temperature": 1.0}
     prompted = {"prompt_tokens": PROMPT_TOKENS, "tuned_as": default}
+    routed = {"prompt_tokens": PROMPT_TOKENS, "tuned_as": ROUTING, "routed": True}
     return [
         Method("no teacher (CE only), prompted", prompt_tokens=PROMPT_TOKENS),
-        Method(off_policy_name(scenario), domains, weighting, **prompted),
-        Method(f"{default}, on-policy (λ = {LMBDA})", domains, {**weighting, **sampling}, **prompted),
+        Method(off_policy_name(ROUTING), domains, static, **routed),
+        Method(on_policy_name(ROUTING), domains, {**static, **sampling}, **routed),
+        Method(off_policy_name(default), domains, weighting, **prompted),
+        Method(on_policy_name(default), domains, {**weighting, **sampling}, **prompted),
     ]
 
 
-def off_policy_name(scenario: str = "domains") -> str:
-    """The off-policy row of the on-policy comparison, its baseline."""
-    return f"{DEFAULT_METHOD[scenario]}, off-policy"
+def with_settings(method: Method, **settings: Any) -> Method:
+    """`method` with these config fields fixed as well (its name and tuning unchanged)."""
+    return replace(method, settings={**method.settings, **settings})
+
+
+def off_policy_name(row: str) -> str:
+    """The off-policy row of `row` (a weighting, or `ROUTING`) in the on-policy comparison."""
+    return f"{row}, off-policy"
+
+
+def on_policy_name(row: str) -> str:
+    """The on-policy row of `row` in the on-policy comparison."""
+    return f"{row}, on-policy (λ = {LMBDA})"
+
+
+def on_policy_pairs(scenario: str = "domains") -> list[tuple[str, str]]:
+    """The on-policy comparison's pairs (a row, its baseline): each on-policy row against its off-policy one."""
+    return [(on_policy_name(row), off_policy_name(row)) for row in (DEFAULT_METHOD[scenario], ROUTING)]
 
 
 def pretrained_methods(methods: list[Method]) -> list[Method]:

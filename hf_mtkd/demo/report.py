@@ -79,8 +79,8 @@ def best_single(results: dict[str, Any]) -> str | None:
 def comparisons(results: dict[str, Any]) -> dict[str, Any]:
     """
     The default weighting (`results["default_method"]`) and the other dynamic weightings against the best single
-    teacher, the static ensemble, domain routing and the run's own `baselines` (the on-policy comparison's
-    off-policy row).
+    teacher, the static ensemble and domain routing; and the run's own `pairs` (row, baseline), as the on-policy
+    comparison's on- against off-policy rows.
     """
     single = best_single(results)
     default = results.get("default_method", "entropy")
@@ -88,12 +88,12 @@ def comparisons(results: dict[str, Any]) -> dict[str, Any]:
     out = {}
     scored = {key for entry in results["methods"].values() for key in entry["runs"][0]["test"]["overall"]}
     own_text = [f"overall/{key}" for key in OWN_TEXT_METRICS if key in scored]
-    for method in dict.fromkeys(methods):
-        for baseline in (single, "static ensemble", ROUTING, *results.get("baselines", ())):
-            for metric in ("overall/perplexity", "overall/kd_loss", *own_text):
-                found = compare(results, method, baseline, metric) if baseline and baseline != method else None
-                if found:
-                    out[f"{method} vs {baseline} ({metric})"] = found
+    pairs = [(m, b) for m in dict.fromkeys(methods) for b in (single, "static ensemble", ROUTING) if b and b != m]
+    for method, baseline in [*pairs, *map(tuple, results.get("pairs", ()))]:
+        for metric in ("overall/perplexity", "overall/kd_loss", *own_text):
+            found = compare(results, method, baseline, metric)
+            if found:
+                out[f"{method} vs {baseline} ({metric})"] = found
     return out
 
 
@@ -290,6 +290,12 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     results["gap_closed"] = {m: g for m, g in found.items() if g}
     table = markdown_table(results)
     sections = [f"Command: `{results['command']}`", "", table]
+    if results.get("divergence", "forward_kl") != "forward_kl":
+        sections[1:1] = [
+            "",
+            f"Every distilled row trains with the `{results['divergence']}` divergence (its hyperparameters were "
+            "tuned with `forward_kl`).",
+        ]
     if results.get("bad_teacher"):
         sections[1:1] = ["", f"Robustness scenario: the {results['bad_teacher']} teacher is confidently wrong."]
     if results.get("pretrained_teacher"):

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ..chat_data import CompletionCollator
 from ..config import MultiTeacherDistillationConfig
+from ..divergences import FUSED_DIVERGENCES
 from ..parameters import count_parameters
 from ..routing import routing_prior
 from ..settings import DistillationSettings
@@ -36,10 +37,11 @@ from .methods import (
     PROMPT_TOKENS,
     Method,
     demo_methods,
-    off_policy_name,
     on_policy_methods,
+    on_policy_pairs,
     pretrained_methods,
     tuned_hparams,
+    with_settings,
 )
 from .pretrained import load_pretrained_teacher
 from .report import teacher_table, write_report
@@ -317,6 +319,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods = demo_methods(tuple(teachers), args.scenario)
     if args.on_policy:
         methods = on_policy_methods(tuple(teachers), scale.block_size, args.scenario)
+    if args.divergence != "forward_kl":
+        methods = [m if not m.teachers else with_settings(m, divergence=args.divergence) for m in methods]
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
     elif pretrained is not None:
@@ -346,11 +350,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": command,
         "scenario": args.scenario,
         "default_method": methods[-1].name if args.on_policy else DEFAULT_METHOD[args.scenario],
-        "baselines": [off_policy_name(args.scenario)] if args.on_policy else [],
+        "pairs": on_policy_pairs(args.scenario) if args.on_policy else [],
         "scale": vars(scale),
         "corpus": args.corpus_dir or CORPORA[args.scenario],
         "hparams": str(hparams_path) if hparams_path.is_file() else None,
         "bad_teacher": args.bad_teacher,
+        "divergence": args.divergence,
         "pretrained_teacher": description,
         "teacher_top_k": top_k or None,
         "teacher_cache": None if cached is None else cached.cache.path,
@@ -447,10 +452,19 @@ def build_parser(prog: str = "hf-mtkd demo") -> argparse.ArgumentParser:
     parser.add_argument(
         "--on_policy",
         action="store_true",
-        help="On-policy comparison: every training block's first 16 tokens become a prompt without loss, and the "
-        "scenario's default weighting trains off-policy (on the blocks' own continuations) and on-policy (half of "
-        "the batches continued by the student itself, scored by the teachers), beside a prompted CE-only row; the "
-        "table adds the share of on-policy batches, the generated tokens per step and the training time.",
+        help="On-policy comparison: every training block's first 16 tokens become a prompt without loss, and "
+        "routing by hand and the scenario's default weighting each train off-policy (on the blocks' own "
+        "continuations) and on-policy (half of the batches continued by the student itself, scored by the "
+        "teachers), beside a prompted CE-only row; the report adds the share of on-policy batches, the generated "
+        "tokens per step, the training time, and how each student writes (its continuations of the test prompts, "
+        "judged by each domain's specialist).",
+    )
+    parser.add_argument(
+        "--divergence",
+        choices=FUSED_DIVERGENCES,
+        default="forward_kl",
+        help="The divergence every distilled row trains with (the shipped hyperparameters were tuned with the "
+        "default, forward_kl).",
     )
     parser.add_argument(
         "--warm_start_steps",
