@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_mtkd.demo.evaluation import own_text_quality
+from hf_mtkd.demo.evaluation import own_text_quality, sample_continuations
 from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
 
 PROMPT, NEW, SEED = 4, 6, 7
@@ -47,17 +47,8 @@ def reference(setup):
     for domain, rows in data.items():
         prompts = torch.tensor(rows["input_ids"])[:, :PROMPT]
         with torch.no_grad():
-            text = student.generate(
-                input_ids=prompts,
-                attention_mask=torch.ones_like(prompts),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            text = sample_continuations(student, prompts, NEW, tokenizer.pad_token_id)
+            assert text.shape == (len(rows), PROMPT + NEW) and torch.equal(text[:, :PROMPT], prompts)
             q = student(input_ids=text).logits.double().softmax(-1)
             p = judges[domain](input_ids=text).logits.double().softmax(-1)
         nll = kl = tokens = 0.0

@@ -69,6 +69,24 @@ def evaluate_domains(
     return {domain: _means(sums) for domain, sums in totals.items()}
 
 
+def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    """
+    `prompts` `[B, P]` and exactly `new_tokens` tokens after them, sampled from `model` at temperature 1 (its whole
+    distribution: no top-k or top-p), `[B, P + new_tokens]`.
+    """
+    return model.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=pad_token_id,
+    )
+
+
 OWN_TEXT_METRICS = ("own_text_perplexity", "own_text_kl")
 """The metrics of `own_text_quality`, beside the held-out ones of a domain."""
 
@@ -107,18 +125,7 @@ def own_text_quality(
             sums = {"tokens": 0.0, "nll": 0.0, "kl": 0.0}
             for start in range(0, len(dataset), batch_size):
                 prompts = torch.tensor(dataset[start : start + batch_size]["input_ids"], device=device)
-                prompts = prompts[:, :prompt_tokens]
-                text = model.generate(
-                    input_ids=prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    pad_token_id=pad_token_id,
-                )
+                text = sample_continuations(model, prompts[:, :prompt_tokens], new_tokens, pad_token_id)
                 labels = text.clone()
                 labels[:, :prompt_tokens] = -100
                 own, judged = model(input_ids=text).logits, judges[domain](input_ids=text).logits
