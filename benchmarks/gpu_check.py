@@ -5,7 +5,8 @@ The logit-free path beside today's on a GPU, at LLM-like shapes with bf16 teache
   exactness  tiny float64 models (a qwen2 student, gpt2 / llama / gpt_neox teachers, V = 32k, half of each row a
              prompt): one `training_step` of each path on the device and on the CPU; the largest relative
              difference of the loss, the student's gradients and the teachers' weights, device against CPU for
-             each path and logit-free against today's on the device (float64: ~1e-12 expected).
+             each path and logit-free against today's on the device (float64: ~1e-12 expected), with entropy
+             weights and with `posterior` (keys `posterior_...`).
   scale      a student shaped as Qwen2.5-0.5B (float32 weights, bf16 autocast, gradient checkpointing) and three
              bfloat16 teachers shaped as Qwen2.5-1.5B, Llama-3.2-1B and Qwen3-1.7B, all on a 152k vocabulary with
              random weights; per row (B, T, K, half of each row a masked prompt), one step's peak device memory
@@ -204,12 +205,17 @@ def step_of(trainer: Trainer, batch: dict[str, torch.Tensor], bf16: bool) -> Cal
 
 
 def exact_step(
-    student: torch.nn.Module, teachers: list[torch.nn.Module], batch: dict, device: torch.device, logit_free: str
+    student: torch.nn.Module,
+    teachers: list[torch.nn.Module],
+    batch: dict,
+    device: torch.device,
+    logit_free: str,
+    weighting: str,
 ) -> dict[str, torch.Tensor]:
     """The loss, the student's gradient (flattened) and the teachers' mean weights of one step on `device`."""
     student, teachers = copy.deepcopy(student), copy.deepcopy(teachers)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = distiller(student, teachers, tmp, device, logit_free)
+        trainer = distiller(student, teachers, tmp, device, logit_free, weighting)
         inputs = {key: value.to(trainer.args.device) for key, value in batch.items()}
         loss = trainer.training_step(trainer.model, inputs, num_items(batch))
         metrics = trainer._pop_metrics("train")
@@ -228,6 +234,11 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     }
 
 
+EXACT_WEIGHTINGS = {"entropy": "", "posterior": "posterior_"}
+"""The weightings the exactness part runs, and their keys' prefix: `posterior` runs along each document, its running
+sums carried from chunk to chunk, on the device as on the CPU."""
+
+
 def exactness(device: torch.device, quick: bool, tokenizer: Any) -> dict[str, Any]:
     """Both paths on `device` and on the CPU, in float64, on the same models and batch; their relative differences."""
     vocab, length = (1024, 32) if quick else (32768, 256)
@@ -239,14 +250,20 @@ def exactness(device: torch.device, quick: bool, tokenizer: Any) -> dict[str, An
     ]
     batch = batch_of(Row(2, length, 3, vocab_size=vocab))
     runs = {
-        (where, path): exact_step(student, teachers, batch, torch.device(where), path)
+        (where, path, weighting): exact_step(student, teachers, batch, torch.device(where), path, weighting)
         for where in dict.fromkeys(("cpu", device.type))
         for path in ("never", "always")
+        for weighting in EXACT_WEIGHTINGS
     }
     report: dict[str, Any] = {"vocab_size": vocab, "seq_len": length, "batch_size": 2, "num_teachers": 3}
-    for path, name in (("never", "today"), ("always", "free")):
-        report[f"{name}_device_vs_cpu"] = relative_difference(runs[device.type, path], runs["cpu", path])
-    report["free_vs_today_on_device"] = relative_difference(runs[device.type, "always"], runs[device.type, "never"])
+    for weighting, prefix in EXACT_WEIGHTINGS.items():
+        for path, name in (("never", "today"), ("always", "free")):
+            report[f"{prefix}{name}_device_vs_cpu"] = relative_difference(
+                runs[device.type, path, weighting], runs["cpu", path, weighting]
+            )
+        report[f"{prefix}free_vs_today_on_device"] = relative_difference(
+            runs[device.type, "always", weighting], runs[device.type, "never", weighting]
+        )
     report["max"] = max(value for part in report.values() if isinstance(part, dict) for value in part.values())
     return report
 
@@ -370,7 +387,8 @@ def markdown(report: dict[str, Any]) -> str:
             "| compared | loss | gradient | weights |",
             "|---|---|---|---|",
         ]
-        for key in ("today_device_vs_cpu", "free_device_vs_cpu", "free_vs_today_on_device"):
+        compared = ("today_device_vs_cpu", "free_device_vs_cpu", "free_vs_today_on_device")
+        for key in [prefix + name for prefix in EXACT_WEIGHTINGS.values() for name in compared]:
             lines.append(
                 f"| {key} | " + " | ".join(f"{exact[key][k]:.1e}" for k in ("loss", "grad", "weights")) + " |"
             )
