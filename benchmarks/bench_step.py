@@ -190,8 +190,10 @@ def make_steps(
     tmp: str,
     methods: tuple[str, ...] | None = None,
 ) -> dict[str, Callable[[], Any]]:
-    """One no-optimizer training step (forward and backward) per method (None: `FULL_METHODS`), on the same student and
-    batch."""
+    """
+    One no-optimizer training step (forward and backward) per method (None: `FULL_METHODS`), on the same student and
+    batch.
+    """
     common = {"output_dir": tmp, "report_to": "none", "use_cpu": True, "disable_tqdm": True}
     num_items = int((batch["labels"][:, 1:] != -100).sum())
 
