@@ -209,9 +209,12 @@ class ChunkWeights:
     carried from the chunks before it (`hf_mtkd.weighting.DocumentTrack`), so every teacher is read once.
     """
 
-    def __init__(self, weigh: Weighting, layout: Layout, segment_starts: Tensor | None) -> None:
+    def __init__(
+        self, weigh: Weighting, layout: Layout, segment_starts: Tensor | None, document_score: Tensor | None = None
+    ) -> None:
+        """`document_score`: see `TeacherSignals.document_score`."""
         time, document = document_grid(layout.mask, segment_starts)
-        self.weigh = weigh
+        self.weigh, self.document_score = weigh, document_score
         self.time, self.document = layout.flat(time), layout.flat(document)
         self.track = DocumentTrack(self.time[:0], self.document[:0])
 
@@ -230,7 +233,7 @@ class ChunkWeights:
         self.track = self.track.at(self.time[chunk.rows], self.document[chunk.rows])
         evidence = target_log_prob if chunk.all_valid else target_log_prob.where(chunk.valid, 0.0)
         everywhere = torch.ones(entropy.shape[1], 1, dtype=torch.bool, device=entropy.device)
-        signals = TeacherSignals(entropy, evidence, everywhere, track=self.track)
+        signals = TeacherSignals(entropy, evidence, everywhere, track=self.track, document_score=self.document_score)
         mask = None if teacher_mask is None else teacher_mask[:, :, None]
         return self.weigh(signals, mask, teacher_prior)[:, :, 0]
 

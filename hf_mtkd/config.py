@@ -48,6 +48,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     - `teacher_weights`: the static prior over teachers; `min_weight`: the floor of every weight.
     - `entropy_temperature`, `label_temperature`, `posterior_decay`: the strategies' hyperparameters.
     - `weighting_granularity`: scores pooled per token, sequence or batch.
+    - `prompt_evidence`, `prompt_temperature`: whether, and how much, the teachers' likelihood of a document's prompt
+      weighs them on it.
     - `routing_column`: the dataset column that routes rows to teachers.
 
     > Feature alignment
@@ -142,6 +144,23 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         metadata={
             "help": "lambda in (0, 1], the forgetting factor of the 'posterior' weighting: how much of a teacher's "
             "track record on earlier tokens of the document carries to the next one (1 = never forget)."
+        },
+    )
+    prompt_evidence: bool = field(
+        default=False,
+        metadata={
+            "help": "Let each teacher's likelihood of a document's prompt (its tokens without a label: a chat's "
+            "user turns, the prompt an on-policy student continues) weigh it on the whole document: "
+            "w_k ~ prior_k * p_k(prompt)^(1/prompt_temperature) * exp(score_k), with any teacher_weighting. The "
+            "teachers' heads then also run at the prompt positions. Needs teachers that read the student's tokens "
+            "(not a teacher-logits cache, not cross-tokenizer teachers)."
+        },
+    )
+    prompt_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "gamma_p > 0 of `prompt_evidence`: the prompt's log-likelihood is divided by it (1 = the "
+            "Bayesian posterior of which teacher wrote the prompt; larger = softer)."
         },
     )
     routing_column: str | None = field(
@@ -447,7 +466,7 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             raise ValueError("`alpha_ce`, `alpha_kd` and `alpha_feat` are all 0: there is nothing to train on.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
-        for name in ("entropy_temperature", "label_temperature"):
+        for name in ("entropy_temperature", "label_temperature", "prompt_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         if not 0 < self.posterior_decay <= 1:

@@ -98,6 +98,10 @@ class HeadLogits:
             return logits
         return F.pad(logits, (0, self.width - logits.shape[-1]), value=-math.inf)
 
+    def take(self, positions: Tensor) -> HeadLogits:
+        """The same head at some of the N positions (`positions`: `[N]` bool, or indices)."""
+        return HeadLogits(self.hidden[positions], self.weight, self.bias, self.vocab_size)
+
     def detach(self) -> HeadLogits:
         return HeadLogits(
             self.hidden.detach(),

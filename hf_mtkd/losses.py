@@ -20,7 +20,7 @@ weightings (`hf_mtkd.weighting`) and the chunked pass with its gradient (`hf_mtk
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from .divergences import DEFAULT_BETA, DEFAULT_SKEW_ALPHA, sorted_l1_distance
 from .dtypes import upcast
 from .fusion import FUSIONS as FUSIONS
 from .logit_free import HeadLogits, HiddenStudent, any_head_logits, at_valid_positions
+from .prompt_evidence import PromptEvidence
 from .settings import DistillationSettings
 from .storage import TeacherLogits, dense_rows, take_rows
 from .weighting import DEFAULT_WEIGHTING, TeacherSignals, check_teacher_prior
@@ -129,6 +130,7 @@ class DistillationLoss:
         position_ids: Tensor | None = None,
         teacher_mask: Tensor | None = None,
         teacher_prior: Tensor | None = None,
+        prompt: PromptEvidence | None = None,
     ) -> DistillationOutput:
         """
         The total loss of a batch.
@@ -140,7 +142,7 @@ class DistillationLoss:
             own_logits: for the `uld` divergence, each teacher's logits on its own vocabulary `[B, T, V_k]`.
             features: with `alpha_feat > 0`, called with the valid positions `[B, T]` after the KD pass; returns the
                 hidden-state pairs of `feature_alignment_loss` at those positions.
-            num_items_in_batch, position_ids, teacher_mask, teacher_prior: see `multi_teacher_kd`.
+            num_items_in_batch, position_ids, teacher_mask, teacher_prior, prompt: see `multi_teacher_kd`.
         """
         settings = self.settings
         uld = settings.divergence == "uld"
@@ -157,6 +159,7 @@ class DistillationLoss:
             position_ids=position_ids,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
+            prompt=prompt,
         )
         loss, loss_kd = kd.loss, kd.loss_kd  # alpha_ce L_ce (+ alpha_kd L_kd for the KL), from one pass
         if uld:
@@ -200,6 +203,7 @@ class DistillationLoss:
         position_ids: Tensor | None = None,
         teacher_mask: Tensor | None = None,
         teacher_prior: Tensor | None = None,
+        prompt: PromptEvidence | None = None,
     ) -> Tensor:
         """Teacher weights `[K, B, T]` (see `compute_teacher_weights`)."""
         packed = any_head_logits(teacher_logits)
@@ -217,7 +221,15 @@ class DistillationLoss:
             chunk_size=self.settings.chunk_size,
             packed=packed,
         )
+        signals = replace(signals, document_score=self._document_score(prompt, position_ids))
         return weigh(signals, teacher_mask, teacher_prior)
+
+    def _document_score(self, prompt: PromptEvidence | None, position_ids: Tensor | None) -> Tensor | None:
+        """The prompt's evidence per document (`TeacherSignals.document_score`), None without it."""
+        if prompt is None:
+            return None
+        segment_starts = None if position_ids is None else position_ids == 0
+        return prompt.document_scores(segment_starts, self.settings.prompt_temperature)
 
     def kd(
         self,
@@ -229,6 +241,7 @@ class DistillationLoss:
         position_ids: Tensor | None = None,
         teacher_mask: Tensor | None = None,
         teacher_prior: Tensor | None = None,
+        prompt: PromptEvidence | None = None,
     ) -> MultiTeacherKDOutput:
         """$\\alpha_{kd} L_{kd} + \\alpha_{ce} L_{ce}$ with its terms, weights and signals (see `multi_teacher_kd`)."""
         return self._pass(
@@ -240,6 +253,7 @@ class DistillationLoss:
             position_ids=position_ids,
             teacher_mask=teacher_mask,
             teacher_prior=teacher_prior,
+            prompt=prompt,
         )
 
     def _pass(
@@ -253,6 +267,7 @@ class DistillationLoss:
         position_ids: Tensor | None,
         teacher_mask: Tensor | None,
         teacher_prior: Tensor | None,
+        prompt: PromptEvidence | None,
     ) -> MultiTeacherKDOutput:
         """
         The chunked pass (`ChunkedDistillation`), with the fused KL (`with_kd`) or only the statistics and CE; on the
@@ -275,9 +290,10 @@ class DistillationLoss:
         weigh = Weighting.of(settings, len(teacher_logits), labels.device)
         layout = Layout(mask, packed)
         segment_starts = None if position_ids is None else position_ids == 0
+        document_score = self._document_score(prompt, position_ids)
         weights = chunk_weights = None
         if with_kd and weigh.causal:
-            chunk_weights = ChunkWeights(weigh, layout, segment_starts)
+            chunk_weights = ChunkWeights(weigh, layout, segment_starts, document_score)
         elif with_kd:
             signals = teacher_statistics(
                 teacher_logits,
@@ -287,6 +303,7 @@ class DistillationLoss:
                 chunk_size=settings.chunk_size,
                 packed=packed,
             )
+            signals = replace(signals, document_score=document_score)
             weights = weigh(signals, teacher_mask, teacher_prior)
         teachers = [logits.detach() for logits in teacher_logits]
         student = HiddenStudent(student_logits) if packed else DenseStudent(student_logits)
@@ -305,7 +322,7 @@ class DistillationLoss:
             *student.inputs,
         )
         if weights is None:
-            signals = TeacherSignals(entropy, target_log_prob, mask, segment_starts)
+            signals = TeacherSignals(entropy, target_log_prob, mask, segment_starts, document_score=document_score)
             weights = weigh(signals, teacher_mask, teacher_prior)
         return MultiTeacherKDOutput(
             loss=loss,
@@ -333,6 +350,8 @@ def compute_teacher_weights(
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
     teacher_prior: Tensor | None = None,
+    prompt: PromptEvidence | None = None,
+    prompt_temperature: float = 1.0,
 ) -> Tensor:
     r"""
     Teacher weights `[K, B, T]`, $w_k(b, t) = \pi_k r_{b,k} e^{s_k} / \sum_j \pi_j r_{b,j} e^{s_j}$ (floored at
@@ -355,6 +374,9 @@ def compute_teacher_weights(
         teacher_prior: `[B, K]` per-row prior $r$ over teachers (routing; each row is normalised; None: uniform). A
             one-hot row routes its sequence to one teacher, a uniform row changes nothing, and a teacher with
             $r_{b,k} = 0$ is unavailable in row b as with `teacher_mask`.
+        prompt: the teachers' log-probabilities of the prompt tokens (`hf_mtkd.prompt_evidence.PromptEvidence`):
+            each teacher's $\frac{1}{\gamma_p} \sum \log p_k(x)$ over its document's prompt is added to $s_k$ at
+            every position of the document ($\gamma_p$: `prompt_temperature`). None: the prompt counts for nothing.
     """
     return DistillationLoss(
         DistillationSettings(
@@ -365,11 +387,17 @@ def compute_teacher_weights(
             granularity=granularity,
             label_temperature=label_temperature,
             posterior_decay=posterior_decay,
+            prompt_temperature=prompt_temperature,
             min_weight=min_weight,
             chunk_size=chunk_size,
         )
     ).weights(
-        teacher_logits, labels, position_ids=position_ids, teacher_mask=teacher_mask, teacher_prior=teacher_prior
+        teacher_logits,
+        labels,
+        position_ids=position_ids,
+        teacher_mask=teacher_mask,
+        teacher_prior=teacher_prior,
+        prompt=prompt,
     )
 
 
@@ -392,6 +420,8 @@ def multi_teacher_kd(
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
     teacher_prior: Tensor | None = None,
+    prompt: PromptEvidence | None = None,
+    prompt_temperature: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = DEFAULT_BETA,
     skew_alpha: float = DEFAULT_SKEW_ALPHA,
@@ -417,6 +447,7 @@ def multi_teacher_kd(
         granularity=granularity,
         label_temperature=label_temperature,
         posterior_decay=posterior_decay,
+        prompt_temperature=prompt_temperature,
         min_weight=min_weight,
         chunk_size=chunk_size,
         divergence=divergence,
@@ -433,6 +464,7 @@ def multi_teacher_kd(
         position_ids=position_ids,
         teacher_mask=teacher_mask,
         teacher_prior=teacher_prior,
+        prompt=prompt,
     )
 
 
@@ -455,6 +487,8 @@ def multi_teacher_kd_loss(
     chunk_size: int | None = None,
     teacher_mask: Tensor | None = None,
     teacher_prior: Tensor | None = None,
+    prompt: PromptEvidence | None = None,
+    prompt_temperature: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = DEFAULT_BETA,
     skew_alpha: float = DEFAULT_SKEW_ALPHA,
@@ -477,7 +511,8 @@ def multi_teacher_kd_loss(
         labels: `[B, T]`, -100 where ignored.
         num_items_in_batch: N, when the loss must be normalised over more than this batch.
         weighting, entropy_temperature, teacher_weights, granularity, label_temperature, posterior_decay,
-            min_weight, position_ids: how teachers are weighted, see `compute_teacher_weights`.
+            min_weight, position_ids, prompt, prompt_temperature: how teachers are weighted, see
+            `compute_teacher_weights`.
         chunk_size: positions processed at once (None: `auto_chunk_size(V)`, about 16 MiB per `[chunk, V]` float32
             tensor). The result does not depend on it; the extra memory is O(chunk_size x V x K) instead of
             O(N x V x K), and the gradient is computed during the forward.
@@ -507,6 +542,8 @@ def multi_teacher_kd_loss(
         chunk_size=chunk_size,
         teacher_mask=teacher_mask,
         teacher_prior=teacher_prior,
+        prompt=prompt,
+        prompt_temperature=prompt_temperature,
         divergence=divergence,
         beta=beta,
         skew_alpha=skew_alpha,

@@ -178,7 +178,7 @@ def create_model_card(
         pipeline_tag=(tasks if isinstance(tasks, str) else (tasks or [None])[0]) or "text-generation",
         eval_results=eval_results or None,
     )
-    weighting_summary = describe_weighting(args.teacher_weighting, args.weighting_granularity)
+    weighting_summary = describe_weighting(args.teacher_weighting, args.weighting_granularity, args.prompt_evidence)
     projector_note = None
     if trainer.projector is not None:
         projector_note = (

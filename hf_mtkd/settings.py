@@ -35,6 +35,7 @@ CONFIG_FIELDS = {
     "entropy_temperature": "entropy_temperature",
     "label_temperature": "label_temperature",
     "posterior_decay": "posterior_decay",
+    "prompt_temperature": "prompt_temperature",
     "teacher_weights": "teacher_weights",
     "weighting_granularity": "granularity",
     "min_weight": "min_weight",
@@ -59,7 +60,8 @@ class DistillationSettings:
     The loss settings (the defaults are the functional API's; `from_config` takes a config's values).
 
     Weighting: `weighting` (a key of `hf_mtkd.weighting.WEIGHTINGS`), `entropy_temperature`, `label_temperature`,
-    `posterior_decay`, `teacher_weights` (the static prior, None: uniform), `granularity`, `min_weight`.
+    `posterior_decay`, `prompt_temperature` (of the prompt's evidence, when given), `teacher_weights` (the static
+    prior, None: uniform), `granularity`, `min_weight`.
     Fusion and divergence: `temperature`, `fusion`, `divergence` (a key of `hf_mtkd.divergences.DIVERGENCES`) with
     `beta` (`jsd`) and `skew_alpha` (`skew_kl`, `skew_reverse_kl`).
     Memory: `chunk_size`. The total: `alpha_kd`, `alpha_ce` (None: no cross-entropy term is computed), `alpha_feat`
@@ -75,6 +77,8 @@ class DistillationSettings:
     """$\\gamma$ of the label-aware weightings."""
     posterior_decay: float = 0.9
     """$\\lambda$ of `posterior`."""
+    prompt_temperature: float = 1.0
+    """$\\gamma_p$ of the prompt's evidence (`hf_mtkd.prompt_evidence`), when the loss is given it."""
     teacher_weights: tuple[float, ...] | Tensor | None = None
     """The static prior $\\pi$ (normalised when used; None: uniform); a list is kept as a tuple."""
     granularity: str = "token"
@@ -116,6 +120,8 @@ class DistillationSettings:
             raise ValueError(f"Unknown feature loss {self.feature_loss!r}; choose one of {list(FEATURE_LOSSES)}.")
         if not 0 <= self.min_weight < 1:
             raise ValueError(f"`min_weight` must be in [0, 1/K), got {self.min_weight}.")
+        if not self.prompt_temperature > 0:
+            raise ValueError(f"`prompt_temperature` must be positive, got {self.prompt_temperature}.")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive number of positions, got {self.chunk_size}.")
         if self.teacher_weights is not None and not isinstance(self.teacher_weights, Tensor):

@@ -43,6 +43,7 @@ from .cross_tokenizer import (
 )
 from .distributed import prepare_teachers, zero3_init_dtype
 from .heads import LogitFreePlan
+from .prompt_evidence import PromptEvidence, prompt_targets, token_log_probs
 from .storage import TeacherLogits
 from .teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, TeacherLogitsCache, batch_teacher_logits, check_cache
 from .teachers import (
@@ -72,6 +73,8 @@ class TeacherOutput:
     """On the teacher's own vocabulary, for the ULD divergence (None: `logits`)."""
     alignment: AlignedTeacher | None = None
     """A cross-tokenizer teacher's alignment, with what its vocabulary map lost (for the metrics)."""
+    prompt_log_prob: Tensor | None = None
+    """`[n]` its log-probabilities of the prompt tokens, at the n prompt positions it was asked for."""
 
 
 @dataclass
@@ -91,6 +94,10 @@ class TeacherBatch:
     @property
     def own_logits(self) -> list[TeacherLogits]:
         return [output.logits if output.own_logits is None else output.own_logits for output in self.outputs]
+
+    def prompt_evidence(self, positions: Tensor) -> PromptEvidence:
+        """The teachers' `PromptEvidence` at the prompt positions `positions` `[B, T]` they were run with."""
+        return PromptEvidence(positions, torch.stack([output.prompt_log_prob for output in self.outputs]))
 
     def teacher_mask(self, labels: Tensor) -> Tensor | None:
         """`[K, B, T]` bool, where each teacher is available; None when every teacher is available everywhere."""
@@ -186,6 +193,11 @@ class TeacherSource:
         """Each teacher run from a model of its own (on the student's tokens or its own), so may run logit-free."""
         return [None] * len(self.names)
 
+    @property
+    def no_prompt_evidence(self) -> str | None:
+        """Why the source cannot give the teachers' log-probabilities of the prompt tokens (`prompt`), or None."""
+        return "this teacher source gives no log-probabilities of the prompt tokens"
+
     def __call__(
         self,
         inputs: dict[str, Any],
@@ -195,10 +207,13 @@ class TeacherSource:
         output_hidden_states: bool,
         logit_free: LogitFreePlan | None = None,
         mask: Tensor | None = None,
+        prompt: Tensor | None = None,
     ) -> TeacherBatch:
         """
         The teachers' outputs for the batch `inputs` (the source's own keys are taken out of it); with `logit_free`
-        (the student runs logit-free), the teachers it plans for give `HeadLogits` at the valid positions `mask`.
+        (the student runs logit-free), the teachers it plans for give `HeadLogits` at the valid positions `mask`;
+        with `prompt` (`hf_mtkd.prompt_evidence.prompt_positions`, where `no_prompt_evidence` is None), each
+        teacher's `prompt_log_prob` there.
         """
         raise NotImplementedError
 
@@ -258,8 +273,12 @@ class SharedVocabularyTeacher:
         temperature: float,
         hidden: bool,
         run_head: Callable[..., Any] | None = None,
+        prompt: Tensor | None = None,
     ) -> TeacherOutput:
-        """Its outputs; with `run_head` (`LogitFreePlan.run_teacher` for it), its `HeadLogits` where it can."""
+        """
+        Its outputs; with `run_head` (`LogitFreePlan.run_teacher` for it, at the valid and the `prompt` positions),
+        its `HeadLogits` where it can; with `prompt`, its log-probabilities of the prompt tokens.
+        """
         forward = functools.partial(teacher_forward, self.model, self.name, inputs, output_hidden_states=hidden)
         (logits, hidden_states), head = (
             (forward(), None)
@@ -268,7 +287,16 @@ class SharedVocabularyTeacher:
         )
         if head is None:
             logits = on_student_vocabulary(logits, self.shared_vocabulary_size, student_vocab)
-        return TeacherOutput(logits if head is None else head, hidden_states)
+        if prompt is None:
+            return TeacherOutput(logits if head is None else head, hidden_states)
+        targets = prompt_targets(inputs["input_ids"], prompt)
+        if head is None:
+            prompt_log_prob = token_log_probs(logits, targets, prompt.flatten().nonzero()[:, 0])
+        else:  # its head at the valid positions, then the prompt's (`LiveTeachers`)
+            valid = next_token_mask(inputs["labels"])
+            at_valid = valid[valid | prompt]
+            head, prompt_log_prob = head.take(at_valid), token_log_probs(head.take(~at_valid), targets)
+        return TeacherOutput(logits if head is None else head, hidden_states, prompt_log_prob=prompt_log_prob)
 
 
 class CrossTokenizerTeacher:
@@ -427,6 +455,12 @@ class LiveTeachers(TeacherSource):
     def logit_free_models(self) -> list[nn.Module | None]:
         return [t.model for t in self.teachers]
 
+    @property
+    def no_prompt_evidence(self) -> str | None:
+        if self.cross_tokenizer:
+            return "a cross-tokenizer teacher reads the prompt in its own tokens, not at the student's positions"
+        return None
+
     def __call__(
         self,
         inputs: dict[str, Any],
@@ -436,8 +470,12 @@ class LiveTeachers(TeacherSource):
         output_hidden_states: bool,
         logit_free: LogitFreePlan | None = None,
         mask: Tensor | None = None,
+        prompt: Tensor | None = None,
     ) -> TeacherBatch:
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
+        extra = {} if prompt is None else {"prompt": prompt}  # only teachers on the student's tokens take it
+        if prompt is not None and mask is not None:
+            mask = mask | prompt  # the heads run there too
         return TeacherBatch(
             [
                 teacher(
@@ -447,6 +485,7 @@ class LiveTeachers(TeacherSource):
                     temperature=temperature,
                     hidden=output_hidden_states,
                     run_head=None if logit_free is None else functools.partial(logit_free.run_teacher, k, mask=mask),
+                    **extra,
                 )
                 for k, (teacher, own) in enumerate(zip(self.teachers, own_inputs, strict=True))
             ]
@@ -477,6 +516,10 @@ class CachedTeacherLogits(TeacherSource):
 
     def columns(self, collator: Any) -> list[str]:
         return list(CACHE_COLUMNS)
+
+    @property
+    def no_prompt_evidence(self) -> str | None:
+        return "a teacher-logits cache holds the teachers at the labelled positions only"
 
     def describe(self, args: MultiTeacherDistillationConfig) -> str:
         return (

@@ -45,6 +45,7 @@ from .on_policy import (
     disable_dropout,
 )
 from .parameters import count_parameters
+from .prompt_evidence import prompt_positions
 from .routing import ROUTING_KEY, RoutingCollator, check_routing_column
 from .settings import DistillationSettings
 from .sources import PER_ALIGNED_POSITION, TeacherBatch, TeacherSource, teacher_source
@@ -169,6 +170,12 @@ class MultiTeacherDistillationTrainer(Trainer):
         if args.lmbda > 0 or args.seq_kd:
             check_on_policy(args, self.teacher_source, processing_class, train_dataset, model)
         self.teacher_source.load(args, model, processing_class, teacher_tokenizers)
+        if args.prompt_evidence and self.teacher_source.no_prompt_evidence is not None:
+            raise ValueError(
+                f"`prompt_evidence=True` needs the teachers' log-probabilities of the prompt tokens, but "
+                f"{self.teacher_source.no_prompt_evidence}: run the teachers live on the student's tokenizer, or "
+                "leave `prompt_evidence` off."
+            )
         self.teacher_records = self.teacher_source.records
         if args.disable_dropout:
             logger.info("disable_dropout: %d dropout layers of the student set to 0.", disable_dropout(model))
@@ -475,6 +482,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         teacher_prior = inputs.pop(ROUTING_KEY, None)
         student_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in self.teacher_source.batch_keys}
         mask = next_token_mask(labels)
+        prompt = None
+        if args.prompt_evidence:
+            prompt = prompt_positions(
+                inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("position_ids")
+            )
         outputs, student_logits = self.logit_free.run_student(
             functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
             mask,
@@ -489,6 +501,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             temperature=args.temperature,
             output_hidden_states=align,
             **({"logit_free": self.logit_free, "mask": mask} if free else {}),
+            **({} if prompt is None else {"prompt": prompt}),
         )
         teacher_logits, teacher_hidden = teachers.logits, teachers.hidden_states
         uld = self.settings.divergence == "uld"
@@ -511,6 +524,7 @@ class MultiTeacherDistillationTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             teacher_mask=teachers.teacher_mask(labels),
             teacher_prior=teacher_prior,
+            prompt=None if prompt is None else teachers.prompt_evidence(prompt),
         )
         kd, loss = result.kd, result.loss
         check_finite(kd.signals.entropy, self.teacher_names)  # NaN/inf logits make their entropy NaN

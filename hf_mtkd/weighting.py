@@ -40,6 +40,9 @@ class TeacherSignals:
     """Where the N positions lie in their documents, and the running sums carried from the positions read before
     them (a chunk of a pass, see `DocumentTrack`); None: `DocumentTrack.of(mask, segment_starts)`, the signals
     holding whole documents."""
+    document_score: Tensor | None = None
+    """`[K, B (T + 1)]` a score added at every position of each document id of `document_grid` (the prompt's
+    evidence, `hf_mtkd.prompt_evidence.PromptEvidence.document_scores`); None: none."""
 
     def document_track(self) -> DocumentTrack:
         """`track`, or the positions of `mask` as whole documents."""
@@ -211,10 +214,14 @@ WEIGHTING_SUMMARIES: dict[str, str] = {
 """Each weighting of `WEIGHTINGS` in words, static or dynamic (the model card's summary); a new one adds its line."""
 
 
-def describe_weighting(weighting: str, granularity: str) -> str:
-    """How `weighting` at `granularity` weights the teachers, in words (a static weighting has no granularity)."""
+def describe_weighting(weighting: str, granularity: str, prompt: bool = False) -> str:
+    """
+    How `weighting` at `granularity` weights the teachers, in words (a static weighting has no granularity), and
+    with `prompt` (`hf_mtkd.prompt_evidence`) by each one's likelihood of the prompt too.
+    """
     summary = WEIGHTING_SUMMARIES.get(weighting, f"{weighting!r} teacher weights")
-    return summary if weighting == "static" else f"{summary}, per {granularity}"
+    summary = summary if weighting == "static" else f"{summary}, per {granularity}"
+    return f"{summary}, times each teacher's likelihood of the document's prompt" if prompt else summary
 
 
 CAUSAL_WEIGHTINGS = ("static", "entropy", "correctness", "posterior", "entropy+posterior")
@@ -300,9 +307,10 @@ def weights_from_signals(
         teacher_prior: `[B, K]` per-row prior $r$ (routing; rows need not be normalised; None: uniform). A teacher
             with $r_{b,k} = 0$ is unavailable in row b, exactly as with `teacher_mask`.
 
-    Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a sequence with no
-    valid position gets the prior. The options are taken as given: `hf_mtkd.settings.DistillationSettings` checks
-    them once, when it is built.
+    A `document_score` of the signals (the prompt's evidence) is added to $s_k$ at every position of its document,
+    before pooling. Positions outside `mask` get the prior (`token`) or their sequence's/batch's pooled weight; a
+    sequence with no valid position gets the prior. The options are taken as given:
+    `hf_mtkd.settings.DistillationSettings` checks them once, when it is built.
     """
     mask = signals.mask
     num_teachers = signals.entropy.shape[0]
@@ -318,6 +326,8 @@ def weights_from_signals(
             target_log_prob=signals.target_log_prob.where(available, 0.0),
         )
     scores = WEIGHTINGS[weighting](signals, params)
+    if signals.document_score is not None:
+        scores = scores + signals.document_score[:, signals.document_track().document].to(scores.dtype)
     if granularity == "token":
         pooled = scores.new_zeros(num_teachers, batch_size, seq_len)
         pooled[:, mask] = scores

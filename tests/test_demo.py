@@ -168,8 +168,13 @@ def test_on_policy_comparison(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     names = [m.name for m in on_policy_methods(DOMAINS, 64)]
     assert list(results["methods"]) == names and results["default_method"] == names[-1]
-    routed_off, routed_on, off, on = (results["methods"][name] for name in names[1:])
-    assert off["hparams"] == on["hparams"] and on["hparams_source"] == "tuned for posterior"
+    routed_off, routed_on, prompt_off, prompt_on, off, on = (results["methods"][name] for name in names[1:])
+    assert off["hparams"] == on["hparams"] == prompt_off["hparams"] == prompt_on["hparams"]
+    assert on["hparams_source"] == prompt_on["hparams_source"] == "tuned for posterior"
+    # the prompt's evidence reaches the trainer: it moves the weights, so the students
+    perplexity = [m["runs"][0]["test"]["overall"]["perplexity"] for m in (prompt_off, off)]
+    assert perplexity[0] != pytest.approx(perplexity[1], rel=1e-6)
+    assert f"{names[4]} vs {names[6]} (overall/own_text_kl)" in results["comparisons"]
     assert routed_off["hparams"] == routed_on["hparams"] and routed_on["hparams_source"] == "tuned for domain routing"
     assert "on_policy_share" in routed_on["summary"] and "on_policy_share" not in routed_off["summary"]
     assert "on_policy_share" not in off["summary"]
@@ -181,7 +186,7 @@ def test_on_policy_comparison(tmp_path):
     assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     for entry in results["methods"].values():
         assert math.isfinite(entry["summary"]["overall/perplexity"]["mean"])
-    key = f"{names[-1]} vs {names[3]} (overall/perplexity)"
+    key = f"{names[-1]} vs {names[5]} (overall/perplexity)"
     assert f"{names[2]} vs {names[1]} (overall/own_text_kl)" in results["comparisons"]  # routed, on- vs off-policy
     assert key in results["comparisons"]
     report = (tmp_path / "results.md").read_text()
@@ -192,7 +197,7 @@ def test_on_policy_comparison(tmp_path):
         for domain in [*DOMAINS, "overall"]:
             test = entry["runs"][0]["test"][domain]
             assert test["own_text_perplexity"] > 1 and test["own_text_kl"] > 0
-    assert f"{names[-1]} vs {names[3]} (overall/own_text_kl)" in results["comparisons"]
+    assert f"{names[-1]} vs {names[5]} (overall/own_text_kl)" in results["comparisons"]
     assert "| ppl of own python text |" in report
 
 

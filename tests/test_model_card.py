@@ -332,6 +332,8 @@ def test_every_weighting_is_described_as_static_or_dynamic():
         static = not WEIGHTINGS[name](signals, WeightingParameters()).any()
         assert described.startswith("static" if static else "dynamic"), (name, described)
         assert described.endswith(", per token") != static
+        prompted = describe_weighting(name, "token", prompt=True)
+        assert prompted == f"{described}, times each teacher's likelihood of the document's prompt"
 
 
 ZERO3_CARD = """

@@ -77,11 +77,13 @@ def on_policy_methods(domains: tuple[str, ...], block_size: int, scenario: str =
     The on-policy comparison (`--on_policy`): every training block keeps its first `PROMPT_TOKENS` as a prompt
     without loss; no teacher; routing by hand and the scenario's default weighting, each off-policy (the blocks'
     own continuations) and with `LMBDA` of the batches continued by the student itself (sampled at temperature 1
-    up to the block's length; a routed row's own text keeps its row's teacher), each pair with its off-policy
-    row's tuned hyperparameters. The default weighting's on-policy row comes last.
+    up to the block's length; a routed row's own text keeps its row's teacher), and the default weighting with the
+    prompt's evidence (`prompt_evidence`, γ_p = 1, untuned), each pair with its off-policy row's tuned
+    hyperparameters (the default weighting's). The default weighting's on-policy row comes last.
     """
     default = DEFAULT_METHOD[scenario]
     weighting = {"teacher_weighting": default}
+    with_prompt = {**weighting, "prompt_evidence": True}
     static = {"teacher_weighting": "static"}
     sampling = {"lmbda": LMBDA, "max_new_tokens": block_size - PROMPT_TOKENS, "generation_temperature": 1.0}
     prompted = {"prompt_tokens": PROMPT_TOKENS, "tuned_as": default}
@@ -90,9 +92,16 @@ def on_policy_methods(domains: tuple[str, ...], block_size: int, scenario: str =
         Method("no teacher (CE only), prompted", prompt_tokens=PROMPT_TOKENS),
         Method(off_policy_name(ROUTING), domains, static, **routed),
         Method(on_policy_name(ROUTING), domains, {**static, **sampling}, **routed),
+        Method(off_policy_name(with_prompt_name(default)), domains, with_prompt, **prompted),
+        Method(on_policy_name(with_prompt_name(default)), domains, {**with_prompt, **sampling}, **prompted),
         Method(off_policy_name(default), domains, weighting, **prompted),
         Method(on_policy_name(default), domains, {**weighting, **sampling}, **prompted),
     ]
+
+
+def with_prompt_name(row: str) -> str:
+    """The row of weighting `row` with the prompt's evidence (`prompt_evidence`)."""
+    return f"{row} + prompt evidence"
 
 
 def with_settings(method: Method, **settings: Any) -> Method:
@@ -111,8 +120,16 @@ def on_policy_name(row: str) -> str:
 
 
 def on_policy_pairs(scenario: str = "domains") -> list[tuple[str, str]]:
-    """The on-policy comparison's pairs (a row, its baseline): each on-policy row against its off-policy one."""
-    return [(on_policy_name(row), off_policy_name(row)) for row in (DEFAULT_METHOD[scenario], ROUTING)]
+    """
+    The on-policy comparison's pairs (a row, its baseline): each on-policy row against its off-policy one, and the
+    default weighting with the prompt's evidence against it without, off- and on-policy.
+    """
+    default = DEFAULT_METHOD[scenario]
+    prompt = with_prompt_name(default)
+    return [
+        *[(on_policy_name(row), off_policy_name(row)) for row in (default, prompt, ROUTING)],
+        *[(name(prompt), name(default)) for name in (off_policy_name, on_policy_name)],
+    ]
 
 
 def pretrained_methods(methods: list[Method]) -> list[Method]:

@@ -1,0 +1,284 @@
+"""
+Prompt evidence (`prompt_evidence`): the teachers' likelihood of each document's prompt weighs them on it. Checked
+against plain float64 loops, on the logits path, chunked and logit-free, and through the trainer.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from trainer_helpers import tiny_config
+
+from hf_mtkd import (
+    HeadLogits,
+    MultiTeacherDistillationConfig,
+    MultiTeacherDistillationTrainer,
+    cache_teacher_logits,
+    compute_teacher_weights,
+    multi_teacher_kd,
+)
+from hf_mtkd.prompt_evidence import PromptEvidence, prompt_positions, prompt_targets, token_log_probs
+from hf_mtkd.testing import tiny_causal_lm
+
+
+def test_prompt_positions_are_the_unlabelled_real_tokens_of_each_document():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [1, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, -100], [-100, -100, 3, -100, -100, 6]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])  # row 1: two packed documents
+    found = prompt_positions(ids, labels, attention, positions)
+    # row 0: predicting 6 and 7 (the prompt); 8 and 9 carry labels, the padding is no prompt
+    # row 1: predicting 2 (prompt of the first document), 5 (of the second); 4 starts a document, so no evidence
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    expected[1, 3] = True
+    assert torch.equal(found, expected)
+    assert prompt_targets(ids, found).tolist() == [6, 7, 2, 5]
+    no_mask = prompt_positions(ids, labels)  # no attention mask, no packing: every unlabelled next token
+    assert no_mask[0].tolist() == [True, True, False, False, True, False]
+
+
+def batch(seed=0, vocab=11, num_teachers=3):
+    """Two rows of 9 positions, row 1 packing two documents, each document a prompt and a completion."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a 4-token prompt
+    labels[1, :3] = -100  # document 1: a 3-token prompt, a 2-token completion
+    labels[1, 5:7] = -100  # document 2: a 2-token prompt
+    labels[0, 8] = -100  # the last token is padding
+    attention = torch.ones_like(ids)
+    attention[0, 8] = 0
+    position_ids = torch.tensor([list(range(9)), [0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    teachers = [torch.randn(2, 9, vocab, generator=g, dtype=torch.float64) * 3 for _ in range(num_teachers)]
+    student = torch.randn(2, 9, vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    return ids, labels, attention, position_ids, teachers, student
+
+
+def evidence_of(ids, labels, attention, position_ids, teachers):
+    prompt = prompt_positions(ids, labels, attention, position_ids)
+    targets = prompt_targets(ids, prompt)
+    rows = prompt.flatten().nonzero()[:, 0]
+    return PromptEvidence(prompt, torch.stack([token_log_probs(z, targets, rows) for z in teachers]))
+
+
+def reference_document_scores(ids, labels, attention, position_ids, teachers, gamma):
+    """`[K, B, T]`: at every position, (1/γ) Σ max(log p_k(x_{s+1}), -20) over its document's prompt, by loops."""
+    num, (rows, length) = len(teachers), ids.shape
+    out = torch.zeros(num, rows, length, dtype=torch.float64)
+    for b in range(rows):
+        starts = [t for t in range(length) if position_ids[b, t] == 0] + [length]
+        for begin, end in itertools.pairwise(starts):
+            for k, z in enumerate(teachers):
+                total = 0.0
+                for t in range(begin, end - 1):
+                    if labels[b, t + 1] == -100 and attention[b, t] and attention[b, t + 1]:
+                        log_p = z[b, t].log_softmax(-1)[ids[b, t + 1]].item()
+                        total += max(log_p, -20.0)
+                out[k, b, begin:end] = total / gamma
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["static", "entropy", "posterior", "likelihood"])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_weights_with_the_prompt_are_the_weights_times_its_likelihood(weighting, granularity):
+    ids, labels, attention, position_ids, teachers, _ = batch()
+    gamma = 2.5
+    options = dict(weighting=weighting, granularity=granularity, position_ids=position_ids, teacher_weights=[1, 2, 3])
+    base = compute_teacher_weights(teachers, labels, **options)
+    evidence = evidence_of(ids, labels, attention, position_ids, teachers)
+    found = compute_teacher_weights(teachers, labels, prompt=evidence, prompt_temperature=gamma, **options)
+    document = reference_document_scores(ids, labels, attention, position_ids, teachers, gamma)
+    valid = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    if granularity == "sequence":  # pooled: the mean over the row's valid positions
+        document = (document * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+        document = document.expand(-1, -1, ids.shape[1])
+    expected = base * document.exp()
+    expected = expected / expected.sum(0, keepdim=True)
+    assert torch.allclose(found[:, valid], expected[:, valid], rtol=0, atol=1e-12)
+    assert not torch.allclose(found[:, valid], base[:, valid], atol=1e-3)  # the prompt moved the weights
+
+
+def reference_loss(student, teachers, labels, weights, tau):
+    """τ² Σ_valid KL(Σ_k w_k p_k || q) / N, position by position."""
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] == -100:
+                continue
+            target = sum(weights[k, b, t] * (z[b, t] / tau).softmax(-1) for k, z in enumerate(teachers))
+            log_q = (student[b, t] / tau).log_softmax(-1)
+            total = total + (target * (target.log() - log_q)).sum()
+            count += 1
+    return tau**2 * total / count
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, None])
+@pytest.mark.parametrize("weighting", ["posterior", "likelihood"], ids=["one pass", "first pass"])
+def test_the_loss_with_the_prompt_matches_a_reference_on_logits_and_logit_free(chunk_size, weighting):
+    ids, labels, attention, position_ids, teachers, student = batch(seed=1)
+    evidence = evidence_of(ids, labels, attention, position_ids, teachers)
+    options = dict(weighting=weighting, position_ids=position_ids, prompt=evidence, chunk_size=chunk_size)
+    weights = compute_teacher_weights(teachers, labels, temperature=2.0, **options)
+    expected = reference_loss(student, teachers, labels, weights, 2.0)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    found = multi_teacher_kd(student, teachers, labels, temperature=2.0, **options)
+    assert found.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(found.weights, weights, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(found.loss, student)
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+
+    # logit-free: hidden states at the valid positions and heads; the same weights and loss
+    g = torch.Generator().manual_seed(7)
+    valid = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    dims, vocab = 5, student.shape[-1]
+    hidden = [torch.randn(2, 9, dims, generator=g, dtype=torch.float64) for _ in range(4)]
+    heads = [torch.randn(vocab, dims, generator=g, dtype=torch.float64) for _ in range(4)]
+    dense = [h @ w.T for h, w in zip(hidden, heads, strict=True)]
+    free = [HeadLogits(h[valid], w) for h, w in zip(hidden, heads, strict=True)]
+    free_evidence = evidence_of(ids, labels, attention, position_ids, dense[1:])
+    prompt = free_evidence.positions
+    head_evidence = torch.stack(
+        [
+            token_log_probs(HeadLogits(h[prompt], w), prompt_targets(ids, prompt))
+            for h, w in zip(hidden[1:], heads[1:], strict=True)
+        ]
+    )
+    assert torch.allclose(head_evidence, free_evidence.log_prob, rtol=0, atol=1e-12)
+    options["prompt"] = PromptEvidence(prompt, head_evidence)
+    on_logits = multi_teacher_kd(dense[0], dense[1:], labels, **options)
+    logit_free = multi_teacher_kd(free[0], free[1:], labels, **options)
+    assert logit_free.loss.item() == pytest.approx(on_logits.loss.item(), rel=1e-12)
+    assert torch.allclose(logit_free.weights, on_logits.weights, rtol=0, atol=1e-12)
+
+
+def test_a_prompt_the_teachers_predict_alike_changes_nothing():
+    ids, labels, attention, position_ids, teachers, _ = batch(seed=2)
+    evidence = evidence_of(ids, labels, attention, position_ids, teachers)
+    same = PromptEvidence(evidence.positions, evidence.log_prob[:1].expand_as(evidence.log_prob))
+    base = compute_teacher_weights(teachers, labels, position_ids=position_ids)
+    found = compute_teacher_weights(teachers, labels, position_ids=position_ids, prompt=same)
+    assert torch.allclose(found, base, rtol=0, atol=1e-12)
+
+
+def test_a_prompt_token_no_teacher_can_produce_keeps_the_weights_finite():
+    ids, labels, attention, position_ids, teachers, _ = batch(seed=3)
+    evidence = evidence_of(ids, labels, attention, position_ids, teachers)
+    impossible = PromptEvidence(evidence.positions, torch.full_like(evidence.log_prob, -math.inf))
+    weights = compute_teacher_weights(teachers, labels, position_ids=position_ids, prompt=impossible)
+    base = compute_teacher_weights(teachers, labels, position_ids=position_ids)
+    assert torch.isfinite(weights).all()
+    assert torch.allclose(weights, base, rtol=0, atol=1e-12)  # every teacher floored alike
+
+
+# ---- through the trainer ----
+
+
+def prompted_dataset(dataset, prompt=6, rows=32):
+    def label(row):
+        labels = list(row["input_ids"])
+        labels[:prompt] = [-100] * prompt
+        return {"labels": labels}
+
+    return dataset.select(range(rows)).map(label)
+
+
+def models(tokenizer):
+    student = tiny_causal_lm("qwen2", tokenizer, seed=1, hidden_size=24).double()
+    teachers = [tiny_causal_lm(kind, tokenizer, seed=10 + k).double() for k, kind in enumerate(("gpt2", "llama"))]
+    return student, teachers
+
+
+def prompted_trainer(tmp_path, tokenizer, data, mode, **overrides):
+    student, teachers = models(tokenizer)
+    args = tiny_config(
+        tmp_path,
+        output_dir=str(tmp_path / mode),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.5,
+        optim="sgd",
+        logit_free=mode,
+        teacher_names=["gpt2", "llama"],
+        loss_chunk_size=16,
+        **overrides,
+    )
+    return MultiTeacherDistillationTrainer(
+        model=student, teachers=teachers, args=args, train_dataset=data, processing_class=tokenizer
+    )
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_the_trainer_weighs_the_teachers_by_the_prompt(tmp_path, tokenizer, dataset, mode):
+    data = prompted_dataset(dataset)
+    trainer = prompted_trainer(tmp_path, tokenizer, data, mode, prompt_evidence=True, prompt_temperature=0.5)
+    inputs = trainer._prepare_inputs(trainer.data_collator([data[i] for i in range(4)]))
+    seen = {}
+    original = trainer.distillation_loss.__call__
+
+    def spy(*args, **kwargs):
+        seen["prompt"] = kwargs["prompt"]
+        seen["result"] = result = original(*args, **kwargs)
+        return result
+
+    trainer.distillation_loss = spy
+    trainer.model.eval()
+    trainer.compute_loss(trainer.model, inputs)
+    evidence = seen["prompt"]
+    labels, ids = inputs["labels"], inputs["input_ids"]
+    prompt = prompt_positions(ids, labels, inputs["attention_mask"])
+    assert prompt.any() and torch.equal(evidence.positions, prompt)
+    # the evidence is each teacher's log-probability of the prompt's next tokens, from its own logits
+    with torch.no_grad():
+        logits = [t(input_ids=ids, attention_mask=inputs["attention_mask"]).logits for t in trainer.teachers]
+    expected = torch.stack(
+        [z.log_softmax(-1)[prompt].gather(-1, prompt_targets(ids, prompt)[:, None])[:, 0] for z in logits]
+    )
+    assert torch.allclose(evidence.log_prob, expected, rtol=0, atol=1e-10)
+    without = compute_teacher_weights(logits, labels)
+    with_prompt = compute_teacher_weights(logits, labels, prompt=evidence, prompt_temperature=0.5)
+    assert torch.allclose(seen["result"].kd.weights, with_prompt, rtol=0, atol=1e-10)
+    assert not torch.allclose(with_prompt, without, atol=1e-3)
+
+
+def test_training_with_the_prompt_logit_free_equals_the_logits_path(tmp_path, tokenizer, dataset):
+    data = prompted_dataset(dataset)
+    runs = []
+    for mode in ("always", "never"):
+        trainer = prompted_trainer(tmp_path, tokenizer, data, mode, prompt_evidence=True)
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        runs.append(([e["loss"] for e in trainer.state.log_history if "loss" in e], weights))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-10)
+    for name, weight in runs[0][1].items():
+        assert torch.allclose(weight, runs[1][1][name], rtol=0, atol=1e-10), name
+
+
+def test_a_cache_is_refused_with_prompt_evidence(tmp_path, tokenizer, dataset):
+    data = prompted_dataset(dataset, rows=8)
+    student, teachers = models(tokenizer)
+    cache = cache_teacher_logits(teachers, data, str(tmp_path / "cache"), k=4, disable_tqdm=True)
+    args = tiny_config(tmp_path, teacher_names=["gpt2", "llama"], prompt_evidence=True)
+    with pytest.raises(ValueError, match="teacher-logits cache holds the teachers at the labelled positions only"):
+        MultiTeacherDistillationTrainer(model=student, teachers=cache, args=args, processing_class=tokenizer)
+
+
+def test_cross_tokenizer_teachers_are_refused_with_prompt_evidence(tmp_path, cross_tokenizers, corpus):
+    student = tiny_causal_lm("qwen2", cross_tokenizers["student"], seed=1)
+    teacher = tiny_causal_lm("llama", cross_tokenizers["unigram"], seed=2)
+    args = tiny_config(tmp_path, teacher_names=["unigram"], prompt_evidence=True)
+    with pytest.raises(ValueError, match=r"`prompt_evidence=True` needs .* a cross-tokenizer teacher reads"):
+        MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=[teacher],
+            args=args,
+            train_dataset=Dataset.from_dict({"text": corpus[:8]}),
+            processing_class=cross_tokenizers["student"],
+            teacher_tokenizers=[cross_tokenizers["unigram"]],
+        )
+
+
+def test_a_prompt_temperature_that_is_not_positive_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`prompt_temperature` must be > 0"):
+        MultiTeacherDistillationConfig(output_dir=str(tmp_path), prompt_temperature=0.0)
