@@ -15,6 +15,7 @@ LAYERS = [
     {"fusion", "divergences", "settings"},
     {"chunked"},  # the chunked driver
     {"logit_free"},  # its logit-free inputs (hidden states and output heads)
+    {"prompt_evidence"},  # the teachers' log-probabilities of the prompt, per document
     {"losses"},  # the total and the functional API
     # teachers and where their outputs come from
     {"teachers", "distributed", "generation_eval", "pruning", "heads"},
