@@ -632,9 +632,11 @@ def test_zero3_on_two_processes_generates_in_step(tmp_path):
     losses either way.
     """
     worker = Path(__file__).parent / "distributed" / "on_policy_worker.py"
-    # both settings in one launch; a rank left waiting: no report
-    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3", "true", "false"], timeout=300)
-    report = json.loads((tmp_path / "report.json").read_text())
+    # both settings in one launch; a rank left waiting: no report. Rank 0 writes it after the last collective, so
+    # the gloo abort at exit after it is launched once more (`run`)
+    results = tmp_path / "report.json"
+    run([*launcher("torchrun"), str(worker), str(tmp_path), "zero3", "true", "false"], results=results, timeout=300)
+    report = json.loads(results.read_text())
     for gather, run_report in report.items():
         ranks = run_report["ranks"]
         assert all(rank["partitioned"] for rank in ranks)

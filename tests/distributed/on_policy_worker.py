@@ -113,6 +113,7 @@ def main(output_dir: str, deepspeed: str, settings: list[str]) -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(output_dir, "report.json"), "w") as file:
             json.dump(runs, file, indent=1)
+    dist.barrier()  # no process exits before rank 0 has written the report (docs/scaling.md, "The gloo abort ...")
     dist.destroy_process_group()
 
 
