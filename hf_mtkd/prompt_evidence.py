@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .chunked import auto_chunk_size, shift_labels
 from .logit_free import HeadLogits
-from .storage import dense_rows
+from .storage import TopKLogProbs, dense_rows
 from .weighting import MIN_TARGET_LOG_PROB, document_grid
 
 
@@ -48,11 +48,14 @@ def prompt_targets(input_ids: Tensor, prompt: Tensor) -> Tensor:
     return F.pad(input_ids[:, 1:], (0, 1), value=0)[prompt]
 
 
-def token_log_probs(logits: Tensor | HeadLogits, targets: Tensor, rows: Tensor | None = None) -> Tensor:
+def token_log_probs(logits: Tensor | HeadLogits | TopKLogProbs, targets: Tensor, rows: Tensor | None = None) -> Tensor:
     r"""
     $\log \mathrm{softmax}(z)_{x}$ `[n]` (temperature 1, float32 or wider) of the n `targets`: at the flat positions
-    `rows` of `[B, T, V]` logits, or at the n positions of `HeadLogits` (`rows` None), a chunk at a time.
+    `rows` of `[B, T, V]` logits or of a cached `TopKLogProbs` (its distribution: a token outside the top k has the
+    tail's share), or at the n positions of `HeadLogits` (`rows` None), a chunk at a time.
     """
+    if isinstance(logits, TopKLogProbs):  # sparse: no [n, V] row is made
+        return logits.rows(rows).at(targets[:, None], 1.0)[:, 0]
     count = targets.shape[0]
     size = auto_chunk_size(logits.shape[-1])
     out = []

@@ -519,7 +519,7 @@ class CachedTeacherLogits(TeacherSource):
 
     @property
     def no_prompt_evidence(self) -> str | None:
-        return "a teacher-logits cache holds the teachers at the labelled positions only"
+        return None  # the cache holds every position that has a next token, the prompt's too
 
     def describe(self, args: MultiTeacherDistillationConfig) -> str:
         return (
@@ -542,6 +542,13 @@ class CachedTeacherLogits(TeacherSource):
         output_hidden_states: bool,
         logit_free: LogitFreePlan | None = None,
         mask: Tensor | None = None,
+        prompt: Tensor | None = None,
     ) -> TeacherBatch:
         rows = batch_teacher_logits(inputs, student_vocab, support=self.cache.manifest.vocab_size)
-        return TeacherBatch([TeacherOutput(logits) for logits in rows])
+        if prompt is None:
+            return TeacherBatch([TeacherOutput(logits) for logits in rows])
+        # each teacher's cached distribution at the prompt positions (a token outside its top k: the tail's share)
+        targets, where = prompt_targets(inputs["input_ids"], prompt), prompt.flatten().nonzero()[:, 0]
+        return TeacherBatch(
+            [TeacherOutput(logits, prompt_log_prob=token_log_probs(logits, targets, where)) for logits in rows]
+        )

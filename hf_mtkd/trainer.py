@@ -173,7 +173,7 @@ class MultiTeacherDistillationTrainer(Trainer):
         if args.prompt_evidence and self.teacher_source.no_prompt_evidence is not None:
             raise ValueError(
                 f"`prompt_evidence=True` needs the teachers' log-probabilities of the prompt tokens, but "
-                f"{self.teacher_source.no_prompt_evidence}: run the teachers live on the student's tokenizer, or "
+                f"{self.teacher_source.no_prompt_evidence}: run the teachers on the student's tokenizer, or "
                 "leave `prompt_evidence` off."
             )
         self.teacher_records = self.teacher_source.records

@@ -255,13 +255,50 @@ def test_training_with_the_prompt_logit_free_equals_the_logits_path(tmp_path, to
         assert torch.allclose(weight, runs[1][1][name], rtol=0, atol=1e-10), name
 
 
-def test_a_cache_is_refused_with_prompt_evidence(tmp_path, tokenizer, dataset):
+def top_k_log_prob_reference(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    log p_hat(x) of each row's target under its top-k form, plainly in float64: p itself among the k most likely
+    tokens, else an even share of the rest of the mass; then normalized.
+    """
+    out = []
+    for row, target in zip(logits.double(), targets.tolist(), strict=True):
+        p = row.softmax(-1)
+        top = set(p.topk(k).indices.tolist())
+        tail = (1 - sum(p[v] for v in top)) / (len(p) - k)
+        p_hat = [p[v] if v in top else tail for v in range(len(p))]
+        out.append(math.log(p_hat[target] / sum(p_hat)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [4, None])  # None: the whole vocabulary
+def test_a_cache_gives_the_prompt_evidence_of_its_top_k_distributions(tmp_path, tokenizer, dataset, k):
     data = prompted_dataset(dataset, rows=8)
     student, teachers = models(tokenizer)
-    cache = cache_teacher_logits(teachers, data, str(tmp_path / "cache"), k=4, disable_tqdm=True)
-    args = tiny_config(tmp_path, teacher_names=["gpt2", "llama"], prompt_evidence=True)
-    with pytest.raises(ValueError, match="teacher-logits cache holds the teachers at the labelled positions only"):
-        MultiTeacherDistillationTrainer(model=student, teachers=cache, args=args, processing_class=tokenizer)
+    k = k or len(tokenizer)
+    cache = cache_teacher_logits(teachers, data, str(tmp_path / "cache"), k=k, disable_tqdm=True)
+    args = tiny_config(tmp_path, teacher_names=["gpt2", "llama"], prompt_evidence=True, per_device_train_batch_size=4)
+    trainer = MultiTeacherDistillationTrainer(model=student, teachers=cache, args=args, processing_class=tokenizer)
+    inputs = trainer._prepare_inputs(trainer.data_collator([cache.dataset[i] for i in range(4)]))
+    ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+    prompt = prompt_positions(ids, labels, attention)
+    assert prompt.any()
+    evidence = trainer.teacher_source(
+        dict(inputs), student_vocab=len(tokenizer), temperature=1.0, output_hidden_states=False, prompt=prompt
+    ).prompt_evidence(prompt)
+    targets = prompt_targets(ids, prompt)
+    with torch.no_grad():
+        logits = [t(input_ids=ids, attention_mask=attention).logits[prompt] for t in teachers]
+    expected = torch.stack([top_k_log_prob_reference(z, targets, k) for z in logits])
+    assert torch.allclose(evidence.log_prob.double(), expected, rtol=0, atol=1e-5)  # stored in float32
+    if k < len(tokenizer):  # some prompt tokens lie in the tail
+        assert not torch.allclose(
+            expected,
+            torch.stack([z.log_softmax(-1).gather(-1, targets[:, None])[:, 0] for z in logits]).double(),
+            atol=1e-3,
+        )
+    trainer.train_dataset = cache.dataset
+    trainer.train()  # and it trains on it
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
 
 
 def test_cross_tokenizer_teachers_are_refused_with_prompt_evidence(tmp_path, cross_tokenizers, corpus):
