@@ -152,8 +152,9 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "help": "Let each teacher's likelihood of a document's prompt (its tokens without a label: a chat's "
             "user turns, the prompt an on-policy student continues) weigh it on the whole document: "
             "w_k ~ prior_k * p_k(prompt)^(1/prompt_temperature) * exp(score_k), with any teacher_weighting. The "
-            "teachers' heads then also run at the prompt positions (a teacher-logits cache holds them already). Needs "
-            "teachers on the student's tokens (not cross-tokenizer teachers)."
+            "teachers' heads then also run at the prompt positions (a teacher-logits cache holds them already); a "
+            "cross-tokenizer teacher reads the prompt in its own tokens, and then every teacher is scored on the "
+            "prompt inside the messages' contents only (not the chat templates' markup)."
         },
     )
     prompt_temperature: float = field(

@@ -44,6 +44,7 @@ from .chunked import auto_chunk_size
 from .dtypes import upcast
 from .logit_free import HeadLogits
 from .model_config import text_config
+from .prompt_evidence import prompt_targets, row_sums, token_log_probs
 from .storage import RowsOnDemand
 from .teachers import pad_rows, teacher_forward, vocab_size
 
@@ -54,6 +55,11 @@ CROSS_TOKENIZER_LOSSES = ("kl", "uld")
 """The KD term with cross-tokenizer teachers: `divergence` of the fused target (`kl`), or ULD (`uld`)."""
 TEACHER_INPUTS_KEY = "teacher_inputs"
 """Batch key under which `MultiTokenizerCollator` puts each teacher's own inputs (None for shared tokenizers)."""
+PROMPT_CONTENT_KEY = "mtkd_prompt_content"
+"""
+Batch key of `MultiTokenizerCollator`'s `[B, T]` mask of the student's positions whose next token is prompt text
+inside a message (`prompt_content`): where `prompt_evidence` reads the prompt when some teacher reads its own tokens.
+"""
 LOG_ZERO = -100.0
 """
 Log-probability given to student tokens that no teacher token maps to: exp(-100) < 4e-44, nothing next to any real
@@ -549,6 +555,7 @@ class MultiTokenizerCollator:
             "input_ids": input_ids,
             "attention_mask": pad_rows([[1] * len(e.input_ids) for e in student], 0),
             "labels": pad_rows([e.labels for e in student], -100),
+            PROMPT_CONTENT_KEY: pad_rows([prompt_content(e) for e in student], 0).bool(),
         }
         teacher_inputs: list[dict[str, Tensor] | None] = []
         for tokenizer, max_length, name in zip(
@@ -570,10 +577,28 @@ class MultiTokenizerCollator:
                         [_learned_only(align_encoded(s, t), s.labels) for s, t in zip(student, teacher, strict=True)],
                         -1,
                     ),
+                    "prompt_mask": pad_rows([prompt_content(e) for e in teacher], 0).bool(),
                 }
             )
         batch[TEACHER_INPUTS_KEY] = teacher_inputs
         return batch
+
+
+def prompt_content(encoded: EncodedExample) -> list[int]:
+    """
+    1 at each position whose next token is a prompt token (without a label) lying wholly inside a message's content
+    (its leading whitespace aside), else 0: the prompt text that every model reads alike, whatever its chat template
+    adds around it (`prompt_evidence` with teachers on their own tokenizers).
+    """
+    text, segments = encoded.rendered.text, [s for s in encoded.rendered.segments if s is not None]
+    marks = [0] * len(encoded.input_ids)
+    for j in range(len(marks) - 1):
+        start, stop = encoded.offsets[j + 1]
+        while start < stop and text[start].isspace():
+            start += 1
+        inside = start < stop and any(a <= start and stop <= b for a, b in segments)
+        marks[j] = int(inside and encoded.labels[j + 1] == -100 and not encoded.special[j + 1])
+    return marks
 
 
 def _learned_only(position_map: list[int], labels: Sequence[int]) -> list[int]:
@@ -694,6 +719,8 @@ class AlignedTeacher:
     """`[B, T]` see `MappedTeacher`."""
     inexact_mass: Tensor
     """`[B, T]` see `MappedTeacher`."""
+    prompt_row_log_prob: Tensor | None = None
+    """`[B]` per row, its floored log-likelihood of its own prompt tokens (`prompt_mask`), when asked."""
 
 
 def teacher_on_student_positions(
@@ -706,11 +733,14 @@ def teacher_on_student_positions(
     output_hidden_states: bool,
     run_head: Callable[..., Any] | None = None,
     mask: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
 ) -> AlignedTeacher:
     """
     Run a teacher on its own tokens and gather its predictions at the student's positions (`position_map`). With
     `run_head` (`hf_mtkd.heads.LogitFreePlan.run_teacher` for it) and the student's valid positions `mask`, it runs
-    logit-free where it can: its final hidden states at those positions and its head instead of its logits.
+    logit-free where it can: its final hidden states at those positions and its head instead of its logits. With
+    `prompt_mask` `[B, T_k]` (its own positions before a prompt token, `prompt_content`), its log-likelihood of them
+    per row too (`prompt_evidence`; its head runs there as well).
     """
     forward = functools.partial(teacher_forward, teacher, name, inputs, output_hidden_states=output_hidden_states)
     position_map = inputs["position_map"]
@@ -721,7 +751,16 @@ def teacher_on_student_positions(
     if run_head is None:
         logits, hidden = forward()
     else:
-        (logits, hidden), head = run_head(forward, position_map=position_map)
+        (logits, hidden), head = run_head(forward, position_map=position_map, own_positions=prompt_mask)
+    prompt_row_log_prob = None
+    if prompt_mask is not None:
+        targets = prompt_targets(inputs["input_ids"], prompt_mask)
+        if head is None:
+            log_prob = token_log_probs(logits, targets, prompt_mask.flatten().nonzero()[:, 0])
+        else:  # its head at the aligned valid positions, then at its prompt's
+            count = int(mask.sum())
+            head, log_prob = head.take(slice(0, count)), token_log_probs(head.take(slice(count, None)), targets)
+        prompt_row_log_prob = row_sums(log_prob, prompt_mask)
     if head is None:
         own = logits[rows, index]
         mapped = MappedLogits(own, vocabulary_map, temperature, aligned)
@@ -736,6 +775,7 @@ def teacher_on_student_positions(
         available=aligned & has_mass,
         unmapped_mass=unmapped,
         inexact_mass=inexact,
+        prompt_row_log_prob=prompt_row_log_prob,
     )
 
 

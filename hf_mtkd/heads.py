@@ -122,13 +122,15 @@ class HeadRunner:
         vocab_size: int | None = None,
         shared: int | None = None,
         position_map: Tensor | None = None,
+        own_positions: Tensor | None = None,
     ) -> tuple[Any, HeadLogits] | tuple[Any, str]:
         """
         `forward(logits_to_keep=...)`'s outputs and the `HeadLogits` of the valid positions `mask` `[B, T]`: the
         head cut to its first `shared` rows and `vocab_size` wide (a teacher on the student's vocabulary,
         `hf_mtkd.teachers.on_student_vocabulary`). A model on its own tokens (a cross-tokenizer teacher) gives its
-        hidden states at the student's positions, its positions `position_map` `[B, T]` (-1: none, read as 0). At the
-        first call, when the logits are not the head's, the outputs and the reason instead.
+        hidden states at the student's positions, its positions `position_map` `[B, T]` (-1: none, read as 0), and
+        after them those of its own positions `own_positions` `[B, T_k]` (its prompt). At the first call, when the
+        logits are not the head's, the outputs and the reason instead.
         """
         captured: list[Tensor] = []
 
@@ -162,10 +164,13 @@ class HeadRunner:
             self.checked = True
         if shared is not None:
             weight, bias = weight[:shared], None if bias is None else bias[:shared]
-        if position_map is not None:
-            rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
-            hidden = hidden[rows, position_map.clamp(min=0)]
-        return outputs, HeadLogits(hidden[mask], weight, bias, vocab_size)
+        if position_map is None:
+            return outputs, HeadLogits(hidden[mask], weight, bias, vocab_size)
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+        kept = hidden[rows, position_map.clamp(min=0)][mask]
+        if own_positions is not None:
+            kept = torch.cat([kept, hidden[own_positions]])
+        return outputs, HeadLogits(kept, weight, bias, vocab_size)
 
 
 class LogitFreePlan:
@@ -250,14 +255,19 @@ class LogitFreePlan:
         vocab_size: int | None = None,
         shared: int | None = None,
         position_map: Tensor | None = None,
+        own_positions: Tensor | None = None,
     ) -> tuple[Any, HeadLogits | None]:
         """
         Teacher k's outputs and, when it runs logit-free, its `HeadLogits` at the valid positions: on the student's
-        vocabulary, or (`position_map`, a cross-tokenizer teacher) on its own, at its positions aligned to them.
+        vocabulary, or (`position_map`, a cross-tokenizer teacher) on its own, at its positions aligned to them and
+        then at its `own_positions`.
         """
         runner = self.teachers[k]
         if runner is not None:
-            outputs, result = runner(forward, mask, vocab_size=vocab_size, shared=shared, position_map=position_map)
+            outputs, result = runner(
+                forward, mask, vocab_size=vocab_size, shared=shared, position_map=position_map,
+                own_positions=own_positions,
+            )  # fmt: skip
             if not isinstance(result, str):
                 return outputs, result
             self._fall_back(f"teacher {self.names[k]!r}", result)

@@ -14,6 +14,11 @@ score (`hf_mtkd.weighting.MIN_TARGET_LOG_PROB`). So $w_k \propto \pi_k\, p_k(\ma
 with $\gamma_p = 1$, the Bayesian posterior of "teacher k wrote this prompt" is the document's prior.
 
 The teachers' heads then also run at the prompt positions (the cost); the student's do not.
+
+A teacher on its own tokenizer (cross-tokenizer) reads the prompt in its own tokens: its evidence is the same sum
+over its own prompt tokens, a number per row (`PromptEvidence.row_log_prob`; such rows are single documents). Its
+chat template's own tokens differ from model to model, so with such teachers every teacher is scored on the prompt
+tokens inside the messages' contents only (`hf_mtkd.cross_tokenizer.prompt_content`).
 """
 
 from __future__ import annotations
@@ -75,15 +80,28 @@ class PromptEvidence:
     """`[B, T]` bool, the prompt positions (`prompt_positions`)."""
     log_prob: Tensor
     """`[K, n]` $\\log p_k(x_{t+1})$ at the n prompt positions, row-major."""
+    row_log_prob: Tensor | None = None
+    """
+    `[K, B]` what a teacher on its own tokens adds to the first document of each row: `row_sums` of its own prompt
+    tokens (0 for the others, whose `log_prob` rows are then 0). None: none does.
+    """
 
     def document_scores(self, segment_starts: Tensor | None, temperature: float) -> Tensor:
         r"""
         `[K, B (T + 1)]` $\frac{1}{\gamma_p} \sum_{s \in P(D)} \max(\log p_k(x_{s+1}), -20)$ of every document id of
-        `hf_mtkd.weighting.document_grid` (0 where a document has no prompt).
+        `hf_mtkd.weighting.document_grid` (0 where a document has no prompt), `row_log_prob` on each row's first.
         """
         batch_size, seq_len = self.positions.shape
         _, document = document_grid(self.positions, segment_starts)
         evidence = self.log_prob.clamp(min=MIN_TARGET_LOG_PROB)
         sums = evidence.new_zeros(evidence.shape[0], batch_size * (seq_len + 1))
         sums.index_add_(1, document[self.positions], evidence)
+        if self.row_log_prob is not None:
+            sums.index_add_(1, document[:, 0], self.row_log_prob.to(sums.dtype))
         return sums / temperature
+
+
+def row_sums(log_prob: Tensor, positions: Tensor) -> Tensor:
+    r"""`[B]` $\sum_t \max(\log p(x_{t+1}), -20)$ per row, over the n positions `positions` `[B, T]` of `log_prob`."""
+    sums = log_prob.new_zeros(positions.shape[0])
+    return sums.index_add_(0, positions.nonzero()[:, 0], log_prob.clamp(min=MIN_TARGET_LOG_PROB))

@@ -30,6 +30,7 @@ from .chat_data import ExampleRenderer, trainer_renderer
 from .chunked import next_token_mask
 from .config import MultiTeacherDistillationConfig
 from .cross_tokenizer import (
+    PROMPT_CONTENT_KEY,
     TEACHER_INPUTS_KEY,
     AlignedTeacher,
     MultiTokenizerCollator,
@@ -75,6 +76,8 @@ class TeacherOutput:
     """A cross-tokenizer teacher's alignment, with what its vocabulary map lost (for the metrics)."""
     prompt_log_prob: Tensor | None = None
     """`[n]` its log-probabilities of the prompt tokens, at the n prompt positions it was asked for."""
+    prompt_row_log_prob: Tensor | None = None
+    """`[B]` instead, a teacher on its own tokens: the floored sum per row over its own prompt tokens (`row_sums`)."""
 
 
 @dataclass
@@ -97,7 +100,14 @@ class TeacherBatch:
 
     def prompt_evidence(self, positions: Tensor) -> PromptEvidence:
         """The teachers' `PromptEvidence` at the prompt positions `positions` `[B, T]` they were run with."""
-        return PromptEvidence(positions, torch.stack([output.prompt_log_prob for output in self.outputs]))
+        rows = [output.prompt_row_log_prob for output in self.outputs]
+        at_positions = positions.new_zeros(int(positions.sum()), dtype=torch.float32)
+        at_rows = positions.new_zeros(positions.shape[0], dtype=torch.float32)
+        return PromptEvidence(
+            positions,
+            torch.stack([at_positions if o.prompt_log_prob is None else o.prompt_log_prob for o in self.outputs]),
+            None if all(row is None for row in rows) else torch.stack([at_rows if r is None else r for r in rows]),
+        )
 
     def teacher_mask(self, labels: Tensor) -> Tensor | None:
         """`[K, B, T]` bool, where each teacher is available; None when every teacher is available everywhere."""
@@ -314,8 +324,13 @@ class CrossTokenizerTeacher:
         temperature: float,
         hidden: bool,
         run_head: Callable[..., Any] | None = None,
+        prompt: bool = False,
     ) -> TeacherOutput:
-        """Its outputs on the student's positions; with `run_head`, its `HeadLogits` inside the mapped logits."""
+        """
+        Its outputs on the student's positions; with `run_head`, its `HeadLogits` inside the mapped logits; with
+        `prompt`, its log-likelihood per row of its own prompt tokens (the collator's `prompt_mask`; none in plain
+        text, which has no prompt).
+        """
         if own_inputs is None:
             raise ValueError(
                 f"Teacher {self.name!r} runs in cross-tokenizer mode but the batch has no inputs of its own: use "
@@ -330,8 +345,16 @@ class CrossTokenizerTeacher:
             output_hidden_states=hidden,
             run_head=run_head,
             mask=None if run_head is None else next_token_mask(inputs["labels"]),
+            prompt_mask=own_inputs.get("prompt_mask") if prompt else None,
         )
-        return TeacherOutput(view.mapped, view.hidden_states, view.available, view.own_logits, view)
+        return TeacherOutput(
+            view.mapped,
+            view.hidden_states,
+            view.available,
+            view.own_logits,
+            view,
+            prompt_row_log_prob=view.prompt_row_log_prob,
+        )
 
     def add_metrics(self, sums: dict[str, Tensor], output: TeacherOutput, mask: Tensor) -> None:
         """Aligned positions and, over them, the unmapped and prefix-mapped probability mass."""
@@ -349,7 +372,7 @@ class LiveTeachers(TeacherSource):
         self.names = teacher_names(self.specs, args.teacher_names)
         self.teachers: list[SharedVocabularyTeacher | CrossTokenizerTeacher] = []
         self._tokenizers: list[PreTrainedTokenizerBase | None] = []
-        self.batch_keys = (TEACHER_INPUTS_KEY,)
+        self.batch_keys = (TEACHER_INPUTS_KEY, PROMPT_CONTENT_KEY)
 
     def load(
         self,
@@ -457,8 +480,6 @@ class LiveTeachers(TeacherSource):
 
     @property
     def no_prompt_evidence(self) -> str | None:
-        if self.cross_tokenizer:
-            return "a cross-tokenizer teacher reads the prompt in its own tokens, not at the student's positions"
         return None
 
     def __call__(
@@ -473,23 +494,27 @@ class LiveTeachers(TeacherSource):
         prompt: Tensor | None = None,
     ) -> TeacherBatch:
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
-        extra = {} if prompt is None else {"prompt": prompt}  # only teachers on the student's tokens take it
-        if prompt is not None and mask is not None:
-            mask = mask | prompt  # the heads run there too
-        return TeacherBatch(
-            [
+        outputs = []
+        for k, (teacher, own) in enumerate(zip(self.teachers, own_inputs, strict=True)):
+            head_mask, extra = mask, {}
+            if prompt is not None:  # the heads run at the prompt positions too: the student's, or a teacher's own
+                shared = isinstance(teacher, SharedVocabularyTeacher)
+                extra = {"prompt": prompt if shared else True}
+                if shared and mask is not None:
+                    head_mask = mask | prompt
+            run_head = None if logit_free is None else functools.partial(logit_free.run_teacher, k, mask=head_mask)
+            outputs.append(
                 teacher(
                     inputs,
                     own,
                     student_vocab=student_vocab,
                     temperature=temperature,
                     hidden=output_hidden_states,
-                    run_head=None if logit_free is None else functools.partial(logit_free.run_teacher, k, mask=mask),
+                    run_head=run_head,
                     **extra,
                 )
-                for k, (teacher, own) in enumerate(zip(self.teachers, own_inputs, strict=True))
-            ]
-        )
+            )
+        return TeacherBatch(outputs)
 
     def add_metrics(self, sums: dict[str, Tensor], batch: TeacherBatch, mask: Tensor) -> None:
         for teacher, output in zip(self.teachers, batch.outputs, strict=True):

@@ -30,6 +30,7 @@ from .chat_data import (
     tokenize_dataset,
 )
 from .config import MultiTeacherDistillationConfig
+from .cross_tokenizer import PROMPT_CONTENT_KEY
 from .generation_eval import evaluate_generation
 from .heads import LogitFreePlan
 from .hub import ignored_on_upload
@@ -487,6 +488,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             prompt = prompt_positions(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("position_ids")
             )
+            if PROMPT_CONTENT_KEY in inputs:  # teachers on their own tokens: the messages' prompt text only
+                prompt = prompt & inputs[PROMPT_CONTENT_KEY]
         outputs, student_logits = self.logit_free.run_student(
             functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
             mask,

@@ -19,8 +19,10 @@ from hf_mtkd import (
     compute_teacher_weights,
     multi_teacher_kd,
 )
-from hf_mtkd.prompt_evidence import PromptEvidence, prompt_positions, prompt_targets, token_log_probs
-from hf_mtkd.testing import tiny_causal_lm
+from hf_mtkd.chat_data import ExampleRenderer
+from hf_mtkd.cross_tokenizer import prompt_content
+from hf_mtkd.prompt_evidence import PromptEvidence, prompt_positions, prompt_targets, row_sums, token_log_probs
+from hf_mtkd.testing import chat_tokenizer, synthetic_conversations, tiny_causal_lm
 
 
 def test_prompt_positions_are_the_unlabelled_real_tokens_of_each_document():
@@ -301,19 +303,129 @@ def test_a_cache_gives_the_prompt_evidence_of_its_top_k_distributions(tmp_path, 
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
 
 
-def test_cross_tokenizer_teachers_are_refused_with_prompt_evidence(tmp_path, cross_tokenizers, corpus):
-    student = tiny_causal_lm("qwen2", cross_tokenizers["student"], seed=1)
-    teacher = tiny_causal_lm("llama", cross_tokenizers["unigram"], seed=2)
-    args = tiny_config(tmp_path, teacher_names=["unigram"], prompt_evidence=True)
-    with pytest.raises(ValueError, match=r"`prompt_evidence=True` needs .* a cross-tokenizer teacher reads"):
-        MultiTeacherDistillationTrainer(
-            model=student,
-            teachers=[teacher],
-            args=args,
-            train_dataset=Dataset.from_dict({"text": corpus[:8]}),
-            processing_class=cross_tokenizers["student"],
-            teacher_tokenizers=[cross_tokenizers["unigram"]],
-        )
+# ---- teachers on their own tokenizers ----
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return synthetic_conversations(32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def chatml(conversations):
+    return chat_tokenizer(conversations, "chatml", 512, "bpe")
+
+
+@pytest.fixture(scope="module")
+def mistral(conversations):
+    return chat_tokenizer(conversations, "mistral", 300, "wordpiece")
+
+
+def test_the_prompt_content_is_the_same_text_under_every_template(chatml, mistral, conversations):
+    renderer = ExampleRenderer("prompt_completion")
+    for conversation in conversations[:6]:
+        example = {"prompt": conversation[:1], "completion": conversation[1:2]}
+        for tokenizer in (chatml, mistral):
+            encoded = renderer.encode(example, tokenizer)
+            marks = prompt_content(encoded)
+            assert marks[-1] == 0
+            text = "".join(
+                encoded.rendered.text[slice(*encoded.offsets[j + 1])] for j, mark in enumerate(marks) if mark
+            )
+            # the user's message, whatever the template puts around it, and nothing of the completion (the spaces
+            # between words are not in every tokenizer's offsets)
+            assert "".join(text.split()) == "".join(conversation[0]["content"].split())
+
+
+def row_sum_reference(log_prob, positions):
+    """Per row, the floored sum, plainly."""
+    flat = iter(log_prob.tolist())
+    return torch.tensor(
+        [sum(max(next(flat), -20.0) for here in row if here) for row in positions.tolist()], dtype=torch.float64
+    )
+
+
+def test_a_row_sum_lands_on_the_first_document_of_its_row():
+    positions = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    evidence = PromptEvidence(positions, torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-5.0, -30.0]]))
+    starts = torch.tensor([[True, False, True, False], [True, False, False, False]])  # row 0: two documents
+    scores = evidence.document_scores(starts, temperature=2.0)
+    expected = torch.zeros(1, 2 * 5)
+    expected[0, 1] = (-1.0 - 5.0) / 2  # row 0's first document: its prompt token and the row's sum
+    expected[0, 2] = -2.0 / 2
+    expected[0, 5 + 1] = (-3.0 - 30.0) / 2  # a row sum is floored token by token where it is made, not here
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+    log_prob = torch.tensor([-1.0, -25.0, -3.0], dtype=torch.float64)
+    torch.testing.assert_close(row_sums(log_prob, positions), row_sum_reference(log_prob, positions))
+
+
+def mixed_trainer(tmp_path, chatml, mistral, conversations, mode):
+    rows = Dataset.from_list([{"prompt": m[:1], "completion": m[1:2]} for m in conversations[:8]])
+    teachers = [
+        tiny_causal_lm("gpt2", chatml, seed=3).double(),  # on the student's tokenizer
+        tiny_causal_lm("mistral", mistral, seed=4).double(),  # on its own
+    ]
+    args = tiny_config(
+        tmp_path, output_dir=str(tmp_path / mode), max_steps=2, per_device_train_batch_size=4, logit_free=mode,
+        teacher_names=["shared", "own"], prompt_evidence=True, cross_tokenizer_max_length=96, loss_chunk_size=16,
+    )  # fmt: skip
+    return MultiTeacherDistillationTrainer(
+        model=tiny_causal_lm("qwen2", chatml, seed=1).double(),
+        teachers=teachers,
+        args=args,
+        train_dataset=rows,
+        processing_class=chatml,
+        teacher_tokenizers=[None, mistral],
+    )
+
+
+def test_a_teacher_on_its_own_tokens_is_weighed_by_its_own_prompt(tmp_path, chatml, mistral, conversations):
+    runs = {}
+    for mode in ("never", "always"):
+        trainer = mixed_trainer(tmp_path, chatml, mistral, conversations, mode)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        inputs = trainer._prepare_inputs(batch)
+        seen = {}
+        original = trainer.distillation_loss.__call__
+
+        def spy(*args, original=original, seen=seen, **kwargs):
+            seen["prompt"] = kwargs["prompt"]
+            return original(*args, **kwargs)
+
+        trainer.distillation_loss = spy
+        trainer.model.eval()
+        trainer.compute_loss(trainer.model, inputs)
+        runs[mode] = evidence = seen["prompt"]
+        ids, labels, own = inputs["input_ids"], inputs["labels"], inputs["teacher_inputs"][1]
+        # the student's prompt positions inside the user's message only (not the template's markup)
+        content = inputs["mtkd_prompt_content"]
+        expected_positions = prompt_positions(ids, labels, inputs["attention_mask"]) & content
+        assert content.any() and torch.equal(evidence.positions, expected_positions)
+        assert not torch.equal(expected_positions, prompt_positions(ids, labels, inputs["attention_mask"]))
+        with torch.no_grad():
+            shared = trainer.teachers[0](input_ids=ids, attention_mask=inputs["attention_mask"]).logits
+            mine = trainer.teachers[1](input_ids=own["input_ids"], attention_mask=own["attention_mask"]).logits
+        shared_expected = shared.log_softmax(-1)[expected_positions].gather(
+            -1, prompt_targets(ids, expected_positions)[:, None]
+        )[:, 0]
+        mask = own["prompt_mask"]
+        own_log_prob = mine.log_softmax(-1)[mask].gather(-1, prompt_targets(own["input_ids"], mask)[:, None])[:, 0]
+        torch.testing.assert_close(evidence.log_prob[0], shared_expected, rtol=0, atol=1e-10)
+        assert not evidence.log_prob[1].any()  # the teacher on its own tokens counts per row
+        assert not evidence.row_log_prob[0].any()
+        torch.testing.assert_close(evidence.row_log_prob[1], row_sum_reference(own_log_prob, mask), rtol=0, atol=1e-10)
+        assert (evidence.row_log_prob[1] < 0).all()  # every row has a prompt
+    for name in ("log_prob", "row_log_prob"):  # logit-free reads the same evidence
+        torch.testing.assert_close(getattr(runs["always"], name), getattr(runs["never"], name), rtol=0, atol=1e-10)
+
+
+def test_training_with_a_teacher_on_its_own_tokens_and_the_prompt(tmp_path, chatml, mistral, conversations):
+    losses = {}
+    for mode in ("never", "always"):
+        trainer = mixed_trainer(tmp_path, chatml, mistral, conversations, mode)
+        trainer.train()
+        losses[mode] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses["always"] == pytest.approx(losses["never"], rel=1e-8)
 
 
 def test_a_prompt_temperature_that_is_not_positive_is_refused(tmp_path):

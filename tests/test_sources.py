@@ -83,3 +83,9 @@ def test_a_served_teacher_is_one_class_and_trains_like_the_live_one(
             teachers=ServedTeacher("gpt2", serve),
             args=tiny_config(tmp_path, teacher_weights=[1, 1]),
         )
+    with pytest.raises(ValueError, match=r"`prompt_evidence=True` needs .* gives no log-probabilities of the prompt"):
+        MultiTeacherDistillationTrainer(  # a source that does not give them is refused before training
+            model=make_student(),
+            teachers=ServedTeacher("gpt2", serve),
+            args=tiny_config(tmp_path, teacher_names=["gpt2"], prompt_evidence=True),
+        )
