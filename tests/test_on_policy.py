@@ -13,6 +13,7 @@ from test_run_clm_distill import QUICK, run_main
 from trainer_helpers import tiny_config
 
 from hf_mtkd import MultiTeacherDistillationTrainer, on_policy
+from hf_mtkd.cross_tokenizer import PROMPT_CONTENT_KEY
 from hf_mtkd.on_policy import (
     GENERATED_BY_KEY,
     PROMPTS_KEY,
@@ -475,9 +476,12 @@ def test_a_cut_generated_answer_gets_no_end_of_turn(tok, conversations, template
     assert learned[True].startswith(learned[False]) and len(learned[True].strip()) > len("one plus one")
 
 
-@pytest.mark.parametrize(("conversational", "prompts_alone"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    ("conversational", "prompts_alone", "prompt_evidence"),
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True), (True, True, True)],
+)
 def test_cross_tokenizer_teachers_score_the_generated_text(
-    tmp_path, tok, conversations, conversational, prompts_alone
+    tmp_path, tok, conversations, conversational, prompts_alone, prompt_evidence
 ):
     other = chat_tokenizer(conversations, "mistral", 300, "wordpiece")
     if prompts_alone:
@@ -490,8 +494,9 @@ def test_cross_tokenizer_teachers_score_the_generated_text(
         )
     teachers = [tiny_causal_lm("gpt2", tok, seed=3), tiny_causal_lm("mistral", other, seed=4)]
     trainer = make_trainer(
-        tmp_path, tok, data, teachers=teachers, teacher_tokenizers=[None, other], teacher_names=["same", "other"]
-    )
+        tmp_path, tok, data, teachers=teachers, teacher_tokenizers=[None, other], teacher_names=["same", "other"],
+        prompt_evidence=prompt_evidence,
+    )  # fmt: skip
     recorder = Recorder(trainer)
     assert math.isfinite(trainer.train().training_loss)
     aligned_anywhere = False
@@ -501,6 +506,8 @@ def test_cross_tokenizer_teachers_score_the_generated_text(
         aligned = own["position_map"][:, :-1] >= 0  # aligned only where the student's next token carries loss
         assert not (aligned & (batch["labels"][:, 1:] == -100)).any()
         aligned_anywhere |= bool(aligned.any())
+        if prompt_evidence:  # both read the prompt of the generated rows: the teacher in its own tokens
+            assert own["prompt_mask"].sum(1).min() > 0 and batch[PROMPT_CONTENT_KEY].sum(1).min() > 0
         assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
         for prompt, ids, labels in zip(batch[PROMPTS_KEY], batch["input_ids"], batch["labels"], strict=True):
             if conversational:
