@@ -221,14 +221,13 @@ class DistillationLoss:
             chunk_size=self.settings.chunk_size,
             packed=packed,
         )
-        signals = replace(signals, document_score=self._document_score(prompt, position_ids))
+        signals = replace(signals, document_score=self._document_score(prompt, signals.segment_starts))
         return weigh(signals, teacher_mask, teacher_prior)
 
-    def _document_score(self, prompt: PromptEvidence | None, position_ids: Tensor | None) -> Tensor | None:
+    def _document_score(self, prompt: PromptEvidence | None, segment_starts: Tensor | None) -> Tensor | None:
         """The prompt's evidence per document (`TeacherSignals.document_score`), None without it."""
         if prompt is None:
             return None
-        segment_starts = None if position_ids is None else position_ids == 0
         return prompt.document_scores(segment_starts, self.settings.prompt_temperature)
 
     def kd(
@@ -290,7 +289,7 @@ class DistillationLoss:
         weigh = Weighting.of(settings, len(teacher_logits), labels.device)
         layout = Layout(mask, packed)
         segment_starts = None if position_ids is None else position_ids == 0
-        document_score = self._document_score(prompt, position_ids)
+        document_score = self._document_score(prompt, segment_starts)
         weights = chunk_weights = None
         if with_kd and weigh.causal:
             chunk_weights = ChunkWeights(weigh, layout, segment_starts, document_score)
