@@ -6,7 +6,8 @@ Step time and memory of multi-teacher distillation, side by side on the same mod
                 [B, T, V] logits of the student and every teacher (`logit_free="never"`, the path before issue 16);
   (b') free     the same step logit-free (`logit_free="always"`): final hidden states at the valid positions and
                 output heads, each chunk's logits made by a matmul, no [B, T, V] tensor for any model;
-                `posterior`: the same with the default weighting (scale grid);
+                `posterior`: the same with the default weighting (scale grid); `prompt`: that with `prompt_evidence`
+                (prompt grid);
   (c) cached    the same trainer on the teachers' cached top-k logits (`cache_teacher_logits`), no teacher runs;
   (d) plain     `transformers.Trainer.training_step` of the student alone (plain fine-tuning);
   (e) trl       TRL's `GKDTrainer` with the first teacher (lmbda=0: off-policy, beta=0: forward KL), K = 1 only;
@@ -27,6 +28,9 @@ random logits of 4 x 256 positions (the smoke run: its own batch).
         # plain fine-tuning, TRL (K = 1), today's path and the logit-free one (entropy weighting, and the default
         # `posterior`), one step each (the first, no warm-up), timed and measured at once in the memory process:
         # about 12 minutes on 2 CPU cores
+    python benchmarks/bench_step.py --grid prompt --output docs/bench_step_prompt
+        # the scale grid's shapes, the logit-free `posterior` step without and with `prompt_evidence` (the
+        # teachers' heads at the prompt positions too), one step each in the memory process: about 5 minutes
     python benchmarks/bench_step.py --output docs/bench_step   # writes docs/bench_step.json and .md
 """
 
@@ -58,6 +62,7 @@ from hf_mtkd import (
     cache_teacher_logits,
     multi_teacher_kd_loss,
 )
+from hf_mtkd.prompt_evidence import prompt_positions
 from hf_mtkd.testing import synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
 
 MMAP_THRESHOLD = "65536"
@@ -113,9 +118,27 @@ SCALE = [
 """Issue 16's grid: the vocabularies of Llama-3-like (65k: 64k-128k) and Qwen2.5 (152k) models, long rows."""
 FULL_METHODS = ("floor", "mtkd", "free", "cached", "plain", "trl")
 SCALE_METHODS = ("plain", "trl", "mtkd", "free", "posterior")
+PROMPT_METHODS = ("posterior", "prompt")
 SCALE_QUICK = [Setting("tiny", 2048, k, batch_size=1, seq_len=64, prompt=0.5) for k in (1, 3)]
 """A smoke run of the scale grid's methods and report."""
-GRIDS = {"full": FULL, "quick": QUICK, "scale": SCALE, "scale_quick": SCALE_QUICK}
+GRIDS = {
+    "full": FULL, "quick": QUICK, "scale": SCALE, "scale_quick": SCALE_QUICK, "prompt": SCALE,
+    "prompt_quick": SCALE_QUICK,
+}  # fmt: skip
+GRID_METHODS = {
+    "scale": SCALE_METHODS, "scale_quick": SCALE_METHODS, "prompt": PROMPT_METHODS, "prompt_quick": PROMPT_METHODS
+}  # fmt: skip
+"""The grids that run one step of each of these methods, timed and measured at once (the others: `FULL_METHODS`)."""
+RATIOS = {
+    "free_over_mtkd": ("free", "mtkd"),
+    "free_over_trl": ("free", "trl"),
+    "posterior_over_free": ("posterior", "free"),
+    "prompt_over_posterior": ("prompt", "posterior"),
+    "mtkd_over_floor": ("mtkd", "floor"),
+    "cached_over_plain": ("cached", "plain"),
+    "mtkd_over_trl": ("mtkd", "trl"),
+}
+"""Step-time ratios of a row, `name: (method, over method)`, where both ran."""
 
 
 # ---- memory ----
@@ -212,9 +235,9 @@ def make_steps(
         loss.backward()
         student.zero_grad(set_to_none=True)
 
-    def kd_args(logit_free: str, weighting: str = "entropy") -> MultiTeacherDistillationConfig:
+    def kd_args(logit_free: str, weighting: str = "entropy", **extra: Any) -> MultiTeacherDistillationConfig:
         return MultiTeacherDistillationConfig(
-            **common, temperature=2.0, teacher_weighting=weighting, logit_free=logit_free
+            **common, temperature=2.0, teacher_weighting=weighting, logit_free=logit_free, **extra
         )
 
     def cached() -> Callable[[], Any]:
@@ -241,6 +264,14 @@ def make_steps(
         "posterior": lambda: trainer_step(
             MultiTeacherDistillationTrainer(
                 model=student, teachers=teachers, args=kd_args("always", weighting="posterior")
+            ),
+            batch,
+        ),
+        "prompt": lambda: trainer_step(
+            MultiTeacherDistillationTrainer(
+                model=student,
+                teachers=teachers,
+                args=kd_args("always", weighting="posterior", prompt_evidence=True),
             ),
             batch,
         ),
@@ -320,7 +351,7 @@ def measure(
     setting: Setting, tokenizer: Any, repeats: int, memory: bool = False, grid: str = "full"
 ) -> dict[str, Any]:
     """One table row: every method's step time (or, with `memory`, its peak memory)."""
-    methods = SCALE_METHODS if grid.startswith("scale") else None
+    methods = GRID_METHODS.get(grid)
     student, teachers, batch = build(setting, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         steps = make_steps(setting, student, teachers, batch, tokenizer, tmp, methods)
@@ -333,14 +364,11 @@ def measure(
     row["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6
     row["teacher_params_m"] = [round(sum(p.numel() for p in t.parameters()) / 1e6, 2) for t in teachers]
     row["valid_positions"] = int((batch["labels"][:, 1:] != -100).sum())
-    row["free_over_mtkd"] = row["free_ms"] / row["mtkd_ms"]
-    row["free_over_trl"] = row["free_ms"] / row["trl_ms"] if "trl_ms" in row else None
-    if methods is not None:
-        row["posterior_over_free"] = row["posterior_ms"] / row["free_ms"]
-        return row
-    row["mtkd_over_floor"] = row["mtkd_ms"] / row["floor_ms"]
-    row["cached_over_plain"] = row["cached_ms"] / row["plain_ms"]
-    row["mtkd_over_trl"] = row["mtkd_ms"] / row["trl_ms"] if "trl_ms" in row else None
+    row["prompt_positions"] = int(prompt_positions(batch["input_ids"], batch["labels"], batch["attention_mask"]).sum())
+    ran = methods or FULL_METHODS
+    for name, (method, over) in RATIOS.items():
+        if method in ran and over in ran:
+            row[name] = row[f"{method}_ms"] / row[f"{over}_ms"] if f"{over}_ms" in row else None
     return row
 
 
@@ -416,6 +444,22 @@ SCALE_COLUMNS = [
 ]
 
 
+PROMPT_COLUMNS = [
+    ("V", lambda r: f"{r['vocab_size'] / 1000:.0f}k"),
+    ("T", lambda r: str(r["seq_len"])),
+    ("K", lambda r: str(r["num_teachers"])),
+    ("valid", lambda r: str(r["valid_positions"])),
+    ("prompt", lambda r: str(r["prompt_positions"])),
+    ("posterior ms", lambda r: f"{r['posterior_ms']:.0f}"),
+    ("+ prompt ms", lambda r: f"{r['prompt_ms']:.0f}"),
+    ("time ratio", lambda r: f"{r['prompt_over_posterior']:.2f}"),
+    ("MiB posterior / + prompt", lambda r: f"{_mb(r.get('posterior_peak_mb'))} / {_mb(r.get('prompt_peak_mb'))}"),
+]
+GRID_COLUMNS = {
+    "scale": SCALE_COLUMNS, "scale_quick": SCALE_COLUMNS, "prompt": PROMPT_COLUMNS, "prompt_quick": PROMPT_COLUMNS
+}  # fmt: skip
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -453,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.memory_json, "w") as file:
             json.dump(rows, file)
         return
-    if grid.startswith("scale"):  # one step per method, timed and measured at once, in the memory process
+    if grid in GRID_METHODS:  # one step per method, timed and measured at once, in the memory process
         print("measuring one step of each method in a second process ...", file=sys.stderr, flush=True)
         rows = memory_rows(["--grid", grid])
         repeats = 1
@@ -467,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
             row.update({key: value for key, value in memory.items() if key.endswith("_peak_mb")})
     for row in rows:
         memory_ratios(row)
-        if not grid.startswith("scale"):
+        if grid not in GRID_METHODS:
             naive = row.get("loss_naive_peak_mb")
             row["loss_memory_ours_over_naive"] = row["loss_ours_peak_mb"] / naive if naive else None
     environment = {
@@ -478,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "command": "python benchmarks/bench_step.py " + " ".join(sys.argv[1:]),
     }
-    table = markdown(rows, SCALE_COLUMNS if grid.startswith("scale") else COLUMNS)
+    table = markdown(rows, GRID_COLUMNS.get(grid, COLUMNS))
     print(table)
     if args.output:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)

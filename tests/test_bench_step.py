@@ -35,3 +35,26 @@ def test_bench_step_quick_writes_a_complete_table(tmp_path):
                 assert row[f"{method}_peak_mb"] is not None and row[f"{method}_peak_mb"] >= 0, method
     markdown = output.with_suffix(".md").read_text()
     assert "| student | V | K | floor ms |" in markdown and markdown.count("\n| tiny") == 2
+
+
+def test_bench_step_prompt_grid_reports_the_cost_of_the_prompt(tmp_path):
+    output = tmp_path / "prompt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", "--grid", "prompt_quick", "--output", str(output)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if not sys.platform.startswith("linux"):  # the one-step grids run in the memory process
+        return
+    rows = json.loads((output.with_suffix(".json")).read_text())["rows"]
+    assert [r["num_teachers"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["prompt_over_posterior"] == row["prompt_ms"] / row["posterior_ms"]
+        assert row["valid_positions"] == 32 and row["prompt_positions"] == 31  # the second half, the first half
+        assert row["prompt_peak_mb"] is not None and "free_ms" not in row
+    assert "| posterior ms | + prompt ms |" in output.with_suffix(".md").read_text()
