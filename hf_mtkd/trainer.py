@@ -218,6 +218,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         """Which models run logit-free (`logit_free`): from final hidden states and heads, without [B, T, V] logits."""
         self._prediction_loss_only: bool | None = None
         """In `prediction_step`, whether it returns the loss only (else its logits, for metrics); None outside."""
+        self._prompt_checked = False
+        """Whether the first training batch was checked for prompt tokens (`prompt_evidence`)."""
         if args.routing_column:
             data_collator = RoutingCollator(
                 data_collator or default_data_collator, args.routing_column, self.teacher_names
@@ -490,6 +492,14 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
             if PROMPT_CONTENT_KEY in inputs:  # teachers on their own tokens: the messages' prompt text only
                 prompt = prompt & inputs[PROMPT_CONTENT_KEY]
+            if model.training and not self._prompt_checked:
+                self._prompt_checked = True
+                if not prompt.any() and self.is_world_process_zero():
+                    logger.warning(
+                        "`prompt_evidence=True`, but the first training batch has no prompt token (every real token "
+                        "has a label, as in plain text), so the prompt weighs nothing there. Train on "
+                        "prompt/completion or chat data, whose prompts carry no label."
+                    )
         outputs, student_logits = self.logit_free.run_student(
             functools.partial(model, **student_inputs, output_hidden_states=align, use_cache=False),
             mask,

@@ -4,6 +4,7 @@ against plain float64 loops, on the logits path, chunked and logit-free, and thr
 """
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -426,6 +427,16 @@ def test_training_with_a_teacher_on_its_own_tokens_and_the_prompt(tmp_path, chat
         trainer.train()
         losses[mode] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses["always"] == pytest.approx(losses["never"], rel=1e-8)
+
+
+@pytest.mark.parametrize("prompted", [False, True])
+def test_a_first_batch_without_a_prompt_is_warned_about(tmp_path, tokenizer, dataset, caplog, prompted):
+    data = prompted_dataset(dataset) if prompted else dataset.select(range(32))  # plain text: every token labelled
+    trainer = prompted_trainer(tmp_path, tokenizer, data, "always", prompt_evidence=True)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    warned = [r for r in caplog.records if "the first training batch has no prompt token" in r.getMessage()]
+    assert len(warned) == (0 if prompted else 1)
 
 
 def test_a_prompt_temperature_that_is_not_positive_is_refused(tmp_path):
