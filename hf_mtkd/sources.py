@@ -324,12 +324,12 @@ class CrossTokenizerTeacher:
         temperature: float,
         hidden: bool,
         run_head: Callable[..., Any] | None = None,
-        prompt: bool = False,
+        prompt: Tensor | None = None,
     ) -> TeacherOutput:
         """
         Its outputs on the student's positions; with `run_head`, its `HeadLogits` inside the mapped logits; with
-        `prompt`, its log-likelihood per row of its own prompt tokens (the collator's `prompt_mask`; none in plain
-        text, which has no prompt).
+        `prompt` (the student's prompt positions: the evidence is asked for), its log-likelihood per row of its own
+        prompt tokens instead (the collator's `prompt_mask`; none in plain text, which has no prompt).
         """
         if own_inputs is None:
             raise ValueError(
@@ -345,7 +345,7 @@ class CrossTokenizerTeacher:
             output_hidden_states=hidden,
             run_head=run_head,
             mask=None if run_head is None else next_token_mask(inputs["labels"]),
-            prompt_mask=own_inputs.get("prompt_mask") if prompt else None,
+            prompt_mask=None if prompt is None else own_inputs.get("prompt_mask"),
         )
         return TeacherOutput(
             view.mapped,
@@ -494,14 +494,12 @@ class LiveTeachers(TeacherSource):
         prompt: Tensor | None = None,
     ) -> TeacherBatch:
         own_inputs = inputs.get(TEACHER_INPUTS_KEY) or [None] * len(self.teachers)
+        extra = {} if prompt is None else {"prompt": prompt}
         outputs = []
         for k, (teacher, own) in enumerate(zip(self.teachers, own_inputs, strict=True)):
-            head_mask, extra = mask, {}
-            if prompt is not None:  # the heads run at the prompt positions too: the student's, or a teacher's own
-                shared = isinstance(teacher, SharedVocabularyTeacher)
-                extra = {"prompt": prompt if shared else True}
-                if shared and mask is not None:
-                    head_mask = mask | prompt
+            head_mask = mask
+            if prompt is not None and mask is not None and isinstance(teacher, SharedVocabularyTeacher):
+                head_mask = mask | prompt  # its head runs at the prompt positions too (a cross-tokenizer one: its own)
             run_head = None if logit_free is None else functools.partial(logit_free.run_teacher, k, mask=head_mask)
             outputs.append(
                 teacher(
