@@ -6,7 +6,8 @@ The logit-free path beside today's on a GPU, at LLM-like shapes with bf16 teache
              prompt): one `training_step` of each path on the device and on the CPU; the largest relative
              difference of the loss, the student's gradients and the teachers' weights, device against CPU for
              each path and logit-free against today's on the device (float64: ~1e-12 expected), with entropy
-             weights and with `posterior` (keys `posterior_...`).
+             weights, with `posterior` (keys `posterior_...`) and with `posterior` and `prompt_evidence`
+             (`prompt_...`).
   scale      a student shaped as Qwen2.5-0.5B (float32 weights, bf16 autocast, gradient checkpointing) and three
              bfloat16 teachers shaped as Qwen2.5-1.5B, Llama-3.2-1B and Qwen3-1.7B, all on a 152k vocabulary with
              random weights; per row (B, T, K, half of each row a masked prompt), one step's peak device memory
@@ -178,9 +179,10 @@ def distiller(
     device: torch.device,
     logit_free: str,
     weighting: str = "entropy",
+    **settings: Any,
 ) -> MultiTeacherDistillationTrainer:
     args = MultiTeacherDistillationConfig(
-        **common_args(tmp, device), temperature=2.0, teacher_weighting=weighting, logit_free=logit_free
+        **common_args(tmp, device), temperature=2.0, teacher_weighting=weighting, logit_free=logit_free, **settings
     )
     return MultiTeacherDistillationTrainer(model=student, teachers=teachers, args=args)
 
@@ -210,12 +212,12 @@ def exact_step(
     batch: dict,
     device: torch.device,
     logit_free: str,
-    weighting: str,
+    settings: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
     """The loss, the student's gradient (flattened) and the teachers' mean weights of one step on `device`."""
     student, teachers = copy.deepcopy(student), copy.deepcopy(teachers)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = distiller(student, teachers, tmp, device, logit_free, weighting)
+        trainer = distiller(student, teachers, tmp, device, logit_free, **settings)
         inputs = {key: value.to(trainer.args.device) for key, value in batch.items()}
         loss = trainer.training_step(trainer.model, inputs, num_items(batch))
         metrics = trainer._pop_metrics("train")
@@ -234,9 +236,16 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     }
 
 
-EXACT_WEIGHTINGS = {"entropy": "", "posterior": "posterior_"}
-"""The weightings the exactness part runs, and their keys' prefix: `posterior` runs along each document, its running
-sums carried from chunk to chunk, on the device as on the CPU."""
+EXACT_SETTINGS = {
+    "": {"weighting": "entropy"},
+    "posterior_": {"weighting": "posterior"},
+    "prompt_": {"weighting": "posterior", "prompt_evidence": True},
+}
+"""
+The settings the exactness part runs, by their keys' prefix: `posterior` runs along each document, its running sums
+carried from chunk to chunk, on the device as on the CPU; `prompt_evidence` adds the teachers' heads at the prompt
+positions (half of each row) and their sums per document.
+"""
 
 
 def exactness(device: torch.device, quick: bool, tokenizer: Any) -> dict[str, Any]:
@@ -250,19 +259,19 @@ def exactness(device: torch.device, quick: bool, tokenizer: Any) -> dict[str, An
     ]
     batch = batch_of(Row(2, length, 3, vocab_size=vocab))
     runs = {
-        (where, path, weighting): exact_step(student, teachers, batch, torch.device(where), path, weighting)
+        (where, path, prefix): exact_step(student, teachers, batch, torch.device(where), path, settings)
         for where in dict.fromkeys(("cpu", device.type))
         for path in ("never", "always")
-        for weighting in EXACT_WEIGHTINGS
+        for prefix, settings in EXACT_SETTINGS.items()
     }
     report: dict[str, Any] = {"vocab_size": vocab, "seq_len": length, "batch_size": 2, "num_teachers": 3}
-    for weighting, prefix in EXACT_WEIGHTINGS.items():
+    for prefix in EXACT_SETTINGS:
         for path, name in (("never", "today"), ("always", "free")):
             report[f"{prefix}{name}_device_vs_cpu"] = relative_difference(
-                runs[device.type, path, weighting], runs["cpu", path, weighting]
+                runs[device.type, path, prefix], runs["cpu", path, prefix]
             )
         report[f"{prefix}free_vs_today_on_device"] = relative_difference(
-            runs[device.type, "always", weighting], runs[device.type, "never", weighting]
+            runs[device.type, "always", prefix], runs[device.type, "never", prefix]
         )
     report["max"] = max(value for part in report.values() if isinstance(part, dict) for value in part.values())
     return report
@@ -388,7 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|",
         ]
         compared = ("today_device_vs_cpu", "free_device_vs_cpu", "free_vs_today_on_device")
-        for key in [prefix + name for prefix in EXACT_WEIGHTINGS.values() for name in compared]:
+        for key in [prefix + name for prefix in EXACT_SETTINGS for name in compared]:
             lines.append(
                 f"| {key} | " + " | ".join(f"{exact[key][k]:.1e}" for k in ("loss", "grad", "weights")) + " |"
             )

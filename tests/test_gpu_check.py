@@ -32,7 +32,8 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     exact = report["exactness"]
-    for prefix in ("", "posterior_"):  # entropy weights, and posterior's running sums carried across chunks
+    # entropy weights, posterior's running sums carried across chunks, and the prompt's evidence
+    for prefix in ("", "posterior_", "prompt_"):
         assert set(exact[f"{prefix}free_vs_today_on_device"]) == {"loss", "grad", "weights"}
         assert set(exact[f"{prefix}free_device_vs_cpu"]) == {"loss", "grad", "weights"}
     assert exact["max"] <= 1e-12, exact
@@ -45,5 +46,5 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
         assert row["free_time_over_today"] == row["free_ms"] / row["today_ms"]
         assert math.isfinite(row["today_loss"]) and row["free_vs_today_loss"] < 1e-2  # bf16 autocast
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| free_vs_today_on_device |" in markdown and "| posterior_free_vs_today_on_device |" in markdown
+    assert "| free_vs_today_on_device |" in markdown and "| prompt_free_vs_today_on_device |" in markdown
     assert markdown.count("\n| 1 x 64 | 1 |") == 1
