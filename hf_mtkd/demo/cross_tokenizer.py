@@ -1,0 +1,343 @@
+"""
+The cross-tokenizer demo: the default scenario's three domain specialists (Python code, English prose, Shakespeare),
+each on a tokenizer of its own (another algorithm and vocabulary, as models of different families have), distilled
+into a student on a fourth tokenizer, on prompt/completion rows of the three domains mixed, with no domain label.
+
+    python -m hf_mtkd.demo.cross_tokenizer --full --output_dir /tmp/demo_cross
+
+Each row is a block of the student's tokens of one domain: its first `PROMPT_TOKENS` are the prompt (no loss), the
+rest the completion. Every model reads the row's text in its own tokens (`MultiTokenizerCollator`); the teachers'
+distributions are mapped onto the student's vocabulary where their tokens' strings match. The methods: the student
+alone (cross-entropy on the completions), the package's default weighting (`posterior`), that weighting with the
+teachers' likelihood of each row's prompt (`prompt_evidence`), and routing by hand (each row to its domain's
+specialist, read from a column the other methods do not see). The hyperparameters are the default demo's, chosen there
+on validation (`hparams_domains.json`), not tuned here. Reported on the test rows: the student's perplexity on the
+completions, per domain and overall, and the weights each method gives the teachers on each domain's validation rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, concatenate_datasets
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.utils import logging
+
+from .. import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer, __version__
+from ..chat_data import CompletionCollator, ExampleRenderer
+from ..testing import tiny_causal_lm, train_tiny_tokenizer
+from .corpus import default_cache_dir, load_domains, split_works
+from .zoo import SCALES, STUDENT, TEACHERS, Scale, build_model, to_blocks, training_settings
+
+logger = logging.get_logger(__name__)
+
+TOKENIZERS = {"python": ("bpe", 768), "prose": ("wordpiece", 768), "shakespeare": ("unigram", 768)}
+"""Each specialist's own tokenizer: its algorithm and vocabulary size, trained on its own domain's training text."""
+PROMPT_TOKENS = 16
+"""The student's tokens at the start of each row that are its prompt (no loss, the rest is the completion)."""
+TEACHER_CONTEXT = 2
+"""A specialist is trained on, and reads, blocks this many times the student's length (its tokens are shorter)."""
+HPARAMS = {"temperature": 1.0, "alpha_kd": 0.9}
+"""The default demo's choice on validation for every method below (`hparams_domains.json`)."""
+METHODS: dict[str, dict[str, Any] | None] = {
+    "no teacher (CE only)": None,
+    "posterior": {"teacher_weighting": "posterior", "posterior_decay": 0.5},
+    "posterior + prompt evidence": {"teacher_weighting": "posterior", "posterior_decay": 0.5, "prompt_evidence": True},
+    "routing by hand": {"teacher_weighting": "static"},
+}
+"""Each method's distillation settings beside `HPARAMS` (None: the student alone)."""
+ROUTED = ("routing by hand",)
+"""The methods that read the rows' `teacher_ids` column (`routing_column`); the others train without it."""
+
+
+# ---- models and data ----
+
+
+def cached_tokenizer(texts: list[str], algorithm: str, vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerFast:
+    """A tokenizer trained on `texts` (or loaded from `cache_dir`, keyed by the texts and settings)."""
+    key = hashlib.sha256(f"{algorithm}-{vocab_size}-".encode() + "".join(texts).encode()).hexdigest()[:12]
+    path = cache_dir / f"tokenizer-{algorithm}-{vocab_size}-{key}"
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size, algorithm=algorithm)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def specialist(
+    domain: str, text: str, tokenizer: PreTrainedTokenizerBase, scale: Scale, cache_dir: Path
+) -> PreTrainedModel:
+    """The `domain` specialist on its own `tokenizer`, trained on `text` (or loaded from `cache_dir`)."""
+    spec = TEACHERS["domains"][domain]
+    block, batch = TEACHER_CONTEXT * scale.block_size, max(1, scale.batch_size // TEACHER_CONTEXT)
+    fingerprint = {
+        "version": __version__,
+        "spec": spec,
+        "scale": [scale.width, block, batch, scale.teacher_steps],
+        "vocab": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12],
+        "text": hashlib.sha256(text.encode()).hexdigest()[:12],
+    }
+    path = cache_dir / f"cross-teacher-{domain}-{hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:12]}"
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+    logger.warning("Training the %s teacher (%s) on its own tokenizer; cached in %s.", domain, spec[0], path)
+    model_type, width_factor, layers = spec
+    model = tiny_causal_lm(
+        model_type, tokenizer, hidden_size=int(scale.width * width_factor), num_layers=layers, num_heads=4,
+        max_positions=block, seed=0,
+    )  # fmt: skip
+    args = TrainingArguments(**training_settings(path / "trainer", scale.teacher_steps, batch, seed=0))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    Trainer(model=model, args=args, train_dataset=to_blocks(text, tokenizer, block), data_collator=collator).train()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model.eval()
+
+
+def prompt_rows(
+    text: str, tokenizer: PreTrainedTokenizerBase, domain: str, block_size: int, limit: int | None = None
+) -> Dataset:
+    """Rows `{prompt, completion, domain, teacher_ids}` from `block_size`-token blocks of `text` (the student's)."""
+    blocks = to_blocks(text, tokenizer, block_size, limit)["input_ids"]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+    return Dataset.from_dict(
+        {
+            "prompt": [decode(ids[:PROMPT_TOKENS]) for ids in blocks],
+            "completion": [decode(ids[PROMPT_TOKENS:]) for ids in blocks],
+            "domain": [domain] * len(blocks),
+            "teacher_ids": [domain] * len(blocks),
+        }
+    )
+
+
+# ---- training and evaluation ----
+
+
+def student_examples(rows: Dataset, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, list[int]]]:
+    """The rows as the student reads them (the trainer's rendering): `input_ids`, and `labels` on the completion."""
+    renderer = ExampleRenderer("prompt_completion")
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in (renderer.encode(r, tokenizer) for r in rows)]
+
+
+def completion_perplexity(model: nn.Module, rows: Dataset, tokenizer: PreTrainedTokenizerBase) -> float:
+    """exp of the mean NLL of the completions' tokens of `rows`, as the student tokenizes and masks them."""
+    examples, collate = student_examples(rows, tokenizer), CompletionCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), 16):
+            batch = collate(examples[start : start + 16])
+            labels = batch.pop("labels")[:, 1:]
+            logits = model(**batch).logits[:, :-1].double()
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            total, count = total + float(nll), count + int((labels != -100).sum())
+    return math.exp(total / count)
+
+
+def train_student(
+    method: str,
+    seed: int,
+    train: Dataset,
+    validation: dict[str, Dataset],
+    teachers: dict[str, PreTrainedModel],
+    tokenizers: dict[str, PreTrainedTokenizerBase],
+    tokenizer: PreTrainedTokenizerBase,
+    scale: Scale,
+    output_dir: Path,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh student trained with `method`; it and what its run reports (time, weights per validation domain)."""
+    student = build_model(STUDENT, tokenizer, scale, seed=seed)
+    common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
+    settings = METHODS[method]
+    start = time.perf_counter()
+    if settings is None:
+        rows = Dataset.from_list(student_examples(train, tokenizer))
+        collator = CompletionCollator(tokenizer.pad_token_id)
+        Trainer(model=student, args=TrainingArguments(**common), train_dataset=rows, data_collator=collator).train()
+        return student, {"seconds": time.perf_counter() - start}
+    names = list(teachers)
+    args = MultiTeacherDistillationConfig(
+        **common, **HPARAMS, **settings, alpha_ce=round(1 - HPARAMS["alpha_kd"], 6), teacher_names=names,
+        cross_tokenizer_max_length=scale.block_size + 8,
+    )  # fmt: skip
+    routed = method in ROUTED
+
+    def unrouted(rows: Dataset) -> Dataset:
+        return rows if routed else rows.remove_columns("teacher_ids")
+
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers=[copy.deepcopy(teachers[name]) for name in names],
+        args=args,
+        train_dataset=unrouted(train),
+        processing_class=tokenizer,
+        teacher_tokenizers=[tokenizers[name] for name in names],
+    )
+    trainer.train()
+    seconds = time.perf_counter() - start
+    weights = {}
+    for domain, rows in validation.items():
+        metrics = trainer.evaluate(unrouted(rows))
+        weights[domain] = {name: metrics[f"eval_teacher_weight/{name}"] for name in names}
+    return student, {"seconds": seconds, "weights": weights}
+
+
+# ---- the run ----
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scale = SCALES["full" if args.full else "quick" if args.quick else "default"]
+    if args.steps is not None:
+        scale = replace(
+            scale, teacher_steps=args.steps, distill_steps=args.steps, eval_blocks=min(scale.eval_blocks, 8)
+        )
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    domains = load_domains(Path(args.corpus_dir) if args.corpus_dir else None, cache_dir)
+    if sorted(domains) != sorted(TOKENIZERS):
+        raise ValueError(f"The corpus has the domains {sorted(domains)}; this demo needs {sorted(TOKENIZERS)}.")
+    splits = {domain: split_works(documents) for domain, documents in domains.items()}
+    tokenizer = cached_tokenizer([s["train"] for s in splits.values()], "bpe", scale.vocab_size, cache_dir)
+    tokenizers = {
+        domain: cached_tokenizer([splits[domain]["train"]], *TOKENIZERS[domain], cache_dir) for domain in TOKENIZERS
+    }
+    teachers = {
+        domain: specialist(domain, splits[domain]["train"], tokenizers[domain], scale, cache_dir)
+        for domain in TOKENIZERS
+    }
+    train = concatenate_datasets(
+        [prompt_rows(s["train"], tokenizer, d, scale.block_size) for d, s in splits.items()]
+    ).shuffle(seed=0)
+    held = {
+        split: {d: prompt_rows(s[split], tokenizer, d, scale.block_size, scale.eval_blocks) for d, s in splits.items()}
+        for split in ("validation", "test")
+    }
+    results: dict[str, Any] = {
+        "command": "python -m hf_mtkd.demo.cross_tokenizer " + " ".join(args.argv),
+        "scale": scale.name,
+        "tokenizers": {
+            "student": ["bpe", len(tokenizer)],
+            **{d: [a, len(tokenizers[d])] for d, (a, _) in TOKENIZERS.items()},
+        },
+        "hparams": HPARAMS,
+        "methods": {},
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for method in METHODS:
+        runs = []
+        for seed in scale.seeds:
+            logger.warning("Training the student with %s (seed %d).", method, seed)
+            student, report = train_student(
+                method, seed, train, held["validation"], teachers, tokenizers, tokenizer, scale, output_dir / "runs"
+            )
+            test = {d: completion_perplexity(student, rows, tokenizer) for d, rows in held["test"].items()}
+            test["overall"] = math.exp(statistics.fmean(math.log(p) for p in test.values()))
+            runs.append({"seed": seed, "test_perplexity": test, **report})
+        results["methods"][method] = runs
+        write_report(results, output_dir)
+    return results
+
+
+def mean_over_seeds(runs: list[dict[str, Any]], *path: str) -> float:
+    values = []
+    for run_report in runs:
+        value: Any = run_report
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return statistics.fmean(values)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: test perplexity per domain (mean over seeds), and each method's weights per validation domain."""
+    methods = results["methods"]
+    domains = list(TOKENIZERS)
+    baseline = methods.get("no teacher (CE only)")
+    lines = [
+        f"`{results['command']}` (scale {results['scale']}, seeds {[r['seed'] for r in next(iter(methods.values()))]};"
+        f" tokenizers {results['tokenizers']})",
+        "",
+        "Test perplexity of the student on the completions (mean over seeds; lower is better):",
+        "",
+        "| method | " + " | ".join(domains) + " | overall | vs CE only | minutes per run |",
+        "|---|" + "---|" * (len(domains) + 3),
+    ]
+    for method, runs in methods.items():
+        overall = mean_over_seeds(runs, "test_perplexity", "overall")
+        change = (
+            "-"
+            if baseline is None
+            else f"{overall / mean_over_seeds(baseline, 'test_perplexity', 'overall') - 1:+.1%}"
+        )
+        cells = [f"{mean_over_seeds(runs, 'test_perplexity', d):.1f}" for d in domains]
+        minutes = mean_over_seeds(runs, "seconds") / 60
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {overall:.1f} | {change} | {minutes:.1f} |")
+    lines += ["", "Weights the teachers get on each domain's validation rows (mean over seeds):", ""]
+    lines += ["| method | rows | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
+    for method, runs in methods.items():
+        if "weights" not in runs[0]:
+            continue
+        for rows in domains:
+            cells = [f"{mean_over_seeds(runs, 'weights', rows, teacher):.3f}" for teacher in domains]
+            lines.append(f"| {method} | {rows} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], output_dir: Path) -> None:
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.md").write_text(markdown(results))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_mtkd.demo.cross_tokenizer", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="Tiny models and few steps (a smoke run, one seed).")
+    size.add_argument("--full", action="store_true", help="The full scale, three seeds.")
+    parser.add_argument("--output_dir", required=True, help="Where results.json and results.md are written.")
+    parser.add_argument("--cache_dir", default=None, help="Where the corpus, tokenizers and teachers are cached.")
+    parser.add_argument("--corpus_dir", default=None, help="python/, prose/ and shakespeare/ with .txt files instead.")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps of every model (a smoke run's).")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    results = run(args)
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
