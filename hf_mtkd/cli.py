@@ -32,6 +32,11 @@ COMMANDS = {
         "The bundled demo: distil a small student from three specialists (Python source, technical prose, "
         "Shakespeare; or Shakespeare by genre) with every method.",
     ),
+    "demo-cross-tokenizer": Command(
+        "hf_mtkd.demo.cross_tokenizer",
+        "The cross-tokenizer demo: the three specialists each on a tokenizer of its own, a student on a fourth, "
+        "on prompt/completion rows; weighting by the prompt against routing by hand.",
+    ),
 }
 """Subcommands by name; a new one is one entry here (its module is imported only when it runs)."""
 

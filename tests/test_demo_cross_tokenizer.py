@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from hf_mtkd.demo.cross_tokenizer import METHODS, TOKENIZERS, main, prompt_rows
+from hf_mtkd import cli
+from hf_mtkd.demo.cross_tokenizer import METHODS, TOKENIZERS, prompt_rows
 from hf_mtkd.testing import train_tiny_tokenizer
 
 LINES = {
@@ -37,9 +38,10 @@ def test_prompt_rows_split_each_block_into_its_prompt_and_completion():
 
 def test_a_smoke_run_reports_every_method(tmp_path, corpus_dir):
     output = tmp_path / "out"
-    main(["--quick", "--steps", "4", "--corpus_dir", str(corpus_dir), "--cache_dir", str(tmp_path / "cache"),
-          "--output_dir", str(output)])  # fmt: skip
+    cli.main(["demo-cross-tokenizer", "--quick", "--steps", "4", "--corpus_dir", str(corpus_dir),
+              "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
     results = json.loads((output / "results.json").read_text())
+    assert results["command"].startswith("hf-mtkd demo-cross-tokenizer --quick")
     assert list(results["methods"]) == list(METHODS)
     assert results["tokenizers"]["prose"][0] == "wordpiece"
     for method, runs in results["methods"].items():

@@ -3,7 +3,7 @@ The cross-tokenizer demo: the default scenario's three domain specialists (Pytho
 each on a tokenizer of its own (another algorithm and vocabulary, as models of different families have), distilled
 into a student on a fourth tokenizer, on prompt/completion rows of the three domains mixed, with no domain label.
 
-    python -m hf_mtkd.demo.cross_tokenizer --full --output_dir /tmp/demo_cross
+    hf-mtkd demo-cross-tokenizer --full --output_dir /tmp/demo_cross   # or python -m hf_mtkd.demo.cross_tokenizer
 
 Each row is a block of the student's tokens of one domain: its first `PROMPT_TOKENS` are the prompt (no loss), the
 rest the completion. Every model reads the row's text in its own tokens (`MultiTokenizerCollator`); the teachers'
@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -237,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for split in ("validation", "test")
     }
     results: dict[str, Any] = {
-        "command": "python -m hf_mtkd.demo.cross_tokenizer " + " ".join(args.argv),
+        "command": args.command,
         "scale": scale.name,
         "tokenizers": {
             "student": ["bpe", len(tokenizer)],
@@ -313,9 +314,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> None:
     (output_dir / "results.md").write_text(markdown(results))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m hf_mtkd.demo.cross_tokenizer") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_mtkd.demo.cross_tokenizer", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     size = parser.add_mutually_exclusive_group()
@@ -328,12 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
-
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hf_mtkd.demo.cross_tokenizer") -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    args = build_parser(prog).parse_args(argv)
+    args.command = " ".join([prog, *argv])
     results = run(args)
     print(markdown(results))
     return results
