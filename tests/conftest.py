@@ -7,7 +7,14 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest
 from datasets import Dataset
 
-from hf_mtkd.testing import fit_causal_lm, synthetic_corpus, tiny_causal_lm, train_tiny_tokenizer
+from hf_mtkd.testing import (
+    chat_tokenizer,
+    fit_causal_lm,
+    synthetic_conversations,
+    synthetic_corpus,
+    tiny_causal_lm,
+    train_tiny_tokenizer,
+)
 
 TEACHER_SHAPES = [  # three heterogeneous teachers: different architectures, widths and depths
     ("gpt2", {"hidden_size": 48, "num_layers": 4, "num_heads": 4}),
@@ -125,3 +132,24 @@ def cross_teacher_dirs(tmp_path_factory, corpus, cross_tokenizers):
         tok.save_pretrained(path)
         dirs.append(str(path))
     return dirs
+
+
+# ---- chat data ----
+
+
+@pytest.fixture(scope="session")
+def conversations():
+    """Synthetic user/assistant conversations (a test module may define its own)."""
+    return synthetic_conversations(64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def chatml(conversations):
+    """A tokenizer trained on them with a ChatML template."""
+    return chat_tokenizer(conversations, "chatml", 512, "bpe")
+
+
+@pytest.fixture(scope="session")
+def mistral(conversations):
+    """Another: WordPiece, smaller, with a Mistral-style template."""
+    return chat_tokenizer(conversations, "mistral", 300, "wordpiece")

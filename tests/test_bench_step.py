@@ -10,18 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_step_quick_writes_a_complete_table(tmp_path):
-    output = tmp_path / "bench"
+def bench_step(*args: str) -> None:
+    """Run benchmarks/bench_step.py with `args`, offline, on one thread; fail with its error output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_step.py", "--quick", "--repeats", "1", "--output", str(output)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        [sys.executable, "benchmarks/bench_step.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bench_step_quick_writes_a_complete_table(tmp_path):
+    output = tmp_path / "bench"
+    bench_step("--quick", "--repeats", "1", "--output", str(output))
     report = json.loads((output.with_suffix(".json")).read_text())
     rows = report["rows"]
     assert [(r["num_teachers"], r["vocab_size"]) for r in rows] == [(1, 1024), (2, 1024)]
@@ -39,16 +40,7 @@ def test_bench_step_quick_writes_a_complete_table(tmp_path):
 
 def test_bench_step_prompt_grid_reports_the_cost_of_the_prompt(tmp_path):
     output = tmp_path / "prompt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_step.py", "--grid", "prompt_quick", "--output", str(output)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    bench_step("--grid", "prompt_quick", "--output", str(output))
     if not sys.platform.startswith("linux"):  # the one-step grids run in the memory process
         return
     rows = json.loads((output.with_suffix(".json")).read_text())["rows"]

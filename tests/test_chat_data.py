@@ -26,7 +26,6 @@ from hf_mtkd.testing import (
     CHAT_TEMPLATES,
     ConfidentlyWrongTeacher,
     chat_tokenizer,
-    synthetic_conversations,
     tiny_causal_lm,
 )
 
@@ -37,21 +36,6 @@ CONVERSATION = [
     {"role": "user", "content": "count from two ."},
     {"role": "assistant", "content": "count : two three four five six ."},
 ]
-
-
-@pytest.fixture(scope="module")
-def conversations():
-    return synthetic_conversations(64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def chatml(conversations):
-    return chat_tokenizer(conversations, "chatml", 512, "bpe")
-
-
-@pytest.fixture(scope="module")
-def mistral(conversations):
-    return chat_tokenizer(conversations, "mistral", 300, "wordpiece")
 
 
 def learned_text(encoded, tokenizer) -> str:

@@ -23,7 +23,7 @@ from hf_mtkd import (
 from hf_mtkd.chat_data import ExampleRenderer
 from hf_mtkd.cross_tokenizer import prompt_content
 from hf_mtkd.prompt_evidence import PromptEvidence, prompt_positions, prompt_targets, row_sums, token_log_probs
-from hf_mtkd.testing import chat_tokenizer, synthetic_conversations, tiny_causal_lm
+from hf_mtkd.testing import tiny_causal_lm
 
 
 def test_prompt_positions_are_the_unlabelled_real_tokens_of_each_document():
@@ -305,21 +305,6 @@ def test_a_cache_gives_the_prompt_evidence_of_its_top_k_distributions(tmp_path, 
 
 
 # ---- teachers on their own tokenizers ----
-
-
-@pytest.fixture(scope="module")
-def conversations():
-    return synthetic_conversations(32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def chatml(conversations):
-    return chat_tokenizer(conversations, "chatml", 512, "bpe")
-
-
-@pytest.fixture(scope="module")
-def mistral(conversations):
-    return chat_tokenizer(conversations, "mistral", 300, "wordpiece")
 
 
 def test_the_prompt_content_is_the_same_text_under_every_template(chatml, mistral, conversations):
