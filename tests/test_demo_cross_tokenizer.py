@@ -46,13 +46,15 @@ def test_a_smoke_run_reports_every_method(tmp_path, corpus_dir):
     assert results["tokenizers"]["prose"][0] == "wordpiece"
     for method, runs in results["methods"].items():
         (run,) = runs
-        assert set(run["test_perplexity"]) == {*TOKENIZERS, "overall"}
-        assert all(math.isfinite(p) and p > 1 for p in run["test_perplexity"].values()), method
+        for split in ("validation", "test"):
+            assert set(run[f"{split}_perplexity"]) == {*TOKENIZERS, "overall"}
+            assert all(math.isfinite(p) and p > 1 for p in run[f"{split}_perplexity"].values()), method
         if METHODS[method] is None:
             continue
-        for rows, weights in run["weights"].items():
+        for rows, weights in run["teacher_weight"].items():
             assert 0 < sum(weights.values()) <= 1 + 1e-9  # what is missing: positions no teacher is aligned at
             if method == "routing by hand":  # each domain's rows go to its own specialist only
                 assert all(w == 0 for teacher, w in weights.items() if teacher != rows) and weights[rows] > 0
+            assert all(0 < share <= 1 for share in run["teacher_aligned"][rows].values())
     report = (output / "results.md").read_text()
     assert "| posterior + prompt evidence | python |" in report and "| routing by hand |" in report

@@ -59,8 +59,8 @@ PROMPT_TOKENS = 16
 """The student's tokens at the start of each row that are its prompt (no loss, the rest is the completion)."""
 TEACHER_CONTEXT = 2
 """A specialist is trained on, and reads, blocks this many times the student's length (its tokens are shorter)."""
-HPARAMS = {"temperature": 1.0, "alpha_kd": 0.9}
-"""The default demo's choice on validation for every method below (`hparams_domains.json`)."""
+TEMPERATURE, ALPHA_KD = 1.0, 0.9
+"""The default demo's choice on validation for every method below (`hparams_domains.json`); `--alpha_kd` sets it."""
 METHODS: dict[str, dict[str, Any] | None] = {
     "no teacher (CE only)": None,
     "posterior": {"teacher_weighting": "posterior", "posterior_decay": 0.5},
@@ -70,6 +70,13 @@ METHODS: dict[str, dict[str, Any] | None] = {
 """Each method's distillation settings beside `HPARAMS` (None: the student alone)."""
 ROUTED = ("routing by hand",)
 """The methods that read the rows' `teacher_ids` column (`routing_column`); the others train without it."""
+
+ALIGNMENT_METRICS = {
+    "teacher_weight": "the teachers' weights",
+    "teacher_aligned": "the share of positions at which each teacher is aligned with the student",
+    "teacher_prefix_mapped_mass": "each teacher's probability mass moved to a student token that only begins its own",
+}
+"""What each run reports per validation domain and teacher (the trainer's evaluation metrics)."""
 
 
 # ---- models and data ----
@@ -169,8 +176,12 @@ def train_student(
     tokenizer: PreTrainedTokenizerBase,
     scale: Scale,
     output_dir: Path,
+    alpha_kd: float = ALPHA_KD,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A fresh student trained with `method`; it and what its run reports (time, weights per validation domain)."""
+    """
+    A fresh student trained with `method`; it and what its run reports: its time and, per validation domain, the
+    teachers' weights and how much of each teacher's distribution reached the student's vocabulary.
+    """
     student = build_model(STUDENT, tokenizer, scale, seed=seed)
     common = training_settings(output_dir, scale.distill_steps, scale.batch_size, seed)
     settings = METHODS[method]
@@ -182,7 +193,8 @@ def train_student(
         return student, {"seconds": time.perf_counter() - start}
     names = list(teachers)
     args = MultiTeacherDistillationConfig(
-        **common, **HPARAMS, **settings, alpha_ce=round(1 - HPARAMS["alpha_kd"], 6), teacher_names=names,
+        **common, **settings, temperature=TEMPERATURE, alpha_kd=alpha_kd, alpha_ce=round(1 - alpha_kd, 6),
+        teacher_names=names,
         cross_tokenizer_max_length=scale.block_size + 8,
     )  # fmt: skip
     routed = method in ROUTED
@@ -200,11 +212,12 @@ def train_student(
     )
     trainer.train()
     seconds = time.perf_counter() - start
-    weights = {}
+    report: dict[str, Any] = {"seconds": seconds, **{key: {} for key in ALIGNMENT_METRICS}}
     for domain, rows in validation.items():
         metrics = trainer.evaluate(unrouted(rows))
-        weights[domain] = {name: metrics[f"eval_teacher_weight/{name}"] for name in names}
-    return student, {"seconds": seconds, "weights": weights}
+        for key in ALIGNMENT_METRICS:
+            report[key][domain] = {name: metrics[f"eval_{key}/{name}"] for name in names}
+    return student, report
 
 
 # ---- the run ----
@@ -244,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "student": ["bpe", len(tokenizer)],
             **{d: [a, len(tokenizers[d])] for d, (a, _) in TOKENIZERS.items()},
         },
-        "hparams": HPARAMS,
+        "hparams": {"temperature": TEMPERATURE, "alpha_kd": args.alpha_kd},
         "methods": {},
     }
     output_dir = Path(args.output_dir)
@@ -254,11 +267,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in scale.seeds:
             logger.warning("Training the student with %s (seed %d).", method, seed)
             student, report = train_student(
-                method, seed, train, held["validation"], teachers, tokenizers, tokenizer, scale, output_dir / "runs"
+                method,
+                seed,
+                train,
+                held["validation"],
+                teachers,
+                tokenizers,
+                tokenizer,
+                scale,
+                output_dir / "runs",
+                args.alpha_kd,
             )
-            test = {d: completion_perplexity(student, rows, tokenizer) for d, rows in held["test"].items()}
-            test["overall"] = math.exp(statistics.fmean(math.log(p) for p in test.values()))
-            runs.append({"seed": seed, "test_perplexity": test, **report})
+            perplexity = {
+                split: {d: completion_perplexity(student, rows, tokenizer) for d, rows in held[split].items()}
+                for split in ("validation", "test")
+            }
+            for values in perplexity.values():
+                values["overall"] = math.exp(statistics.fmean(math.log(p) for p in values.values()))
+            runs.append({"seed": seed, **{f"{s}_perplexity": p for s, p in perplexity.items()}, **report})
         results["methods"][method] = runs
         write_report(results, output_dir)
     return results
@@ -275,37 +301,45 @@ def mean_over_seeds(runs: list[dict[str, Any]], *path: str) -> float:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The report: test perplexity per domain (mean over seeds), and each method's weights per validation domain."""
+    """
+    The report: validation and test perplexity (means over seeds), then per method and validation domain the
+    teachers' weights, alignment and prefix-mapped mass.
+    """
     methods = results["methods"]
     domains = list(TOKENIZERS)
     baseline = methods.get("no teacher (CE only)")
+
+    def overall(runs: list[dict[str, Any]], split: str) -> float:
+        return mean_over_seeds(runs, f"{split}_perplexity", "overall")
+
+    seeds = [r["seed"] for r in next(iter(methods.values()))]
     lines = [
-        f"`{results['command']}` (scale {results['scale']}, seeds {[r['seed'] for r in next(iter(methods.values()))]};"
-        f" tokenizers {results['tokenizers']})",
+        f"`{results['command']}` (scale {results['scale']}, seeds {seeds}, {results['hparams']}; tokenizers "
+        f"{results['tokenizers']})",
         "",
-        "Test perplexity of the student on the completions (mean over seeds; lower is better):",
+        "The student's perplexity on the completions (mean over seeds; lower is better):",
         "",
-        "| method | " + " | ".join(domains) + " | overall | vs CE only | minutes per run |",
-        "|---|" + "---|" * (len(domains) + 3),
+        "| method | validation | test: " + " | ".join(domains) + " | test overall | vs CE only | minutes per run |",
+        "|---|---|" + "---|" * (len(domains) + 3),
     ]
     for method, runs in methods.items():
-        overall = mean_over_seeds(runs, "test_perplexity", "overall")
-        change = (
-            "-"
-            if baseline is None
-            else f"{overall / mean_over_seeds(baseline, 'test_perplexity', 'overall') - 1:+.1%}"
-        )
+        test = overall(runs, "test")
+        change = "-" if baseline is None else f"{test / overall(baseline, 'test') - 1:+.1%}"
         cells = [f"{mean_over_seeds(runs, 'test_perplexity', d):.1f}" for d in domains]
         minutes = mean_over_seeds(runs, "seconds") / 60
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {overall:.1f} | {change} | {minutes:.1f} |")
-    lines += ["", "Weights the teachers get on each domain's validation rows (mean over seeds):", ""]
-    lines += ["| method | rows | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
-    for method, runs in methods.items():
-        if "weights" not in runs[0]:
-            continue
-        for rows in domains:
-            cells = [f"{mean_over_seeds(runs, 'weights', rows, teacher):.3f}" for teacher in domains]
-            lines.append(f"| {method} | {rows} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {method} | {overall(runs, 'validation'):.1f} | " + " | ".join(cells)
+            + f" | {test:.1f} | {change} | {minutes:.1f} |"
+        )  # fmt: skip
+    for key, what in ALIGNMENT_METRICS.items():
+        lines += ["", f"On each domain's validation rows, {what} (mean over seeds):", ""]
+        lines += ["| method | rows | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
+        for method, runs in methods.items():
+            if key not in runs[0]:
+                continue
+            for rows in domains:
+                cells = [f"{mean_over_seeds(runs, key, rows, teacher):.3f}" for teacher in domains]
+                lines.append(f"| {method} | {rows} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +360,9 @@ def build_parser(prog: str = "python -m hf_mtkd.demo.cross_tokenizer") -> argpar
     parser.add_argument("--cache_dir", default=None, help="Where the corpus, tokenizers and teachers are cached.")
     parser.add_argument("--corpus_dir", default=None, help="python/, prose/ and shakespeare/ with .txt files instead.")
     parser.add_argument("--steps", type=int, default=None, help="Training steps of every model (a smoke run's).")
+    parser.add_argument(
+        "--alpha_kd", type=float, default=ALPHA_KD, help="The KD share of every distillation method's loss."
+    )
     return parser
 
 
