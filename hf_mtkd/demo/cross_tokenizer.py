@@ -75,6 +75,8 @@ ALIGNMENT_METRICS = {
     "teacher_weight": "the teachers' weights",
     "teacher_aligned": "the share of positions at which each teacher is aligned with the student",
     "teacher_prefix_mapped_mass": "each teacher's probability mass moved to a student token that only begins its own",
+    "teacher_nll": "each teacher's NLL of the student's next token, through its distribution mapped onto the "
+    "student's vocabulary, where it is aligned",
 }
 """What each run reports per validation domain and teacher (the trainer's evaluation metrics)."""
 
