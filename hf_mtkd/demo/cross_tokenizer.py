@@ -9,10 +9,13 @@ Each row is a block of the student's tokens of one domain: its first `PROMPT_TOK
 rest the completion. Every model reads the row's text in its own tokens (`MultiTokenizerCollator`); the teachers'
 distributions are mapped onto the student's vocabulary where their tokens' strings match. The methods: the student
 alone (cross-entropy on the completions), the package's default weighting (`posterior`), that weighting with the
-teachers' likelihood of each row's prompt (`prompt_evidence`), and routing by hand (each row to its domain's
-specialist, read from a column the other methods do not see). The hyperparameters are the default demo's, chosen there
-on validation (`hparams_domains.json`), not tuned here. Reported on the test rows: the student's perplexity on the
-completions, per domain and overall, and the weights each method gives the teachers on each domain's validation rows.
+teachers' likelihood of each row's prompt (`prompt_evidence`), routing by hand (each row to its domain's specialist,
+read from a column the other methods do not see), and the prompt's weighting with ULD (`cross_tokenizer_loss="uld"`,
+which compares sorted probabilities and needs no vocabulary map) instead of the KL on mapped distributions. The
+temperature and KD share are the default demo's choice on validation (`hparams_domains.json`); `--alpha_kd` sets the
+share, to choose it on this demo's validation rows. Reported: the student's perplexity on the completions of the
+validation and test rows, per domain and overall, and on each domain's validation rows the teachers' weights, where
+they are aligned, how much of their mass only a prefix carried over, and their NLL of the student's next token.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "posterior": {"teacher_weighting": "posterior", "posterior_decay": 0.5},
     "posterior + prompt evidence": {"teacher_weighting": "posterior", "posterior_decay": 0.5, "prompt_evidence": True},
     "routing by hand": {"teacher_weighting": "static"},
+    "posterior + prompt evidence, ULD": {
+        "teacher_weighting": "posterior",
+        "posterior_decay": 0.5,
+        "prompt_evidence": True,
+        "cross_tokenizer_loss": "uld",
+    },
 }
 """Each method's distillation settings beside `HPARAMS` (None: the student alone)."""
 ROUTED = ("routing by hand",)
@@ -264,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for method in METHODS:
+    for method in args.methods or METHODS:
         runs = []
         for seed in scale.seeds:
             logger.warning("Training the student with %s (seed %d).", method, seed)
@@ -362,6 +371,9 @@ def build_parser(prog: str = "python -m hf_mtkd.demo.cross_tokenizer") -> argpar
     parser.add_argument("--cache_dir", default=None, help="Where the corpus, tokenizers and teachers are cached.")
     parser.add_argument("--corpus_dir", default=None, help="python/, prose/ and shakespeare/ with .txt files instead.")
     parser.add_argument("--steps", type=int, default=None, help="Training steps of every model (a smoke run's).")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=None, help="Run only these methods (default: all)."
+    )
     parser.add_argument(
         "--alpha_kd", type=float, default=ALPHA_KD, help="The KD share of every distillation method's loss."
     )
