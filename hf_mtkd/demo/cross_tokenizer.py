@@ -76,11 +76,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
         "cross_tokenizer_loss": "uld",
     },
 }
-"""Each method's distillation settings beside `HPARAMS` (None: the student alone)."""
+"""Each method's distillation settings beside the temperature and the KD share (None: the student alone)."""
 ROUTED = ("routing by hand",)
 """The methods that read the rows' `teacher_ids` column (`routing_column`); the others train without it."""
 
-ALIGNMENT_METRICS = {
+TEACHER_METRICS = {
     "teacher_weight": "the teachers' weights",
     "teacher_aligned": "the share of positions at which each teacher is aligned with the student",
     "teacher_prefix_mapped_mass": "each teacher's probability mass moved to a student token that only begins its own",
@@ -223,10 +223,10 @@ def train_student(
     )
     trainer.train()
     seconds = time.perf_counter() - start
-    report: dict[str, Any] = {"seconds": seconds, **{key: {} for key in ALIGNMENT_METRICS}}
+    report: dict[str, Any] = {"seconds": seconds, **{key: {} for key in TEACHER_METRICS}}
     for domain, rows in validation.items():
         metrics = trainer.evaluate(unrouted(rows))
-        for key in ALIGNMENT_METRICS:
+        for key in TEACHER_METRICS:
             report[key][domain] = {name: metrics[f"eval_{key}/{name}"] for name in names}
     return student, report
 
@@ -342,7 +342,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {method} | {overall(runs, 'validation'):.1f} | " + " | ".join(cells)
             + f" | {test:.1f} | {change} | {minutes:.1f} |"
         )  # fmt: skip
-    for key, what in ALIGNMENT_METRICS.items():
+    for key, what in TEACHER_METRICS.items():
         lines += ["", f"On each domain's validation rows, {what} (mean over seeds):", ""]
         lines += ["| method | rows | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
         for method, runs in methods.items():
