@@ -61,7 +61,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     > Teachers
 
     - `teacher_dtype`, `teacher_names`, `teacher_model_init_kwargs`: how teachers given by name are loaded and named.
-    - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_max_length`: teachers on other tokenizers.
+    - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_chains`, `cross_tokenizer_max_length`: teachers
+      on other tokenizers.
 
     > Instruction and chat data (see `hf_mtkd.chat_data`)
 
@@ -310,6 +311,15 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "weighted L1 distance between sorted teacher and student probabilities, which needs no shared "
             "vocabulary; for teachers whose vocabularies barely overlap). 'uld' applies to every teacher.",
             "choices": list(CROSS_TOKENIZER_LOSSES),
+        },
+    )
+    cross_tokenizer_chains: bool = field(
+        default=True,
+        metadata={
+            "help": "Cross-tokenizer mode: where a teacher spells the student's next token as several tokens of its "
+            "own, its probability of that whole token (chained over its own tokens, read from its forward pass) "
+            "moves onto it from the student token that only begins it. False: the vocabulary map alone (a teacher "
+            "with shorter tokens then gives the student's token little mass)."
         },
     )
     cross_tokenizer_max_length: int | None = field(

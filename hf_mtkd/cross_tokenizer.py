@@ -16,6 +16,9 @@ are then brought to the student's positions and vocabulary before they enter the
   for special tokens other than bos/eos/pad/unk, which map by role) it is unmapped. The teacher's tempered
   distribution is summed onto the student's vocabulary, $\tilde p_k(s) = \sum_{v \to s} p_k(v) / (1 - u_k)$, the
   unmapped mass $u_k$ being renormalised away (and reported).
+* **Chains** (exact along the teacher's own tokens). Where the teacher spells the student's next token as several
+  tokens of its own, its probability of that whole token, chained over them, moves onto it from the student token
+  that its first token maps to (`hf_mtkd.token_chains`, `cross_tokenizer_chains`).
 
 Temperature: the map is applied to $p_k = \mathrm{softmax}(z_k/\tau)$ and the result is handed to the loss as the
 logits $\tau \log \tilde p_k$ (`MappedTeacher.scaled_log_probs`), so the loss's $\mathrm{softmax}(\cdot/\tau)$
@@ -40,13 +43,21 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .chat_data import EncodedExample, ExampleRenderer, check_fast_tokenizer
-from .chunked import auto_chunk_size
+from .chunked import auto_chunk_size, shift_labels
 from .dtypes import upcast
 from .logit_free import HeadLogits
 from .model_config import text_config
 from .prompt_evidence import prompt_targets, row_sums, token_log_probs
 from .storage import RowsOnDemand
 from .teachers import pad_rows, teacher_forward, vocab_size
+from .token_chains import (
+    CHAIN_STOP_KEY,
+    TokenChains,
+    chain_stops,
+    interior_positions,
+    rest_log_probs,
+    text_start,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -255,13 +266,22 @@ class VocabularyMap:
             self.index, self.exact, self.mapped = self.index.to(device), self.exact.to(device), self.mapped.to(device)
         return torch.softmax(upcast(teacher_logits) / temperature, dim=-1)
 
-    def scaled_log_probs(self, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-        r"""`project(...).scaled_log_probs` alone, $\tau \log \tilde p$ `[..., V_s]` (what the loss reads)."""
-        return self._scaled_log_probs(self.probs(teacher_logits, temperature), temperature)[0]
+    def scaled_log_probs(
+        self, teacher_logits: Tensor, temperature: float = 1.0, chains: TokenChains | None = None
+    ) -> Tensor:
+        r"""
+        `project(...).scaled_log_probs` alone, $\tau \log \tilde p$ `[..., V_s]` (what the loss reads); with the
+        rows' `chains` `[n]`, each chain's mass moved onto the student's token (`hf_mtkd.token_chains`).
+        """
+        return self._scaled_log_probs(self.probs(teacher_logits, temperature), temperature, chains)[0]
 
-    def _scaled_log_probs(self, probs: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    def _scaled_log_probs(
+        self, probs: Tensor, temperature: float, chains: TokenChains | None = None
+    ) -> tuple[Tensor, Tensor]:
         mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
         mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
+        if chains is not None:
+            chains.move(mapped, probs, self.index)
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
         return temperature * log_probs, total
@@ -291,6 +311,8 @@ class MappedLogits(RowsOnDemand):
     """`[B, T]` bool, the student positions that have an aligned teacher position."""
     index: Tensor | None = None
     """The flat positions (into B x T) of the rows, in order, when `packed` (None: every flat position)."""
+    chains: TokenChains | None = None
+    """`[B, T]` the student tokens the teacher spells as several of its own, whose mass then moves onto them."""
 
     @property
     def packed(self) -> bool:
@@ -315,8 +337,10 @@ class MappedLogits(RowsOnDemand):
         return torch.arange(self.aligned.numel(), device=self.aligned.device)[rows]
 
     def dense(self, rows: slice | Tensor) -> Tensor:
-        aligned = self.aligned.flatten()[self.positions(rows)]
-        scaled = self.vocabulary_map.scaled_log_probs(self.own_rows(rows), self.temperature)
+        positions = self.positions(rows)
+        aligned = self.aligned.flatten()[positions]
+        chains = None if self.chains is None else self.chains.at(positions)
+        scaled = self.vocabulary_map.scaled_log_probs(self.own_rows(rows), self.temperature, chains)
         return scaled.where(aligned[:, None], 0.0)
 
     def detach(self) -> MappedLogits:
@@ -330,17 +354,18 @@ class MappedLogits(RowsOnDemand):
             raise ValueError("Mapped teacher logits given at other positions than the labels' valid ones.")
         return self
 
-    def masses(self, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def masses(self, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """
-        `[B, T]`: the teacher's probability on unmapped and on prefix-mapped tokens, and whether it has mass on
-        mapped ones (`MappedTeacher`), at the aligned positions among its rows (0, 0 and False elsewhere), read
-        `chunk_size` rows at a time (None: `hf_mtkd.chunked.auto_chunk_size` of the teacher's vocabulary).
+        `[B, T]`: the teacher's probability on unmapped and on prefix-mapped tokens, whether it has mass on mapped
+        ones (`MappedTeacher`), and the mass its chains moved onto the student's tokens, at the aligned positions
+        among its rows (0, 0, False and 0 elsewhere), read `chunk_size` rows at a time (None:
+        `hf_mtkd.chunked.auto_chunk_size` of the teacher's vocabulary).
         """
         vocabulary_map = self.vocabulary_map
         flat = self.aligned.flatten()
         rows = flat[self.positions(slice(None))].nonzero().squeeze(1)  # the rows at aligned positions
         dtype = upcast(self.own_rows(rows[:0])).dtype
-        unmapped, inexact = (flat.new_zeros(flat.shape, dtype=dtype) for _ in range(2))
+        unmapped, inexact, chained = (flat.new_zeros(flat.shape, dtype=dtype) for _ in range(3))
         has_mass = torch.zeros_like(flat)
         size = chunk_size or auto_chunk_size(vocabulary_map.index.numel())
         for start in range(0, rows.numel(), size):
@@ -349,8 +374,10 @@ class MappedLogits(RowsOnDemand):
             probs = vocabulary_map.probs(self.own_rows(chunk), self.temperature)
             unmapped[at], inexact[at] = vocabulary_map.masses(probs)
             has_mass[at] = probs[:, vocabulary_map.mapped].sum(dim=-1) > 0
+            if self.chains is not None:
+                chained[at] = self.chains.at(at).amounts(probs, vocabulary_map.index)[0]
         shape = self.aligned.shape
-        return unmapped.view(shape), inexact.view(shape), has_mass.view(shape)
+        return unmapped.view(shape), inexact.view(shape), has_mass.view(shape), chained.view(shape)
 
 
 # ---- position alignment ----
@@ -372,15 +399,9 @@ def boundary_keys(text: str, offsets: Sequence[Sequence[int]], special: Sequence
             seen_text, end = True, offsets[j][1]
         if end is None or special[j + 1]:
             continue
-        start, stop = offsets[j + 1]
-        first = start
-        while first < stop and text[first].isspace():
-            first += 1
-        if first == stop:  # a whitespace-only token starts where it starts
-            first = start
-        if start < end:
+        if offsets[j + 1][0] < end:
             continue
-        keys[j] = (end, first)
+        keys[j] = (end, text_start(text, offsets[j + 1]))
     return keys
 
 
@@ -445,8 +466,8 @@ class MultiTokenizerCollator:
     """
     Batches raw text for cross-tokenizer distillation: the student's `input_ids`, `attention_mask` and `labels`,
     and under `teacher_inputs` one dict per teacher with its own `input_ids`, `attention_mask` and `position_map`
-    (`[B, T_student]`, the teacher position aligned with each student position, -1 where none), or None for a
-    teacher that shares the student's tokenizer.
+    (`[B, T_student]`, the teacher position aligned with each student position, -1 where none) and `chain_stop`
+    (`hf_mtkd.token_chains.chain_stops`), or None for a teacher that shares the student's tokenizer.
 
     The contract: each example holds its raw text under `text_column`. The student's tokens are truncated to
     `max_length`; every teacher then tokenizes the same character span (the text up to the end of the student's
@@ -537,11 +558,23 @@ class MultiTokenizerCollator:
                     strict=True,
                 )
             ]
+            stops = [
+                chain_stops(text, s_off, position_map, text, t_off, t_special)
+                for text, s_off, position_map, t_off, t_special in zip(
+                    cut,
+                    student["offset_mapping"],
+                    maps,
+                    teacher["offset_mapping"],
+                    teacher["special_tokens_mask"],
+                    strict=True,
+                )
+            ]
             teacher_inputs.append(
                 {
                     "input_ids": pad_rows(teacher["input_ids"], tokenizer.pad_token_id or 0),
                     "attention_mask": pad_rows(teacher["attention_mask"], 0),
                     "position_map": pad_rows(maps, -1),
+                    CHAIN_STOP_KEY: pad_rows(stops, -1),
                 }
             )
         batch[TEACHER_INPUTS_KEY] = teacher_inputs
@@ -569,14 +602,17 @@ class MultiTokenizerCollator:
                 renderer.encode(f, tokenizer, max_length, owner=owner, template_flag="teacher_chat_template_path")
                 for f in features
             ]
+            maps = [_learned_only(align_encoded(s, t), s.labels) for s, t in zip(student, teacher, strict=True)]
+            stops = [
+                chain_stops(s.rendered.text, s.offsets, position_map, t.rendered.text, t.offsets, t.special)
+                for s, position_map, t in zip(student, maps, teacher, strict=True)
+            ]
             teacher_inputs.append(
                 {
                     "input_ids": pad_rows([e.input_ids for e in teacher], tokenizer.pad_token_id or 0),
                     "attention_mask": pad_rows([[1] * len(e.input_ids) for e in teacher], 0),
-                    "position_map": pad_rows(
-                        [_learned_only(align_encoded(s, t), s.labels) for s, t in zip(student, teacher, strict=True)],
-                        -1,
-                    ),
+                    "position_map": pad_rows(maps, -1),
+                    CHAIN_STOP_KEY: pad_rows(stops, -1),
                     "prompt_mask": pad_rows([prompt_content(e) for e in teacher], 0).bool(),
                 }
             )
@@ -719,6 +755,8 @@ class AlignedTeacher:
     """`[B, T]` see `MappedTeacher`."""
     inexact_mass: Tensor
     """`[B, T]` see `MappedTeacher`."""
+    chained_mass: Tensor
+    """`[B, T]` the mass its chains moved onto the student's next token (`hf_mtkd.token_chains`), 0 where none."""
     prompt_row_log_prob: Tensor | None = None
     """`[B]` per row, its floored log-likelihood of its own prompt tokens (`prompt_mask`), when asked."""
 
@@ -734,40 +772,63 @@ def teacher_on_student_positions(
     run_head: Callable[..., Any] | None = None,
     mask: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    student_labels: Tensor | None = None,
 ) -> AlignedTeacher:
     """
     Run a teacher on its own tokens and gather its predictions at the student's positions (`position_map`). With
     `run_head` (`hf_mtkd.heads.LogitFreePlan.run_teacher` for it) and the student's valid positions `mask`, it runs
     logit-free where it can: its final hidden states at those positions and its head instead of its logits. With
     `prompt_mask` `[B, T_k]` (its own positions before a prompt token, `prompt_content`), its log-likelihood of them
-    per row too (`prompt_evidence`; its head runs there as well).
+    per row too (`prompt_evidence`; its head runs there as well). With the student's `student_labels` and the
+    inputs' `chain_stop`, its probability of each student token that it spells as several of its own moves onto
+    that token (`hf_mtkd.token_chains`; its head runs inside those chains as well).
     """
     forward = functools.partial(teacher_forward, teacher, name, inputs, output_hidden_states=output_hidden_states)
-    position_map = inputs["position_map"]
+    input_ids, position_map = inputs["input_ids"], inputs["position_map"]
     aligned = position_map >= 0
     rows = torch.arange(position_map.shape[0], device=position_map.device)[:, None]
     index = position_map.clamp(min=0)
-    head = None
+    chain_stop = None if student_labels is None else inputs.get(CHAIN_STOP_KEY)
+    interior = None
+    if chain_stop is not None:
+        chain_stop = chain_stop.where(aligned, -1)
+        interior = interior_positions(position_map, chain_stop, input_ids.shape[1])
+    asked = [m for m in (prompt_mask, interior) if m is not None]
+    own_positions = functools.reduce(torch.logical_or, asked) if asked else None
+    head = own_head = None
     if run_head is None:
         logits, hidden = forward()
     else:
-        (logits, hidden), head = run_head(forward, position_map=position_map, own_positions=prompt_mask)
+        (logits, hidden), head = run_head(forward, position_map=position_map, own_positions=own_positions)
+    if head is not None:  # its head at the aligned valid positions, then at its own asked positions
+        count = int(mask.sum())
+        head, own_head = head.take(slice(0, count)), head.take(slice(count, None))
+
+    def own_log_probs(positions: Tensor, tau: float) -> Tensor:
+        """Its log-probabilities at temperature `tau` of its next tokens at its own `positions` `[B, T_k]`."""
+        targets = prompt_targets(input_ids, positions)
+        if own_head is None:
+            return token_log_probs(logits, targets, positions.flatten().nonzero()[:, 0], tau)
+        return token_log_probs(own_head.take(positions[own_positions]), targets, temperature=tau)
+
     prompt_row_log_prob = None
     if prompt_mask is not None:
-        targets = prompt_targets(inputs["input_ids"], prompt_mask)
-        if head is None:
-            log_prob = token_log_probs(logits, targets, prompt_mask.flatten().nonzero()[:, 0])
-        else:  # its head at the aligned valid positions, then at its prompt's
-            count = int(mask.sum())
-            head, log_prob = head.take(slice(0, count)), token_log_probs(head.take(slice(count, None)), targets)
-        prompt_row_log_prob = row_sums(log_prob, prompt_mask)
+        prompt_row_log_prob = row_sums(own_log_probs(prompt_mask, 1.0), prompt_mask)
+    chains = None
+    if chain_stop is not None:
+        rest = rest_log_probs(own_log_probs(interior, temperature), interior, position_map, chain_stop)
+        first = input_ids.gather(1, (position_map + 1).clamp(0, input_ids.shape[1] - 1))
+        target = shift_labels(student_labels)
+        chained = (chain_stop >= 0) & (target >= 0)
+        chains = TokenChains(first.where(chained, 0), target.clamp(min=0), rest, chained)
     if head is None:
         own = logits[rows, index]
-        mapped = MappedLogits(own, vocabulary_map, temperature, aligned)
+        mapped = MappedLogits(own, vocabulary_map, temperature, aligned, chains=chains)
     else:
         own = None
-        mapped = MappedLogits(head, vocabulary_map, temperature, aligned, index=mask.flatten().nonzero().squeeze(1))
-    unmapped, inexact, has_mass = mapped.masses()
+        packed = mask.flatten().nonzero().squeeze(1)
+        mapped = MappedLogits(head, vocabulary_map, temperature, aligned, index=packed, chains=chains)
+    unmapped, inexact, has_mass, chained_mass = mapped.masses()
     return AlignedTeacher(
         mapped=mapped,
         own_logits=own,
@@ -775,6 +836,7 @@ def teacher_on_student_positions(
         available=aligned & has_mass,
         unmapped_mass=unmapped,
         inexact_mass=inexact,
+        chained_mass=chained_mass,
         prompt_row_log_prob=prompt_row_log_prob,
     )
 

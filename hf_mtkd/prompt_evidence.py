@@ -53,14 +53,16 @@ def prompt_targets(input_ids: Tensor, prompt: Tensor) -> Tensor:
     return F.pad(input_ids[:, 1:], (0, 1), value=0)[prompt]
 
 
-def token_log_probs(logits: Tensor | HeadLogits | TopKLogProbs, targets: Tensor, rows: Tensor | None = None) -> Tensor:
+def token_log_probs(
+    logits: Tensor | HeadLogits | TopKLogProbs, targets: Tensor, rows: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
     r"""
-    $\log \mathrm{softmax}(z)_{x}$ `[n]` (temperature 1, float32 or wider) of the n `targets`: at the flat positions
-    `rows` of `[B, T, V]` logits or of a cached `TopKLogProbs` (its distribution: a token outside the top k has the
-    tail's share), or at the n positions of `HeadLogits` (`rows` None), a chunk at a time.
+    $\log \mathrm{softmax}(z/\tau)_{x}$ `[n]` (float32 or wider) of the n `targets`: at the flat positions `rows`
+    of `[B, T, V]` logits or of a cached `TopKLogProbs` (its distribution: a token outside the top k has the tail's
+    share), or at the n positions of `HeadLogits` (`rows` None), a chunk at a time.
     """
     if isinstance(logits, TopKLogProbs):  # sparse: no [n, V] row is made
-        return logits.rows(rows).at(targets[:, None], 1.0)[:, 0]
+        return logits.rows(rows).at(targets[:, None], temperature)[:, 0]
     count = targets.shape[0]
     size = auto_chunk_size(logits.shape[-1])
     out = []
@@ -68,7 +70,7 @@ def token_log_probs(logits: Tensor | HeadLogits | TopKLogProbs, targets: Tensor,
         for start in range(0, count, size):
             where = slice(start, start + size)
             raw = dense_rows(logits, where if rows is None else rows[where])
-            out.append(raw.log_softmax(dim=-1).gather(-1, targets[where, None])[:, 0])
+            out.append((raw / temperature).log_softmax(dim=-1).gather(-1, targets[where, None])[:, 0])
     return torch.cat(out) if out else torch.zeros(0, device=targets.device)
 
 

@@ -56,7 +56,13 @@ from .teachers import (
     teacher_record,
 )
 
-PER_ALIGNED_POSITION = ("teacher_entropy", "teacher_nll", "teacher_unmapped_mass", "teacher_prefix_mapped_mass")
+PER_ALIGNED_POSITION = (
+    "teacher_entropy",
+    "teacher_nll",
+    "teacher_unmapped_mass",
+    "teacher_prefix_mapped_mass",
+    "teacher_chained_mass",
+)
 """The metrics of a teacher that reports `teacher_aligned/<name>` (cross-tokenizer), averaged over those positions."""
 
 
@@ -312,8 +318,10 @@ class SharedVocabularyTeacher:
 class CrossTokenizerTeacher:
     """A teacher on its own tokenizer: it reads its own tokens (`teacher_inputs`), mapped by `vocabulary_map`."""
 
-    def __init__(self, model: nn.Module, name: str, vocabulary_map: VocabularyMap) -> None:
+    def __init__(self, model: nn.Module, name: str, vocabulary_map: VocabularyMap, *, chains: bool = True) -> None:
         self.model, self.name, self.vocabulary_map = model, name, vocabulary_map
+        self.chains = chains
+        """Whether a student token it spells as several of its own gets its chained probability (`token_chains`)."""
 
     def __call__(
         self,
@@ -346,6 +354,7 @@ class CrossTokenizerTeacher:
             run_head=run_head,
             mask=None if run_head is None else next_token_mask(inputs["labels"]),
             prompt_mask=None if prompt is None else own_inputs.get("prompt_mask"),
+            student_labels=inputs["labels"] if self.chains else None,
         )
         return TeacherOutput(
             view.mapped,
@@ -357,11 +366,13 @@ class CrossTokenizerTeacher:
         )
 
     def add_metrics(self, sums: dict[str, Tensor], output: TeacherOutput, mask: Tensor) -> None:
-        """Aligned positions and, over them, the unmapped and prefix-mapped probability mass."""
+        """Aligned positions and, over them, the unmapped, prefix-mapped and chained probability mass."""
         here = output.available[mask]
         sums[f"teacher_aligned/{self.name}"] = here.sum()
         sums[f"teacher_unmapped_mass/{self.name}"] = output.alignment.unmapped_mass[mask][here].sum()
         sums[f"teacher_prefix_mapped_mass/{self.name}"] = output.alignment.inexact_mass[mask][here].sum()
+        if self.chains:
+            sums[f"teacher_chained_mass/{self.name}"] = output.alignment.chained_mass[mask][here].sum()
 
 
 class LiveTeachers(TeacherSource):
@@ -399,7 +410,7 @@ class LiveTeachers(TeacherSource):
         maps = build_vocabulary_maps(models, self.names, self._tokenizers, student, processing_class)
         self.teachers = [
             SharedVocabularyTeacher(model, name, size) if vocabulary_map is None
-            else CrossTokenizerTeacher(model, name, vocabulary_map)
+            else CrossTokenizerTeacher(model, name, vocabulary_map, chains=args.cross_tokenizer_chains)
             for model, name, size, vocabulary_map in zip(models, self.names, shared_sizes, maps, strict=True)
         ]  # fmt: skip
 

@@ -601,8 +601,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         """
         Accumulate token sums of the loss terms and of each teacher's weight, entropy and NLL until the next log, and
         the teacher source's own (`TeacherSource.add_metrics`: for cross-tokenizer teachers the aligned positions,
-        `teacher_aligned/<name>`, and over those the unmapped and prefix-mapped probability mass). Entropy, NLL and
-        masses are summed over the positions where the teacher is available, and later averaged over them. In
+        `teacher_aligned/<name>`, and over those the unmapped, prefix-mapped and chained probability mass). Entropy,
+        NLL and masses are summed over the positions where the teacher is available, and later averaged over them. In
         on-policy training, the teachers' weights on the batches the student wrote (`generated_by`) too.
         """
         count = kd.mask.sum()

@@ -217,7 +217,7 @@ def test_mapped_logits_per_chunk_equal_the_projected_tensor(tokenizers, weightin
     else:
         head_logits = HeadLogits(own_hidden[rows, index][mask], own_head)
         mapped = MappedLogits(head_logits, vocabulary_map, tau, aligned, index=mask.flatten().nonzero().squeeze(1))
-    unmapped, inexact, has_mass = mapped.masses(chunk_size=5)
+    unmapped, inexact, has_mass, _ = mapped.masses(chunk_size=5)
     read = mask if mapped.packed else torch.ones_like(mask)  # the positions whose masses it computed
     assert torch.equal(aligned & has_mass, available & read)
     torch.testing.assert_close(unmapped[aligned & read], projected.unmapped_mass[read[aligned]], rtol=0, atol=1e-14)

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hf_mtkd import cli
-from hf_mtkd.demo.cross_tokenizer import METHODS, TOKENIZERS, prompt_rows
+from hf_mtkd.demo.cross_tokenizer import METHODS, ROUTED, TOKENIZERS, prompt_rows
 from hf_mtkd.testing import train_tiny_tokenizer
 
 LINES = {
@@ -53,8 +53,13 @@ def test_a_smoke_run_reports_every_method(tmp_path, corpus_dir):
             continue
         for rows, weights in run["teacher_weight"].items():
             assert 0 < sum(weights.values()) <= 1 + 1e-9  # what is missing: positions no teacher is aligned at
-            if method == "routing by hand":  # each domain's rows go to its own specialist only
+            if method in ROUTED:  # each domain's rows go to its own specialist only
                 assert all(w == 0 for teacher, w in weights.items() if teacher != rows) and weights[rows] > 0
             assert all(0 < share <= 1 for share in run["teacher_aligned"][rows].values())
+        chains = METHODS[method].get("cross_tokenizer_chains", True)
+        assert ("teacher_chained_mass" in run) == chains, method
+        if chains:  # the specialists' tokens are shorter than the student's: chains on every domain
+            assert all(sum(mass.values()) > 0 for mass in run["teacher_chained_mass"].values()), method
     report = (output / "results.md").read_text()
     assert "| posterior + prompt evidence | python |" in report and "| routing by hand |" in report
+    assert "vs prefix map (paired)" in report

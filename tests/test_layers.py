@@ -9,7 +9,17 @@ PACKAGE = Path(hf_mtkd.__file__).parent
 
 LAYERS = [
     # helpers and the loss math: pure functions of tensors and settings
-    {"version", "dtypes", "model_config", "parameters", "redaction", "weighting", "routing", "alignment"},
+    {
+        "version",
+        "dtypes",
+        "model_config",
+        "parameters",
+        "redaction",
+        "weighting",
+        "routing",
+        "alignment",
+        "token_chains",
+    },
     {"chat_data"},  # data formats, chat templates, masks and packing (what the collators and the script read)
     {"storage", "topk"},  # storage formats (`topk` keeps the old import path)
     {"fusion", "divergences", "settings"},

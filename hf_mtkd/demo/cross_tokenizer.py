@@ -11,11 +11,14 @@ distributions are mapped onto the student's vocabulary where their tokens' strin
 alone (cross-entropy on the completions), the package's default weighting (`posterior`), that weighting with the
 teachers' likelihood of each row's prompt (`prompt_evidence`), routing by hand (each row to its domain's specialist,
 read from a column the other methods do not see), and the prompt's weighting with ULD (`cross_tokenizer_loss="uld"`,
-which compares sorted probabilities and needs no vocabulary map) instead of the KL on mapped distributions. The
+which compares sorted probabilities and needs no vocabulary map) instead of the KL on mapped distributions. Each
+KL method runs with the teachers' chained probability of the student's whole token (the default,
+`hf_mtkd.token_chains`) and, as its "prefix map" row, with the vocabulary map alone. The
 temperature and KD share are the default demo's choice on validation (`hparams_domains.json`); `--alpha_kd` sets the
 share, to choose it on this demo's validation rows. Reported: the student's perplexity on the completions of the
 validation and test rows, per domain and overall, and on each domain's validation rows the teachers' weights, where
-they are aligned, how much of their mass only a prefix carried over, and their NLL of the student's next token.
+they are aligned, how much of their mass only a prefix carried over, how much the chains moved onto the student's
+token, and their NLL of the student's next token.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from .. import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer, 
 from ..chat_data import CompletionCollator, ExampleRenderer
 from ..testing import tiny_causal_lm, train_tiny_tokenizer
 from .corpus import default_cache_dir, load_domains, split_works
+from .report import summarize
 from .zoo import SCALES, STUDENT, TEACHERS, Scale, build_model, to_blocks, training_settings
 
 logger = logging.get_logger(__name__)
@@ -64,10 +68,16 @@ TEACHER_CONTEXT = 2
 """A specialist is trained on, and reads, blocks this many times the student's length (its tokens are shorter)."""
 TEMPERATURE, ALPHA_KD = 1.0, 0.9
 """The default demo's choice on validation for every method below (`hparams_domains.json`); `--alpha_kd` sets it."""
+POSTERIOR = {"teacher_weighting": "posterior", "posterior_decay": 0.5}
+PREFIX_MAP = {"cross_tokenizer_chains": False}
+"""The vocabulary map alone: no teacher probability of the student's whole token chained over its own tokens."""
 METHODS: dict[str, dict[str, Any] | None] = {
     "no teacher (CE only)": None,
-    "posterior": {"teacher_weighting": "posterior", "posterior_decay": 0.5},
-    "posterior + prompt evidence": {"teacher_weighting": "posterior", "posterior_decay": 0.5, "prompt_evidence": True},
+    "posterior, prefix map": {**POSTERIOR, **PREFIX_MAP},
+    "posterior + prompt evidence, prefix map": {**POSTERIOR, "prompt_evidence": True, **PREFIX_MAP},
+    "routing by hand, prefix map": {"teacher_weighting": "static", **PREFIX_MAP},
+    "posterior": POSTERIOR,
+    "posterior + prompt evidence": {**POSTERIOR, "prompt_evidence": True},
     "routing by hand": {"teacher_weighting": "static"},
     "posterior + prompt evidence, ULD": {
         "teacher_weighting": "posterior",
@@ -77,13 +87,15 @@ METHODS: dict[str, dict[str, Any] | None] = {
     },
 }
 """Each method's distillation settings beside the temperature and the KD share (None: the student alone)."""
-ROUTED = ("routing by hand",)
+ROUTED = ("routing by hand", "routing by hand, prefix map")
 """The methods that read the rows' `teacher_ids` column (`routing_column`); the others train without it."""
 
 TEACHER_METRICS = {
     "teacher_weight": "the teachers' weights",
     "teacher_aligned": "the share of positions at which each teacher is aligned with the student",
     "teacher_prefix_mapped_mass": "each teacher's probability mass moved to a student token that only begins its own",
+    "teacher_chained_mass": "each teacher's probability of the student's whole next token, chained over its own "
+    "tokens, moved onto that token",
     "teacher_nll": "each teacher's NLL of the student's next token, through its distribution mapped onto the "
     "student's vocabulary, where it is aligned",
 }
@@ -223,11 +235,12 @@ def train_student(
     )
     trainer.train()
     seconds = time.perf_counter() - start
-    report: dict[str, Any] = {"seconds": seconds, **{key: {} for key in TEACHER_METRICS}}
+    report: dict[str, Any] = {"seconds": seconds}
     for domain, rows in validation.items():
         metrics = trainer.evaluate(unrouted(rows))
         for key in TEACHER_METRICS:
-            report[key][domain] = {name: metrics[f"eval_{key}/{name}"] for name in names}
+            if f"eval_{key}/{names[0]}" in metrics:  # the chained mass only with chains
+                report.setdefault(key, {})[domain] = {name: metrics[f"eval_{key}/{name}"] for name in names}
     return student, report
 
 
@@ -311,10 +324,21 @@ def mean_over_seeds(runs: list[dict[str, Any]], *path: str) -> float:
     return statistics.fmean(values)
 
 
+def paired_change(runs: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> str:
+    """The change in overall test perplexity over `baseline`'s runs of the same seeds: mean ± sd over seeds."""
+    if baseline is None:
+        return "-"
+    theirs = {run["seed"]: run["test_perplexity"]["overall"] for run in baseline}
+    changes = [100 * (r["test_perplexity"]["overall"] / theirs[r["seed"]] - 1) for r in runs if r["seed"] in theirs]
+    summary = summarize(changes) if changes else None
+    return "-" if summary is None else f"{summary['mean']:+.1f} % ± {summary['std']:.1f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """
-    The report: validation and test perplexity (means over seeds), then per method and validation domain the
-    teachers' weights, alignment and prefix-mapped mass.
+    The report: validation and test perplexity (means over seeds, and the test change over CE alone and over the
+    method's prefix-map row, paired by seed), then per method and validation domain the teachers' weights,
+    alignment, prefix-mapped and chained mass and NLL.
     """
     methods = results["methods"]
     domains = list(TOKENIZERS)
@@ -330,17 +354,18 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "The student's perplexity on the completions (mean over seeds; lower is better):",
         "",
-        "| method | validation | test: " + " | ".join(domains) + " | test overall | vs CE only | minutes per run |",
-        "|---|---|" + "---|" * (len(domains) + 3),
-    ]
+        "| method | validation | test: " + " | ".join(domains)
+        + " | test overall | vs CE only (paired) | vs prefix map (paired) | minutes per run |",
+        "|---|---|" + "---|" * (len(domains) + 4),
+    ]  # fmt: skip
     for method, runs in methods.items():
-        test = overall(runs, "test")
-        change = "-" if baseline is None else f"{test / overall(baseline, 'test') - 1:+.1%}"
         cells = [f"{mean_over_seeds(runs, 'test_perplexity', d):.1f}" for d in domains]
         minutes = mean_over_seeds(runs, "seconds") / 60
+        versus_ce = "-" if method == "no teacher (CE only)" else paired_change(runs, baseline)
+        versus_prefix = paired_change(runs, methods.get(f"{method}, prefix map"))
         lines.append(
             f"| {method} | {overall(runs, 'validation'):.1f} | " + " | ".join(cells)
-            + f" | {test:.1f} | {change} | {minutes:.1f} |"
+            + f" | {overall(runs, 'test'):.1f} | {versus_ce} | {versus_prefix} | {minutes:.1f} |"
         )  # fmt: skip
     for key, what in TEACHER_METRICS.items():
         lines += ["", f"On each domain's validation rows, {what} (mean over seeds):", ""]
