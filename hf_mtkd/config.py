@@ -61,8 +61,8 @@ class MultiTeacherDistillationConfig(TrainingArguments):
     > Teachers
 
     - `teacher_dtype`, `teacher_names`, `teacher_model_init_kwargs`: how teachers given by name are loaded and named.
-    - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_chains`, `cross_tokenizer_max_length`: teachers
-      on other tokenizers.
+    - `cross_tokenizer`, `cross_tokenizer_loss`, `cross_tokenizer_chains`, `cross_tokenizer_prefix_mass`,
+      `cross_tokenizer_max_length`: teachers on other tokenizers.
 
     > Instruction and chat data (see `hf_mtkd.chat_data`)
 
@@ -320,6 +320,15 @@ class MultiTeacherDistillationConfig(TrainingArguments):
             "own, its probability of that whole token (chained over its own tokens, read from its forward pass) "
             "moves onto it from the student token that only begins it. False: the vocabulary map alone (a teacher "
             "with shorter tokens then gives the student's token little mass)."
+        },
+    )
+    cross_tokenizer_prefix_mass: bool = field(
+        default=True,
+        metadata={
+            "help": "Cross-tokenizer mode: a teacher token with no student token of the same text sends its "
+            "probability to the student token that begins its text (True), or is left out, its probability "
+            "renormalised away like an unmapped token's (False: the target holds only exact twins and the chained "
+            "probability of the student's token)."
         },
     )
     cross_tokenizer_max_length: int | None = field(

@@ -15,7 +15,8 @@ are then brought to the student's positions and vocabulary before they enter the
   token that begins its decoding (an approximation: the rest of the teacher token is dropped); failing that (or
   for special tokens other than bos/eos/pad/unk, which map by role) it is unmapped. The teacher's tempered
   distribution is summed onto the student's vocabulary, $\tilde p_k(s) = \sum_{v \to s} p_k(v) / (1 - u_k)$, the
-  unmapped mass $u_k$ being renormalised away (and reported).
+  unmapped mass $u_k$ being renormalised away (and reported). With `cross_tokenizer_prefix_mass` off, tokens mapped
+  by prefix count as unmapped there: only exact twins (and the chains below) carry mass.
 * **Chains** (exact along the teacher's own tokens). Where the teacher spells the student's next token as several
   tokens of its own, its probability of that whole token, chained over them, moves onto it from the student token
   that its first token maps to (`hf_mtkd.token_chains`, `cross_tokenizer_chains`).
@@ -190,12 +191,20 @@ class MappedTeacher:
 class VocabularyMap:
     """
     A sparse map from a teacher's token ids to the student's: `index[v]` is the student id of teacher token v (or
-    -1, unmapped) and `exact[v]` says whether their texts are equal; see the module docstring.
+    -1, unmapped) and `exact[v]` says whether their texts are equal; see the module docstring. With `prefix_mass`
+    False, a token mapped by prefix only (not exactly) carries no mass: its probability is renormalised away, as an
+    unmapped token's is.
     """
 
-    def __init__(self, index: Tensor, exact: Tensor, student_vocab_size: int) -> None:
+    def __init__(self, index: Tensor, exact: Tensor, student_vocab_size: int, *, prefix_mass: bool = True) -> None:
         self.index, self.exact, self.student_vocab_size = index, exact, student_vocab_size
         self.mapped = index >= 0
+        self.prefix_mass = prefix_mass
+
+    @property
+    def carried(self) -> Tensor:
+        """`[V_k]` bool, the teacher tokens whose probability goes onto the student's vocabulary."""
+        return self.mapped if self.prefix_mass else self.mapped & self.exact
 
     @classmethod
     def build(
@@ -205,6 +214,7 @@ class VocabularyMap:
         *,
         teacher_vocab_size: int | None = None,
         student_vocab_size: int | None = None,
+        prefix_mass: bool = True,
     ) -> VocabularyMap:
         """
         The map between two tokenizers. The vocabulary sizes are the widths of the models' logits (default: the
@@ -218,7 +228,7 @@ class VocabularyMap:
             shared = min(teacher_size, student_size, len(teacher_tokenizer))
             index[:shared] = torch.arange(shared)
             exact[:shared] = True
-            return cls(index, exact, student_size)
+            return cls(index, exact, student_size, prefix_mass=prefix_mass)
         lookup: dict[bytes, int] = {}
         for i, text in enumerate(token_bytes(student_tokenizer)):
             if text is not None and i < student_size:
@@ -238,7 +248,7 @@ class VocabularyMap:
             t, s = getattr(teacher_tokenizer, role, None), getattr(student_tokenizer, role, None)
             if t is not None and s is not None and t < teacher_size and s < student_size:
                 index[t], exact[t] = s, True
-        return cls(index, exact, student_size)
+        return cls(index, exact, student_size, prefix_mass=prefix_mass)
 
     def coverage(self) -> dict[str, float]:
         """Fractions of the teacher's vocabulary mapped exactly, approximately (by prefix) and not at all."""
@@ -278,10 +288,11 @@ class VocabularyMap:
     def _scaled_log_probs(
         self, probs: Tensor, temperature: float, chains: TokenChains | None = None
     ) -> tuple[Tensor, Tensor]:
+        carried = self.carried
         mapped = probs.new_zeros(*probs.shape[:-1], self.student_vocab_size)
-        mapped.index_add_(-1, self.index[self.mapped], probs[..., self.mapped])
+        mapped.index_add_(-1, self.index[carried], probs[..., carried])
         if chains is not None:
-            chains.move(mapped, probs, self.index)
+            chains.move(mapped, probs, self.index, carried)
         total = mapped.sum(dim=-1, keepdim=True)
         log_probs = (mapped / total.clamp(min=torch.finfo(total.dtype).tiny)).log().clamp(min=LOG_ZERO)
         return temperature * log_probs, total
@@ -373,9 +384,10 @@ class MappedLogits(RowsOnDemand):
             at = self.positions(chunk)
             probs = vocabulary_map.probs(self.own_rows(chunk), self.temperature)
             unmapped[at], inexact[at] = vocabulary_map.masses(probs)
-            has_mass[at] = probs[:, vocabulary_map.mapped].sum(dim=-1) > 0
+            has_mass[at] = probs[:, vocabulary_map.carried].sum(dim=-1) > 0
             if self.chains is not None:
-                chained[at] = self.chains.at(at).amounts(probs, vocabulary_map.index)[0]
+                chained[at] = self.chains.at(at).amounts(probs, vocabulary_map.index, vocabulary_map.carried)[0]
+                has_mass[at] |= chained[at] > 0
         shape = self.aligned.shape
         return unmapped.view(shape), inexact.view(shape), has_mass.view(shape), chained.view(shape)
 
@@ -847,8 +859,13 @@ def build_vocabulary_maps(
     teacher_tokenizers: Sequence[PreTrainedTokenizerBase | None],
     student: nn.Module,
     student_tokenizer: PreTrainedTokenizerBase,
+    *,
+    prefix_mass: bool = True,
 ) -> list[VocabularyMap | None]:
-    """One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged."""
+    """
+    One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged; `prefix_mass`:
+    whether tokens mapped by prefix carry their mass (`VocabularyMap`).
+    """
     maps: list[VocabularyMap | None] = []
     for teacher, name, tokenizer in zip(teachers, names, teacher_tokenizers, strict=True):
         if tokenizer is None:
@@ -859,6 +876,7 @@ def build_vocabulary_maps(
             student_tokenizer,
             teacher_vocab_size=vocab_size(teacher),
             student_vocab_size=vocab_size(student),
+            prefix_mass=prefix_mass,
         )
         coverage = vocabulary_map.coverage()
         logger.info(

@@ -407,7 +407,10 @@ class LiveTeachers(TeacherSource):
             cross_tokenizer=[t is not None for t in self._tokenizers],
             tokenizer_length=tokenizer_length,
         )
-        maps = build_vocabulary_maps(models, self.names, self._tokenizers, student, processing_class)
+        maps = build_vocabulary_maps(
+            models, self.names, self._tokenizers, student, processing_class,
+            prefix_mass=args.cross_tokenizer_prefix_mass,
+        )  # fmt: skip
         self.teachers = [
             SharedVocabularyTeacher(model, name, size) if vocabulary_map is None
             else CrossTokenizerTeacher(model, name, vocabulary_map, chains=args.cross_tokenizer_chains)

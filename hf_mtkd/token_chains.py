@@ -11,9 +11,10 @@ $$c = p_\tau(a_1 \mid x_{\le j}) \prod_{i=2}^{m} p_\tau(a_i \mid x_{\le j}, a_{<
 
 each factor at the temperature $\tau$ ($p_\tau = \mathrm{softmax}(z/\tau)$). The chained target moves c from the
 student token that $a_1$ maps to onto y: $\tilde p(y) \mathrel{+}= c$, $\tilde p(\mathrm{map}(a_1)) \mathrel{-}= c$
-(c <= p(a_1), so the total and every entry stay non-negative). At $\tau = 1$ the teacher's probability of the
-student's true token is then its own probability of that text (along its own tokenization of it); the rest of
-$a_1$'s mass, its other continuations, stays where the map put it.
+(c <= p(a_1), so the total and every entry stay non-negative); where the map carried no mass of $a_1$ (unmapped, or
+mapped by prefix with `prefix_mass` off) c is only added, and renormalised with the rest. At $\tau = 1$ the
+teacher's probability of the student's true token is then its own probability of that text (along its own
+tokenization of it); the rest of $a_1$'s mass, its other continuations, stays where the map put it.
 
 The collator finds the chains (`chain_stops`, from character offsets); the teacher's tempered log-probabilities of
 $a_2 \dots a_m$ are read at its interior positions (`interior_positions`, `rest_log_probs`); the loss moves the mass
@@ -126,20 +127,23 @@ class TokenChains:
     def fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.first, self.target, self.rest_log_prob, self.chained
 
-    def amounts(self, probs: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    def amounts(self, probs: Tensor, index: Tensor, carried: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """
-        Of n rows' tempered teacher distributions `probs` `[n, V_k]`: the mass c `[n]` that moves (0 where there is no
-        chain or $a_1$ is unmapped), and the student token it leaves, $\\mathrm{map}(a_1)$ `[n]`, given the map's
-        `index` (`VocabularyMap.index`).
+        Of n rows' tempered teacher distributions `probs` `[n, V_k]`, given the map's `index` and the teacher tokens
+        whose mass it `carried` (`VocabularyMap`): the mass c `[n]` that goes onto the student's token (0 where no
+        chain is known), the student token that $a_1$'s mass went to `[n]`, and whether it went anywhere `[n]` (c
+        then leaves it).
         """
-        source = index[self.first]
-        moving = self.chained & (source >= 0)
         amount = probs.gather(-1, self.first[:, None])[:, 0] * self.rest_log_prob.to(probs.dtype).exp()
-        return amount.where(moving, 0.0), source.clamp(min=0)
+        leaves = self.chained & carried[self.first]
+        return amount.where(self.chained, 0.0), index[self.first].clamp(min=0), leaves
 
-    def move(self, mapped: Tensor, probs: Tensor, index: Tensor) -> Tensor:
-        """Move each row's chained mass c onto the student's next token, in the mapped masses `mapped` `[n, V_s]`."""
-        amount, source = self.amounts(probs, index)
+    def move(self, mapped: Tensor, probs: Tensor, index: Tensor, carried: Tensor) -> Tensor:
+        """
+        Put each row's chained mass c on the student's next token, in the mapped masses `mapped` `[n, V_s]`, taken
+        from the student token that $a_1$'s mass went to, if it went anywhere (else c is added, and renormalised).
+        """
+        amount, source, leaves = self.amounts(probs, index, carried)
         mapped.scatter_add_(-1, self.target[:, None], amount[:, None])
-        mapped.scatter_add_(-1, source[:, None], -amount[:, None])
+        mapped.scatter_add_(-1, source[:, None], -amount.where(leaves, 0.0)[:, None])
         return mapped.clamp_(min=0)

@@ -143,8 +143,11 @@ def test_vocabulary_map_coverage(tokenizers, teacher):
     assert vocabulary_map.index[other.eos_token_id] == student.eos_token_id
 
 
-def test_projection_matches_dense_reference(tokenizers):
-    vocabulary_map = VocabularyMap.build(tokenizers["unigram"], tokenizers["student"], teacher_vocab_size=80)
+@pytest.mark.parametrize("prefix_mass", [True, False])
+def test_projection_matches_dense_reference(tokenizers, prefix_mass):
+    vocabulary_map = VocabularyMap.build(
+        tokenizers["unigram"], tokenizers["student"], teacher_vocab_size=80, prefix_mass=prefix_mass
+    )
     vocabulary_map.index[5] = -1  # one unmapped token, and rows 67..79 (beyond the tokenizer) unmapped too
     vocabulary_map.mapped = vocabulary_map.index >= 0
     logits = torch.randn(2, 3, 80, dtype=torch.float64) * 3
@@ -152,8 +155,8 @@ def test_projection_matches_dense_reference(tokenizers):
     out = vocabulary_map.project(logits, tau)
     p = torch.softmax(logits / tau, dim=-1)
     matrix = torch.zeros(80, len(tokenizers["student"]), dtype=torch.float64)
-    for v, s in enumerate(vocabulary_map.index.tolist()):
-        if s >= 0:
+    for v, (s, exact) in enumerate(zip(vocabulary_map.index.tolist(), vocabulary_map.exact.tolist(), strict=True)):
+        if s >= 0 and (prefix_mass or exact):  # without prefix mass, a token mapped by prefix only is left out
             matrix[v, s] = 1
     dense = p @ matrix
     torch.testing.assert_close(torch.softmax(out.scaled_log_probs / tau, dim=-1), dense / dense.sum(-1, keepdim=True))

@@ -71,9 +71,13 @@ def test_interior_positions_and_rest_log_probs_by_hand():
 def reference_mapped(logits, own_ids, position_map, chain_stop, targets, vocabulary_map, tau, chains=True):
     """
     `[B, T, V_s]` tau log p~ of every aligned position, one position at a time: the teacher's tempered distribution
-    summed onto the student's vocabulary, then (`chains`) its chained probability of the student's next token moved
-    there from where its first token went.
+    summed onto the student's vocabulary (only exact twins without `prefix_mass`), then (`chains`) its chained
+    probability of the student's next token put there, taken from where its first token went (if it went anywhere).
     """
+    carried = [
+        int(s) >= 0 and (vocabulary_map.prefix_mass or bool(e))
+        for s, e in zip(vocabulary_map.index.tolist(), vocabulary_map.exact.tolist(), strict=True)
+    ]
     b, t = position_map.shape
     out = torch.zeros(b, t, vocabulary_map.student_vocab_size, dtype=torch.float64)
     for row in range(b):
@@ -84,7 +88,7 @@ def reference_mapped(logits, own_ids, position_map, chain_stop, targets, vocabul
             p = torch.softmax(logits[row, j].double() / tau, dim=-1)
             mapped = torch.zeros(vocabulary_map.student_vocab_size, dtype=torch.float64)
             for v in range(p.numel()):
-                if vocabulary_map.index[v] >= 0:
+                if carried[v]:
                     mapped[vocabulary_map.index[v]] += p[v]
             stop = int(chain_stop[row, s])
             if chains and stop >= 0 and targets[row, s] >= 0:
@@ -92,8 +96,8 @@ def reference_mapped(logits, own_ids, position_map, chain_stop, targets, vocabul
                 chained = float(p[first])
                 for i in range(j + 1, stop + 1):
                     chained *= float(torch.softmax(logits[row, i].double() / tau, dim=-1)[own_ids[row, i + 1]])
-                if vocabulary_map.index[first] >= 0:
-                    mapped[targets[row, s]] += chained
+                mapped[targets[row, s]] += chained
+                if carried[first]:
                     mapped[vocabulary_map.index[first]] -= chained
             out[row, s] = tau * (mapped / mapped.sum()).log().clamp(min=LOG_ZERO)
     return out
@@ -121,11 +125,14 @@ def test_collated_chains_spell_the_students_token(chained_batch, cross_tokenizer
 
 
 @pytest.mark.parametrize("logit_free", [False, True])
-@pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_the_chained_target_matches_the_reference(chained_batch, cross_tokenizers, logit_free, tau):
+@pytest.mark.parametrize(("tau", "prefix_mass"), [(1.0, True), (2.0, True), (2.0, False)])
+def test_the_chained_target_matches_the_reference(chained_batch, cross_tokenizers, logit_free, tau, prefix_mass):
     student_tok, teacher_tok = cross_tokenizers["student"], cross_tokenizers["unigram"]
     model = tiny_causal_lm("llama", teacher_tok, seed=2).double().eval()
-    vocabulary_map = VocabularyMap.build(teacher_tok, student_tok, teacher_vocab_size=model.config.vocab_size)
+    vocabulary_map = VocabularyMap.build(
+        teacher_tok, student_tok, teacher_vocab_size=model.config.vocab_size, prefix_mass=prefix_mass
+    )
+    assert (vocabulary_map.mapped & ~vocabulary_map.exact).any()  # some tokens are mapped by prefix only
     own, labels = chained_batch["teacher_inputs"][0], chained_batch["labels"]
     mask = next_token_mask(labels)
     run_head = functools.partial(HeadRunner(model), mask=mask) if logit_free else None
