@@ -323,12 +323,12 @@ class MultiTeacherDistillationConfig(TrainingArguments):
         },
     )
     cross_tokenizer_prefix_mass: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Cross-tokenizer mode: a teacher token with no student token of the same text sends its "
-            "probability to the student token that begins its text (True), or is left out, its probability "
-            "renormalised away like an unmapped token's (False: the target holds only exact twins and the chained "
-            "probability of the student's token)."
+            "help": "Cross-tokenizer mode: a teacher token with no student token of the same text is left out, its "
+            "probability renormalised away like an unmapped token's (False: the target holds the exact twins and "
+            "the chained probability of the student's token), or sends its probability to the student token that "
+            "begins its text (True, which teaches the student short tokens it would not use)."
         },
     )
     cross_tokenizer_max_length: int | None = field(

@@ -860,7 +860,7 @@ def build_vocabulary_maps(
     student: nn.Module,
     student_tokenizer: PreTrainedTokenizerBase,
     *,
-    prefix_mass: bool = True,
+    prefix_mass: bool,
 ) -> list[VocabularyMap | None]:
     """
     One `VocabularyMap` per cross-tokenizer teacher (None for the others), with its coverage logged; `prefix_mass`:

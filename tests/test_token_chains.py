@@ -210,6 +210,8 @@ def test_chains_give_the_teacher_the_students_token(tmp_path, corpus, cross_teac
             eval_dataset=text_dataset.select(range(16)),
             processing_class=tok,
         )
+        maps = [teacher.vocabulary_map for teacher in trainer.teacher_source.teachers]
+        assert all(not m.prefix_mass for m in maps)  # the default: tokens mapped by prefix only carry no mass
         metrics[chains] = trainer.evaluate()
     for name in names:
         assert f"eval_teacher_chained_mass/{name}" not in metrics[False]
@@ -223,3 +225,15 @@ def test_chains_give_the_teacher_the_students_token(tmp_path, corpus, cross_teac
     assert metrics[True]["eval_teacher_chained_mass/wordpiece"] == 0
     for key in ("teacher_nll/wordpiece", *(f"teacher_aligned/{name}" for name in names)):
         assert metrics[True][f"eval_{key}"] == metrics[False][f"eval_{key}"]
+
+
+def test_the_prefix_mass_setting_reaches_every_map(tmp_path, corpus, cross_teacher_dirs, cross_tokenizers):
+    args = tiny_config(tmp_path, cross_tokenizer_prefix_mass=True, teacher_names=["bpe300", "unigram", "wordpiece"])
+    trainer = MultiTeacherDistillationTrainer(
+        model=tiny_causal_lm("qwen2", cross_tokenizers["student"], seed=1, hidden_size=24),
+        teachers=[str(d) for d in cross_teacher_dirs],
+        args=args,
+        train_dataset=Dataset.from_dict({"text": corpus}),
+        processing_class=cross_tokenizers["student"],
+    )
+    assert all(teacher.vocabulary_map.prefix_mass for teacher in trainer.teacher_source.teachers)

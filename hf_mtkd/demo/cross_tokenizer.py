@@ -12,8 +12,8 @@ alone (cross-entropy on the completions), the package's default weighting (`post
 teachers' likelihood of each row's prompt (`prompt_evidence`), routing by hand (each row to its domain's specialist,
 read from a column the other methods do not see), and the prompt's weighting with ULD (`cross_tokenizer_loss="uld"`,
 which compares sorted probabilities and needs no vocabulary map) instead of the KL on mapped distributions. Each
-KL method runs with the teachers' chained probability of the student's whole token (the default,
-`hf_mtkd.token_chains`) and, as its "prefix map" row, with the vocabulary map alone. The
+KL method runs on every target of `TARGETS`: the default (the teachers' chained probability of the student's whole
+token, `hf_mtkd.token_chains`, and of the map only exact twins), and three others to compare. The
 temperature and KD share are the default demo's choice on validation (`hparams_domains.json`); `--alpha_kd` sets the
 share, to choose it on this demo's validation rows. Reported: the student's perplexity on the completions of the
 validation and test rows, per domain and overall, and on each domain's validation rows the teachers' weights, where
@@ -68,26 +68,31 @@ TEACHER_CONTEXT = 2
 """A specialist is trained on, and reads, blocks this many times the student's length (its tokens are shorter)."""
 TEMPERATURE, ALPHA_KD = 1.0, 0.9
 """The default demo's choice on validation for every method below (`hparams_domains.json`); `--alpha_kd` sets it."""
-POSTERIOR = {"teacher_weighting": "posterior", "posterior_decay": 0.5}
-PREFIX_MAP = {"cross_tokenizer_chains": False}
-"""The vocabulary map alone: no teacher probability of the student's whole token chained over its own tokens."""
+BASE_METHODS: dict[str, dict[str, Any]] = {
+    "posterior": {"teacher_weighting": "posterior", "posterior_decay": 0.5},
+    "posterior + prompt evidence": {"teacher_weighting": "posterior", "posterior_decay": 0.5, "prompt_evidence": True},
+    "routing by hand": {"teacher_weighting": "static"},
+}
+"""The KL methods, each run on every target of `TARGETS`."""
+TARGETS: dict[str, dict[str, Any]] = {
+    "": {},
+    ", no chains": {"cross_tokenizer_chains": False},
+    ", chains + prefix map": {"cross_tokenizer_prefix_mass": True},
+    ", prefix map": {"cross_tokenizer_chains": False, "cross_tokenizer_prefix_mass": True},
+}
+"""
+The targets across tokenizers, by the suffix of a method's name: the package's default (the chained probability of
+the student's token, and of the map only exact twins), the map's exact twins alone, the chains with the teachers'
+mass on tokens mapped by prefix kept, and the map with that mass alone (the package before the chains).
+"""
 METHODS: dict[str, dict[str, Any] | None] = {
     "no teacher (CE only)": None,
-    "posterior, prefix map": {**POSTERIOR, **PREFIX_MAP},
-    "posterior + prompt evidence, prefix map": {**POSTERIOR, "prompt_evidence": True, **PREFIX_MAP},
-    "routing by hand, prefix map": {"teacher_weighting": "static", **PREFIX_MAP},
-    "posterior": POSTERIOR,
-    "posterior + prompt evidence": {**POSTERIOR, "prompt_evidence": True},
-    "routing by hand": {"teacher_weighting": "static"},
-    "posterior + prompt evidence, ULD": {
-        "teacher_weighting": "posterior",
-        "posterior_decay": 0.5,
-        "prompt_evidence": True,
-        "cross_tokenizer_loss": "uld",
-    },
-}
+    **{f"{name}{suffix}": {**settings, **target} for suffix, target in TARGETS.items()
+       for name, settings in BASE_METHODS.items()},
+    "posterior + prompt evidence, ULD": {**BASE_METHODS["posterior + prompt evidence"], "cross_tokenizer_loss": "uld"},
+}  # fmt: skip
 """Each method's distillation settings beside the temperature and the KD share (None: the student alone)."""
-ROUTED = ("routing by hand", "routing by hand, prefix map")
+ROUTED = tuple(f"routing by hand{suffix}" for suffix in TARGETS)
 """The methods that read the rows' `teacher_ids` column (`routing_column`); the others train without it."""
 
 TEACHER_METRICS = {
@@ -337,7 +342,8 @@ def paired_change(runs: list[dict[str, Any]], baseline: list[dict[str, Any]] | N
 def markdown(results: dict[str, Any]) -> str:
     """
     The report: validation and test perplexity (means over seeds, and the test change over CE alone and over the
-    method's prefix-map row, paired by seed), then per method and validation domain the teachers' weights,
+    method's prefix-map row, the package before the chains, paired by seed), then per method and validation domain
+    the teachers' weights,
     alignment, prefix-mapped and chained mass and NLL.
     """
     methods = results["methods"]
